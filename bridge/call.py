@@ -1,0 +1,370 @@
+"""Runs one call: owns its two sockets, feeds the :class:`~bridge.session.CallSession`, sends its outbox.
+
+Life of a call
+--------------
+1. ``POST /twilio/voice`` makes a :class:`Call` and :meth:`Call.open_model` starts connecting to the
+   Realtime service at once (pre-warm); the :class:`CallRegistry` keeps it until its stream arrives, or
+   closes it after ``BRIDGE_PREWARM_TIMEOUT``.
+2. The stream socket is authenticated by ``web.py``, which claims the call (or makes one, when the
+   webhook went to another instance) and hands it the socket: :meth:`Call.run`.
+3. Two readers -- Twilio and Realtime -- feed the session; every send goes through one write function per
+   socket. Whichever side ends first sets :attr:`Call.finished`; ``run`` then closes both sockets and
+   cancels both readers, so nothing outlives the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from time import perf_counter
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
+
+from bridge import realtime as rt
+from bridge import twilio as tw
+from bridge.clock import Clock
+from bridge.config import AudioPath
+from bridge.errors import MalformedMessage, UpstreamError
+from bridge.metrics import Metrics
+from bridge.prompts import Profile
+from bridge.session import CallSession, ClearAudio, EndCall, Output, PlaceMark, PlayAudio
+from bridge.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 1.0
+"""How long to wait for a peer's close frame before dropping the TCP connection."""
+
+
+class Call:
+    """One phone call between a Twilio stream and a Realtime session."""
+
+    def __init__(
+        self,
+        *,
+        call_sid: str,
+        profile: Profile,
+        audio_path: AudioPath,
+        upstream: Upstream,
+        metrics: Metrics,
+        clock: Clock,
+    ) -> None:
+        self.call_sid = call_sid
+        self.session = CallSession(call_id=call_sid, profile=profile, audio_path=audio_path, clock=clock)
+        self.upstream = upstream
+        self.metrics = metrics
+        self.clock = clock
+        self.finished = asyncio.Event()
+        self.started_at = clock.now()
+        self.end_reason: str | None = None
+        self._twilio: web.WebSocketResponse | None = None
+        self._model: ClientConnection | None = None
+        self._adapter: rt.Adapter | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._seen_unknown: set[str] = set()
+        self._malformed: dict[str, int] = {}
+        self._torn_down = False
+
+    # -- logging with the call's id
+
+    def _log(self, level: int, message: str, *args: object) -> None:
+        log.log(level, "call %s: " + message, self.call_sid, *args)
+
+    # -- the Realtime side
+
+    def open_model(self) -> asyncio.Task[None]:
+        """Start connecting to the Realtime service (idempotent); returns the connecting task."""
+        if self._opening is None:
+            self._opening = self._spawn(self._open_model())
+        return self._opening
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _open_model(self) -> None:
+        began = perf_counter()
+        try:
+            self._model, self._adapter = await self.upstream.connect()
+        except UpstreamError as exc:
+            self.metrics.upstream_errors.inc(label="connect")
+            self._log(logging.ERROR, "cannot open the Realtime session: %s", exc)
+            self._finish(f"the model could not be reached: {exc}")
+            return
+        if self.finished.is_set():
+            await self._model.close()
+            return
+        await self._dispatch(self.session.upstream_opened())
+        self.metrics.connect_time.observe(perf_counter() - began)
+        self._spawn(self._read_model())
+
+    async def _read_model(self) -> None:
+        model, adapter = self._model, self._adapter
+        assert model is not None and adapter is not None
+        reason = "the model closed the connection"
+        try:
+            async for message in model:
+                received = perf_counter()
+                try:
+                    event = adapter.parse(message)
+                except MalformedMessage as exc:
+                    if "dialect" in exc.reason:
+                        self._log(logging.ERROR, "%s", exc.reason)
+                        reason = exc.reason
+                        break
+                    self._skip("model", exc.reason)
+                    continue
+                if isinstance(event, rt.UnknownEvent):
+                    self._once(event.type, "ignoring Realtime event %s (not used by the bridge)")
+                    continue
+                if isinstance(event, rt.ErrorEvent):
+                    self._on_model_error(event)
+                outputs = self.session.receive_realtime(event)
+                if outputs:
+                    await self._dispatch(outputs, received)
+        except ConnectionClosed as exc:
+            reason = f"the model connection dropped ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
+        finally:
+            if model.close_code not in (None, 1000) and "dropped" not in reason:
+                reason = f"the model closed the connection ({model.close_code} {model.close_reason})"
+            self._finish(reason)
+
+    def _on_model_error(self, event: rt.ErrorEvent) -> None:
+        if event.benign:
+            self._log(logging.DEBUG, "benign Realtime error %s: %s", event.code, event.message)
+            return
+        self.metrics.upstream_errors.inc(label=event.code or "unknown")
+        self._log(logging.WARNING, "Realtime error %s (%s): %s", event.code, event.param, event.message)
+
+    # -- the Twilio side
+
+    async def run(self, ws: web.WebSocketResponse, events: Sequence[tw.TwilioEvent]) -> None:
+        """Serve the stream ``ws`` until the call ends; ``events`` were read before (``connected``, ``start``)."""
+        self._twilio = ws
+        self.open_model()
+        self.metrics.live_calls.inc()
+        try:
+            for event in events:
+                await self._dispatch(self.session.receive_twilio(event))
+            self._spawn(self._read_twilio(ws))
+            await self.finished.wait()
+        finally:
+            self.metrics.live_calls.dec()
+            await self.teardown()
+
+    async def _read_twilio(self, ws: web.WebSocketResponse) -> None:
+        session, metrics = self.session, self.metrics
+        try:
+            async for msg in ws:
+                received = perf_counter()
+                if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+                    try:
+                        event = tw.parse_message(msg.data)
+                    except MalformedMessage as exc:
+                        self._skip("twilio", exc.reason)
+                        continue
+                else:
+                    break
+                if isinstance(event, tw.UnknownEvent):
+                    self._once(event.event, "ignoring unknown Twilio event %r")
+                    continue
+                outputs = session.receive_twilio(event)
+                if outputs:
+                    await self._dispatch(outputs, received)
+                if type(event) is tw.Media:
+                    metrics.frames_in.inc()
+                    metrics.inbound_delay.observe(perf_counter() - received)
+        finally:
+            self._finish("the Twilio stream closed")
+
+    # -- one write path per socket
+
+    async def _dispatch(self, outputs: list[Output], received: float | None = None) -> None:
+        for out in outputs:
+            kind = type(out)
+            if kind is PlayAudio:
+                assert isinstance(out, PlayAudio)
+                await self._to_twilio(tw.serialize_media(self._sid(), out.payload))
+                self.metrics.frames_out.inc()
+                if received is not None:
+                    self.metrics.outbound_delay.observe(perf_counter() - received)
+            elif kind is PlaceMark:
+                assert isinstance(out, PlaceMark)
+                await self._to_twilio(tw.serialize_mark(self._sid(), out.name))
+            elif kind is ClearAudio:
+                await self._to_twilio(tw.serialize_clear(self._sid()))
+                self.metrics.barge_ins.inc()
+                if received is not None:
+                    self.metrics.clear_delay.observe(perf_counter() - received)
+            elif kind is EndCall:
+                assert isinstance(out, EndCall)
+                self._finish(out.reason)
+            else:
+                command: rt.ClientCommand = out  # type: ignore[assignment]
+                if isinstance(command, rt.TruncateItem):
+                    self.metrics.truncations.inc()
+                    self._log(logging.INFO, "barge-in: truncating %s at %d ms", command.item_id, command.audio_end_ms)
+                await self._to_model(command)
+
+    def _sid(self) -> str:
+        sid = self.session.stream_sid
+        assert sid is not None, "nothing is sent to Twilio before its start event"
+        return sid
+
+    async def _to_twilio(self, text: str) -> None:
+        ws = self._twilio
+        if ws is None or ws.closed:
+            return
+        try:
+            await ws.send_str(text)
+        except ConnectionError as exc:
+            self._finish(f"the Twilio stream failed: {exc}")
+
+    async def _to_model(self, command: rt.ClientCommand) -> None:
+        model, adapter = self._model, self._adapter
+        if model is None or adapter is None:
+            self._log(logging.WARNING, "dropping %s: the Realtime session is not open", type(command).__name__)
+            return
+        try:
+            await model.send(adapter.serialize(command))
+        except ConnectionClosed:
+            self._finish("the model connection dropped")
+
+    # -- bad input, logged and skipped
+
+    def _skip(self, source: str, reason: str) -> None:
+        self.metrics.malformed.inc(label=source)
+        seen = self._malformed.get(reason, 0)
+        self._malformed[reason] = seen + 1
+        if seen == 0:
+            self._log(logging.WARNING, "skipped a malformed %s message: %s", source, reason)
+
+    def _once(self, key: str, message: str) -> None:
+        if key not in self._seen_unknown:
+            self._seen_unknown.add(key)
+            self._log(logging.INFO, message, key)
+
+    # -- the end
+
+    def _finish(self, reason: str) -> None:
+        if self.finished.is_set():
+            return
+        self.end_reason = reason
+        self.session.end(reason)
+        self.finished.set()
+
+    async def goodbye(self, text: str) -> None:
+        """Shutdown: have the model say ``text``; the call ends once the caller heard it."""
+        await self._dispatch(self.session.say_goodbye(text))
+
+    def abandon(self, reason: str) -> asyncio.Task[None]:
+        """End a call that never got its stream (pre-warm timeout, shutdown)."""
+        self._finish(reason)
+        return asyncio.get_running_loop().create_task(self.teardown())
+
+    async def teardown(self) -> None:
+        """Close both sockets and stop every task of the call; idempotent."""
+        if self._torn_down:
+            return
+        self._torn_down = True
+        self._finish("ended")
+        current = asyncio.current_task()
+        closers = []
+        if self._twilio is not None and not self._twilio.closed:
+            closers.append(self._twilio.close(code=1000))
+        if self._model is not None:
+            closers.append(self._model.close())
+        if closers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), CLOSE_TIMEOUT * 2)
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        stats = self.session.stats
+        outcome = "completed" if self.end_reason in ("the caller hung up", "said goodbye") else "ended"
+        self.metrics.calls.inc(label=outcome)
+        self._log(
+            logging.INFO,
+            "ended after %.1f s (%s): %d frames in, %d out, %d barge-ins, truncations %s, %d upstream errors",
+            self.clock.now() - self.started_at,
+            self.end_reason,
+            stats.frames_in,
+            stats.frames_out,
+            stats.barge_ins,
+            stats.truncations,
+            stats.upstream_errors,
+        )
+
+
+class CallRegistry:
+    """Pre-warmed calls waiting for their stream, and live calls; one per app."""
+
+    def __init__(self, prewarm_timeout: float) -> None:
+        self.prewarm_timeout = prewarm_timeout
+        self.draining = False
+        self.live: set[Call] = set()
+        self._prewarmed: dict[str, tuple[Call, asyncio.TimerHandle]] = {}
+        self._cleanup: set[asyncio.Task[None]] = set()
+
+    def prewarm(self, call: Call) -> None:
+        """Start ``call``'s Realtime connection and keep it for its stream, for a while."""
+        old = self._prewarmed.pop(call.call_sid, None)
+        if old is not None:  # Twilio retried the webhook: the newer answer wins
+            old[1].cancel()
+            self._track(old[0].abandon("replaced by a retried webhook"))
+        call.open_model()
+        handle = asyncio.get_running_loop().call_later(self.prewarm_timeout, self._expire, call.call_sid)
+        self._prewarmed[call.call_sid] = (call, handle)
+
+    def claim(self, call_sid: str) -> Call | None:
+        """The pre-warmed call for ``call_sid``, now owned by its stream; ``None`` if there is none."""
+        entry = self._prewarmed.pop(call_sid, None)
+        if entry is None:
+            return None
+        entry[1].cancel()
+        return entry[0]
+
+    def _expire(self, call_sid: str) -> None:
+        entry = self._prewarmed.pop(call_sid, None)
+        if entry is not None:
+            log.info("call %s: no stream within %.0f s; closing its Realtime session", call_sid, self.prewarm_timeout)
+            self._track(entry[0].abandon("no stream arrived"))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
+
+    async def drain(self, deadline: float, goodbye: str) -> None:
+        """Shutdown: refuse new calls, let live ones finish until ``deadline`` s, then say goodbye."""
+        self.draining = True
+        for call, handle in self._prewarmed.values():
+            handle.cancel()
+            self._track(call.abandon("shutting down"))
+        self._prewarmed.clear()
+        live = [c.finished.wait() for c in self.live]
+        if live:
+            log.info("draining: waiting up to %.0f s for %d live calls", deadline, len(live))
+            _, pending = await asyncio.wait([asyncio.ensure_future(w) for w in live], timeout=deadline)
+            for waiter in pending:
+                waiter.cancel()
+        remaining = [c for c in self.live if not c.finished.is_set()]
+        for call in remaining:
+            await call.goodbye(goodbye)
+        if remaining:
+            waits = [asyncio.ensure_future(c.finished.wait()) for c in remaining]
+            _, pending = await asyncio.wait(waits, timeout=10.0)
+            for waiter in pending:
+                waiter.cancel()
+        for call in list(self.live):
+            await call.teardown()
+        if self._cleanup:
+            await asyncio.gather(*self._cleanup, return_exceptions=True)

@@ -1,0 +1,132 @@
+"""Prometheus metrics, rendered in the text exposition format for ``GET /metrics``.
+
+A handful of counters, gauges and histograms is all the bridge needs, so they are kept here rather than
+pulling in a client library: observing is a dict lookup and an addition, cheap enough for the per-frame
+path. One :class:`Metrics` object lives on the app; nothing is global.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def _labels(labels: Sequence[tuple[str, str]]) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{v}"' for k, v in labels)
+    return "{" + inner + "}"
+
+
+class Counter:
+    """A monotonically increasing count, optionally split by one label."""
+
+    def __init__(self, name: str, help_text: str, label: str | None = None) -> None:
+        self.name, self.help, self.label = name, help_text, label
+        self.values: dict[str, float] = {}
+
+    def inc(self, amount: float = 1.0, label: str = "") -> None:
+        """Add ``amount`` (to the series of ``label``)."""
+        self.values[label] = self.values.get(label, 0.0) + amount
+
+    def get(self, label: str = "") -> float:
+        """The current value of one series."""
+        return self.values.get(label, 0.0)
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} counter"
+        for label, value in sorted(self.values.items()) or [("", 0.0)]:
+            labels = [(self.label, label)] if self.label and label else []
+            yield f"{self.name}{_labels(labels)} {value:g}"
+
+
+class Gauge:
+    """A value that goes up and down."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.name, self.help = name, help_text
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add ``amount``."""
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        """Subtract ``amount``."""
+        self.value -= amount
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} gauge"
+        yield f"{self.name} {self.value:g}"
+
+
+class Histogram:
+    """Counts of observations in cumulative buckets, plus their sum."""
+
+    def __init__(self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.name, self.help = name, help_text
+        self.bounds = tuple(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Record one observation."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} histogram"
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            yield f'{self.name}_bucket{{le="{bound:g}"}} {running}'
+        yield f'{self.name}_bucket{{le="+Inf"}} {self.count}'
+        yield f"{self.name}_sum {self.sum:g}"
+        yield f"{self.name}_count {self.count}"
+
+
+class Metrics:
+    """Every metric the bridge exports."""
+
+    def __init__(self) -> None:
+        self.live_calls = Gauge("bridge_live_calls", "Calls in progress.")
+        self.calls = Counter("bridge_calls_total", "Calls ended, by how they ended.", "outcome")
+        self.frames_in = Counter("bridge_frames_in_total", "Caller audio frames received from Twilio.")
+        self.frames_out = Counter("bridge_frames_out_total", "Model audio frames sent to Twilio.")
+        self.barge_ins = Counter("bridge_barge_ins_total", "Times the caller interrupted the model.")
+        self.truncations = Counter("bridge_truncations_total", "conversation.item.truncate sent.")
+        self.upstream_errors = Counter(
+            "bridge_upstream_errors_total", "Realtime error events and failed connects.", "code"
+        )
+        self.malformed = Counter(
+            "bridge_malformed_messages_total", "Messages skipped as malformed.", "source"
+        )
+        self.refused = Counter("bridge_refused_total", "Requests or streams refused.", "reason")
+        self.inbound_delay = Histogram(
+            "bridge_inbound_added_seconds", "Caller frame received from Twilio to sent to the model."
+        )
+        self.outbound_delay = Histogram(
+            "bridge_outbound_added_seconds", "Model audio received to its frame sent to Twilio."
+        )
+        self.clear_delay = Histogram(
+            "bridge_clear_latency_seconds", "speech_started received to Twilio clear sent."
+        )
+        self.connect_time = Histogram(
+            "bridge_upstream_connect_seconds",
+            "Realtime connect and session.update.",
+            (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
+        )
+
+    def render(self) -> str:
+        """The whole exposition, text format 0.0.4."""
+        parts: list[str] = []
+        for metric in vars(self).values():
+            parts.extend(metric.render())
+        return "\n".join(parts) + "\n"

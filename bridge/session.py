@@ -1,0 +1,484 @@
+"""``CallSession``: the state of one call between Twilio and the Realtime model. No I/O.
+
+Theory of operation
+-------------------
+The session is fed parsed events from both sides -- :meth:`CallSession.receive_twilio` and
+:meth:`CallSession.receive_realtime` -- and returns what to send, in order, as typed outputs: Twilio
+commands (:class:`PlayAudio`, :class:`PlaceMark`, :class:`ClearAudio`), Realtime client commands
+(:mod:`bridge.realtime`), or :class:`EndCall`. ``call.py`` serializes and sends them; nothing here
+touches a socket, a loop or the wall clock (time comes from the injected :class:`~bridge.clock.Clock`).
+
+Call states (:data:`TRANSITIONS`): a call is *live* once Twilio's ``start`` has arrived **and** the
+model has confirmed our ``session.update``; either may come first (the Realtime socket is opened while
+the webhook is answered). Caller audio that arrives before the call is live is queued, not dropped, and
+the greeting is requested the moment the call goes live.
+
+Playback ledger: every outbound frame is followed, every few frames, by a Twilio ``mark``. Marks are the
+only proof of what the caller heard (Twilio's inbound ``timestamp`` is not): when a mark echoes, the item
+it closes has been played up to that mark's byte position. Between echoes the position is interpolated
+with the clock, never past the next unechoed mark.
+
+Barge-in (``input_audio_buffer.speech_started`` while the caller hears the model): Twilio ``clear``
+first, then ``conversation.item.truncate`` at the proved position (clamped to what the model generated),
+``response.cancel`` only while that response is active, and every later delta of it is dropped. The
+outbound resampler and framer are reset so the next response starts clean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from bridge import realtime as rt
+from bridge import twilio as tw
+from bridge.audio import Framer, InboundTranscoder, OutboundTranscoder, model_bytes_to_ms
+from bridge.clock import Clock
+from bridge.config import AudioPath
+from bridge.errors import IllegalTransition
+from bridge.prompts import Profile
+
+log = logging.getLogger(__name__)
+
+ULAW_BYTES_PER_MS = 8
+MARK_EVERY_FRAMES = 5
+"""A mark after every 5 frames (100 ms) bounds the interpolation between proofs of playback."""
+MAX_QUEUED_FRAMES = 50 * 30
+"""Caller audio held while the model is not ready yet: 30 s. Older frames go first beyond that."""
+
+
+# --- outputs --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PlayAudio:
+    """Twilio ``media``: one 20 ms μ-law frame for the caller."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceMark:
+    """Twilio ``mark``: echoed when playback reaches it (or flushed by ``clear``)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClearAudio:
+    """Twilio ``clear``: drop everything buffered for the caller."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndCall:
+    """End the call: close both sockets."""
+
+    reason: str
+
+
+TwilioCommand = PlayAudio | PlaceMark | ClearAudio
+Output = PlayAudio | PlaceMark | ClearAudio | rt.ClientCommand | EndCall
+
+
+# --- states ---------------------------------------------------------------------------------------
+
+
+class CallState(Enum):
+    """Where a call is in its life."""
+
+    WAITING_BOTH = "waiting for stream and model"
+    WAITING_STREAM = "model ready, waiting for the stream"
+    WAITING_MODEL = "stream started, waiting for the model"
+    LIVE = "live"
+    ENDED = "ended"
+
+
+class Trigger(Enum):
+    """What moves a call between states."""
+
+    STREAM_STARTED = "Twilio start"
+    MODEL_READY = "session.updated"
+    END = "end"
+
+
+S, T = CallState, Trigger
+TRANSITIONS: dict[tuple[CallState, Trigger], CallState] = {
+    (S.WAITING_BOTH, T.STREAM_STARTED): S.WAITING_MODEL,
+    (S.WAITING_BOTH, T.MODEL_READY): S.WAITING_STREAM,
+    (S.WAITING_STREAM, T.STREAM_STARTED): S.LIVE,
+    (S.WAITING_MODEL, T.MODEL_READY): S.LIVE,
+    (S.WAITING_BOTH, T.END): S.ENDED,
+    (S.WAITING_STREAM, T.END): S.ENDED,
+    (S.WAITING_MODEL, T.END): S.ENDED,
+    (S.LIVE, T.END): S.ENDED,
+}
+
+
+# --- ledger ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Item:
+    """One assistant message item and how much of its audio was generated, sent and heard."""
+
+    item_id: str
+    response_id: str
+    model_bytes: int = 0
+    """Bytes of model audio received (the model's own format): what truncate is clamped to."""
+    sent_bytes: int = 0
+    """μ-law bytes sent to Twilio for this item."""
+    heard_bytes: int = 0
+    """μ-law bytes proved played: the position of this item's last echoed mark."""
+
+
+@dataclass(slots=True)
+class _Mark:
+    """A mark in flight: when it echoes, ``item`` was played up to ``position`` μ-law bytes."""
+
+    name: str
+    item: _Item
+    position: int
+    segment_sent_at: float
+    """When the first frame between the previous mark and this one was sent."""
+
+
+@dataclass(slots=True)
+class Stats:
+    """What happened on the call, for metrics and the call record."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_queued_dropped: int = 0
+    marks_sent: int = 0
+    marks_played: int = 0
+    marks_ignored: int = 0
+    barge_ins: int = 0
+    truncations: list[tuple[str, int]] = field(default_factory=list)
+    cancels: int = 0
+    late_deltas_dropped: int = 0
+    upstream_errors: int = 0
+    dtmf: list[str] = field(default_factory=list)
+    transcript: list[tuple[str, str]] = field(default_factory=list)
+
+
+class CallSession:
+    """The sans-I/O state of one call; see the module docstring for how it works."""
+
+    def __init__(
+        self,
+        *,
+        call_id: str,
+        profile: Profile,
+        audio_path: AudioPath,
+        clock: Clock,
+        mark_every_frames: int = MARK_EVERY_FRAMES,
+    ) -> None:
+        self.call_id = call_id
+        self.profile = profile
+        self.audio_path = audio_path
+        self.clock = clock
+        self.state = CallState.WAITING_BOTH
+        self.stats = Stats()
+        self.stream_sid: str | None = None
+        self.start: tw.Start | None = None
+        self.end_reason: str | None = None
+        self._mark_every = mark_every_frames
+        self._inbound = InboundTranscoder(audio_path)
+        self._outbound = OutboundTranscoder(audio_path)
+        self._framer = Framer()
+        self._queue: deque[bytes] = deque()
+        self._prestart: list[tuple[_Item, bytes]] = []
+        self._greeted = False
+        self._goodbye = False
+        # Response bookkeeping.
+        self._active_response: str | None = None
+        self._dropped: set[str] = set()
+        self._items: dict[str, _Item] = {}
+        self._current: _Item | None = None
+        # Playback ledger.
+        self._ledger: deque[_Mark] = deque()
+        self._mark_seq = 0
+        self._unmarked_frames = 0
+        self._unmarked_since: float = 0.0
+        self._last_echo_at: float = float("-inf")
+
+    # -- state table
+
+    def _move(self, trigger: Trigger) -> CallState:
+        nxt = TRANSITIONS.get((self.state, trigger))
+        if nxt is None:
+            raise IllegalTransition(
+                f"call {self.call_id}: no transition from {self.state.name} on {trigger.name}"
+            )
+        self.state = nxt
+        return nxt
+
+    @property
+    def live(self) -> bool:
+        """True between the moment both sides are ready and the end of the call."""
+        return self.state is CallState.LIVE
+
+    @property
+    def ended(self) -> bool:
+        """True once the call has ended."""
+        return self.state is CallState.ENDED
+
+    def end(self, reason: str) -> list[Output]:
+        """End the call (either side closed, a timeout, shutdown); idempotent."""
+        if self.state is CallState.ENDED:
+            return []
+        self._move(Trigger.END)
+        self.end_reason = reason
+        return [EndCall(reason)]
+
+    def _went_live(self) -> list[Output]:
+        out: list[Output] = [rt.AppendAudio(chunk) for chunk in self._queue]
+        self._queue.clear()
+        instructions = self.profile.greeting_instructions()
+        if instructions and not self._greeted:
+            self._greeted = True
+            out.append(rt.CreateResponse(instructions))
+        return out
+
+    # -- the Realtime side
+
+    def upstream_opened(self) -> list[Output]:
+        """The Realtime socket is open: configure the session from the profile."""
+        return [rt.UpdateSession(self.profile, self.audio_path)]
+
+    def receive_realtime(self, event: rt.ServerEvent) -> list[Output]:
+        """Handle one Realtime server event; return what to send."""
+        if self.state is CallState.ENDED:
+            return []
+        if isinstance(event, rt.AudioDelta):
+            return self._on_delta(event)
+        if isinstance(event, rt.SpeechStarted):
+            return self._on_speech_started()
+        if isinstance(event, rt.ResponseCreated):
+            self._active_response = event.response_id
+            return []
+        if isinstance(event, rt.OutputItemAdded):
+            if event.response_id not in self._dropped and event.item_type == "message":
+                self._current = self._items[event.item_id] = _Item(event.item_id, event.response_id)
+            return []
+        if isinstance(event, rt.AudioDone):
+            return [] if event.response_id in self._dropped else self._flush_outbound()
+        if isinstance(event, rt.ResponseDone):
+            return self._on_response_done(event)
+        if isinstance(event, rt.SessionUpdated):
+            return self._on_session_updated(event)
+        if isinstance(event, rt.AssistantTranscript):
+            if event.response_id not in self._dropped:
+                self.stats.transcript.append(("assistant", event.transcript))
+            return []
+        if isinstance(event, rt.CallerTranscript):
+            self.stats.transcript.append(("caller", event.transcript))
+            return []
+        if isinstance(event, rt.ErrorEvent):
+            return self._on_error(event)
+        return []
+
+    def _on_session_updated(self, event: rt.SessionUpdated) -> list[Output]:
+        expected = self.audio_path.value
+        if event.input_format not in (None, expected) or event.output_format not in (None, expected):
+            return self.end(
+                f"the model runs {event.input_format}/{event.output_format} audio but the bridge sends "
+                f"{expected}: the session.update was not applied"
+            )
+        if self.state in (CallState.WAITING_BOTH, CallState.WAITING_MODEL):
+            return self._went_live() if self._move(Trigger.MODEL_READY) is CallState.LIVE else []
+        return []
+
+    def _on_error(self, event: rt.ErrorEvent) -> list[Output]:
+        if event.benign:
+            return []
+        self.stats.upstream_errors += 1
+        if self.state in (CallState.WAITING_BOTH, CallState.WAITING_MODEL):
+            # Before session.updated, an error means our configuration was refused: the call cannot work.
+            return self.end(f"the model refused the session configuration: {event.code}: {event.message}")
+        return []
+
+    def _on_delta(self, event: rt.AudioDelta) -> list[Output]:
+        if event.response_id in self._dropped:
+            self.stats.late_deltas_dropped += 1
+            return []
+        item = self._items.get(event.item_id)
+        if item is None:
+            item = self._items[event.item_id] = _Item(event.item_id, event.response_id)
+        self._current = item
+        item.model_bytes += len(event.audio)
+        frames = self._framer.push(self._outbound.convert(event.audio))
+        if self.stream_sid is None:
+            # Twilio has not started the stream: nothing may be sent to it yet (protocols.md §5.8).
+            self._prestart.extend((item, frame) for frame in frames)
+            return []
+        return self._emit(frames, item, final=False)
+
+    def _emit(self, frames: list[bytes], item: _Item, *, final: bool) -> list[Output]:
+        out: list[Output] = []
+        now = self.clock.now()
+        for frame in frames:
+            if self._unmarked_frames == 0:
+                self._unmarked_since = now
+            out.append(PlayAudio(frame))
+            item.sent_bytes += len(frame)
+            self._unmarked_frames += 1
+            if self._unmarked_frames >= self._mark_every:
+                out.append(self._mark(item))
+        if final and self._unmarked_frames:
+            out.append(self._mark(item))
+        self.stats.frames_out += len(frames)
+        return out
+
+    def _mark(self, item: _Item) -> PlaceMark:
+        self._mark_seq += 1
+        name = f"m{self._mark_seq}"
+        self._ledger.append(_Mark(name, item, item.sent_bytes, self._unmarked_since))
+        self._unmarked_frames = 0
+        self.stats.marks_sent += 1
+        return PlaceMark(name)
+
+    def _flush_outbound(self) -> list[Output]:
+        item = self._current
+        if item is None or self.stream_sid is None:
+            return []
+        frames = self._framer.push(self._outbound.flush())
+        tail = self._framer.flush()
+        if tail is not None:
+            frames.append(tail)
+        return self._emit(frames, item, final=True)
+
+    def _on_response_done(self, event: rt.ResponseDone) -> list[Output]:
+        out: list[Output] = []
+        if event.response_id in self._dropped:
+            self._dropped.discard(event.response_id)
+        else:
+            out = self._flush_outbound()
+        if self._active_response == event.response_id:
+            self._active_response = None
+        if self._goodbye and not self._ledger:
+            out.extend(self.end("said goodbye"))
+        return out
+
+    # -- barge-in
+
+    def hearing_model(self) -> bool:
+        """Whether the caller may be hearing model audio now (sent and not proved played)."""
+        return bool(self._ledger) or self._unmarked_frames > 0 or self._framer.pending > 0
+
+    def heard_position(self) -> tuple[_Item, int] | None:
+        """The item the caller is hearing and how many ms of its model audio they heard.
+
+        Proved by the last echoed mark; from there interpolated with the clock since playback of the
+        next segment can have begun (its first frame was sent, and the previous mark echoed), and never
+        past the next unechoed mark. Clamped to the audio the model generated for the item.
+        """
+        if self._ledger:
+            head = self._ledger[0]
+            item, ceiling, since = head.item, head.position, head.segment_sent_at
+        elif self._unmarked_frames and self._current is not None:
+            item, ceiling, since = self._current, self._current.sent_bytes, self._unmarked_since
+        else:
+            return None
+        anchor = max(self._last_echo_at, since)
+        elapsed = max(0.0, self.clock.now() - anchor)
+        played_bytes = min(item.heard_bytes + elapsed * 1000.0 * ULAW_BYTES_PER_MS, ceiling)
+        heard_ms = played_bytes / ULAW_BYTES_PER_MS - self._outbound.delay_ms
+        generated_ms = model_bytes_to_ms(item.model_bytes, self.audio_path)
+        return item, int(max(0.0, min(heard_ms, generated_ms)))
+
+    def _on_speech_started(self) -> list[Output]:
+        if not self.live or not self.profile.turn_detection.interrupt_response:
+            return []
+        out: list[Output] = []
+        if self.hearing_model():
+            position = self.heard_position()
+            out.append(ClearAudio())
+            self.stats.barge_ins += 1
+            if position is not None:
+                item, heard_ms = position
+                out.append(rt.TruncateItem(item.item_id, heard_ms))
+                self.stats.truncations.append((item.item_id, heard_ms))
+            self._ledger.clear()
+            self._unmarked_frames = 0
+            self._framer.clear()
+            self._outbound.reset()
+        if self._active_response is not None:
+            out.append(rt.CancelResponse(self._active_response))
+            self.stats.cancels += 1
+            self._dropped.add(self._active_response)
+            self._active_response = None
+        return out
+
+    # -- the Twilio side
+
+    def receive_twilio(self, event: tw.TwilioEvent) -> list[Output]:
+        """Handle one Twilio Media Streams event; return what to send."""
+        if self.state is CallState.ENDED:
+            return []
+        if isinstance(event, tw.Media):
+            self.stats.frames_in += 1
+            audio = self._inbound.convert(event.payload)
+            if self.state is CallState.LIVE:
+                return [rt.AppendAudio(audio)]
+            self._queue.append(audio)
+            if len(self._queue) > MAX_QUEUED_FRAMES:
+                self._queue.popleft()
+                self.stats.frames_queued_dropped += 1
+            return []
+        if isinstance(event, tw.Mark):
+            return self._on_mark(event.name)
+        if isinstance(event, tw.Start):
+            return self._on_start(event)
+        if isinstance(event, tw.Stop):
+            return self.end("the caller hung up")
+        if isinstance(event, tw.Dtmf):
+            self.stats.dtmf.append(event.digit)
+            if self.state is CallState.LIVE:
+                return [rt.AddTextItem("user", f"[The caller pressed {event.digit} on the keypad.]")]
+            return []
+        return []
+
+    def _on_start(self, event: tw.Start) -> list[Output]:
+        if self.start is not None:
+            return []  # a repeated start changes nothing
+        self.start = event
+        self.stream_sid = event.stream_sid
+        out: list[Output] = []
+        for item, frame in self._prestart:
+            out.extend(self._emit([frame], item, final=False))
+        self._prestart.clear()
+        if self._move(Trigger.STREAM_STARTED) is CallState.LIVE:
+            out.extend(self._went_live())
+        return out
+
+    def _on_mark(self, name: str) -> list[Output]:
+        if not any(m.name == name for m in self._ledger):
+            # Flushed by a clear, or from before it: not proof of playback (design.md §4).
+            self.stats.marks_ignored += 1
+            return []
+        now = self.clock.now()
+        while self._ledger:
+            mark = self._ledger.popleft()
+            mark.item.heard_bytes = mark.position
+            self.stats.marks_played += 1
+            if mark.name == name:
+                break
+        self._last_echo_at = now
+        if self._goodbye and not self._ledger and self._active_response is None:
+            return self.end("said goodbye")
+        return []
+
+    # -- shutdown
+
+    def say_goodbye(self, text: str) -> list[Output]:
+        """Stop what is playing and ask the model to say ``text``; the call ends once it was heard."""
+        if self._goodbye or self.state is CallState.ENDED:
+            return []
+        if self.state is not CallState.LIVE:
+            return self.end("shutting down")
+        self._goodbye = True
+        out = self._on_speech_started()
+        out.append(rt.CreateResponse(f"Say exactly this to the caller, then stop: {text}"))
+        return out

@@ -1,0 +1,143 @@
+"""The Realtime connection: URL per dialect, authentication, connect with retry.
+
+Authentication is by ``api-key`` header when a key is configured, otherwise by an Entra ID token from
+``azure.identity.aio.DefaultAzureCredential`` (scope ``https://cognitiveservices.azure.com/.default``),
+asked of the credential on every connect: the credential caches and refreshes tokens itself, we never
+keep one (protocols.md §4). A 429 or 5xx on connect is retried with a short backoff; 401/403/404 are
+reported at once with what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import quote, urlencode
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+from bridge.config import AzureSettings, Dialect
+from bridge.errors import UpstreamRejected, UpstreamUnavailable
+from bridge.realtime import Adapter, adapter_for
+
+if TYPE_CHECKING:
+    from azure.core.credentials_async import AsyncTokenCredential
+
+log = logging.getLogger(__name__)
+
+ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""The Realtime leg carries large audio deltas; websockets' 1 MiB default is too small (§5.10)."""
+RETRY_DELAYS = (0.25, 0.75, 1.5)
+
+
+def realtime_url(endpoint: str, deployment: str, dialect: Dialect, api_version: str | None) -> str:
+    """The ``wss://`` (or loopback ``ws://``) URL of a deployment in one dialect (protocols.md §2.1)."""
+    base = endpoint.rstrip("/")
+    base = "wss://" + base[len("https://") :] if base.startswith("https://") else "ws://" + base[len("http://") :]
+    if dialect is Dialect.GA:
+        return f"{base}/openai/v1/realtime?model={quote(deployment, safe='')}"
+    query = urlencode({"api-version": api_version or "", "deployment": deployment})
+    return f"{base}/openai/realtime?{query}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where to connect: Azure, or the built-in local model posing as it."""
+
+    endpoint: str
+    deployment: str
+    dialect: Dialect
+    api_version: str | None
+    api_key: str | None
+
+    @classmethod
+    def from_azure(cls, azure: AzureSettings) -> Target:
+        """The target of the configured Azure deployment."""
+        key = azure.api_key.reveal() if azure.api_key else None
+        return cls(azure.endpoint, azure.deployment, azure.dialect, azure.api_version, key)
+
+    @property
+    def url(self) -> str:
+        """The URL dialled."""
+        return realtime_url(self.endpoint, self.deployment, self.dialect, self.api_version)
+
+
+class Upstream:
+    """Opens Realtime connections; one per app, shared by every call."""
+
+    def __init__(self, target: Target, *, open_timeout: float = 10.0) -> None:
+        self.target = target
+        self.open_timeout = open_timeout
+        self._credential: AsyncTokenCredential | None = None
+
+    async def _headers(self) -> dict[str, str]:
+        if self.target.api_key:
+            return {"api-key": self.target.api_key}
+        if self._credential is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            self._credential = DefaultAzureCredential()
+        token = await self._credential.get_token(ENTRA_SCOPE)
+        return {"Authorization": f"Bearer {token.token}"}
+
+    async def connect(self) -> tuple[ClientConnection, Adapter]:
+        """Open a connection; retry what may pass; raise :class:`UpstreamRejected`/`Unavailable`."""
+        last: Exception | None = None
+        for attempt, delay in enumerate((0.0, *RETRY_DELAYS)):
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                return await self._connect_once(), adapter_for(self.target.dialect)
+            except UpstreamUnavailable as exc:
+                last = exc
+                log.warning("realtime connect attempt %d failed: %s", attempt + 1, exc)
+        assert last is not None
+        raise last
+
+    async def _connect_once(self) -> ClientConnection:
+        url = self.target.url
+        try:
+            headers = await self._headers()
+        except Exception as exc:  # azure-identity raises many types; all mean "no token"
+            raise UpstreamRejected(
+                f"no Entra ID token for the Realtime deployment ({type(exc).__name__}: {exc}); "
+                "set AZURE_OPENAI_API_KEY or sign in (az login / managed identity) with the role "
+                "'Cognitive Services OpenAI User'"
+            ) from exc
+        try:
+            return await connect(
+                url,
+                additional_headers=headers,
+                max_size=MAX_MESSAGE_BYTES,
+                open_timeout=self.open_timeout,
+                ping_interval=20,
+                ping_timeout=20,
+                close_timeout=2,
+                compression=None,
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in (401, 403):
+                raise UpstreamRejected(
+                    f"the Realtime service refused our credentials (HTTP {status}): check "
+                    "AZURE_OPENAI_API_KEY, or the Entra role 'Cognitive Services OpenAI User'"
+                ) from exc
+            if status == 404:
+                raise UpstreamRejected(
+                    f"no Realtime deployment at {url.split('?')[0]} (HTTP 404): check AZURE_OPENAI_ENDPOINT "
+                    "and AZURE_OPENAI_DEPLOYMENT"
+                ) from exc
+            if status == 429 or status >= 500:
+                raise UpstreamUnavailable(f"the Realtime service answered HTTP {status}") from exc
+            raise UpstreamRejected(f"the Realtime service refused the connection (HTTP {status})") from exc
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            raise UpstreamUnavailable(f"cannot reach the Realtime service: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Release the credential, if one was made."""
+        if self._credential is not None:
+            await self._credential.close()
+            self._credential = None

@@ -1,0 +1,113 @@
+"""Settings: every variable of design.md §3, and one clear line for each misconfiguration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.config import AudioPath, Dialect, Secret, load_settings
+from bridge.errors import ConfigError
+
+BASE = {"TWILIO_AUTH_TOKEN": "tok_secret_123", "BRIDGE_PUBLIC_URL": "https://bridge.example.com"}
+
+
+def settings(tmp_path: Path, **env: str) -> object:
+    return load_settings({"BRIDGE_DATA_DIR": str(tmp_path / "data"), **BASE, **env})
+
+
+def test_defaults_use_the_local_model_and_ga(tmp_path: Path) -> None:
+    s = load_settings({"BRIDGE_DATA_DIR": str(tmp_path), **BASE})
+    assert s.azure is None and s.dialect is Dialect.GA
+    assert s.audio_path is AudioPath.PCM16
+    assert (s.host, s.port) == ("127.0.0.1", 8080)
+    assert s.stream_url == "wss://bridge.example.com/twilio/stream"
+    assert s.database.endswith("bridge.sqlite3")
+
+
+def test_azure_ga_and_preview(tmp_path: Path) -> None:
+    env = {
+        "BRIDGE_DATA_DIR": str(tmp_path),
+        **BASE,
+        "AZURE_OPENAI_ENDPOINT": "https://x.openai.azure.com/",
+        "AZURE_OPENAI_DEPLOYMENT": "gpt-realtime",
+        "AZURE_OPENAI_API_KEY": "k" * 32,
+    }
+    s = load_settings(env)
+    assert s.azure is not None and s.azure.endpoint == "https://x.openai.azure.com"
+    assert s.dialect is Dialect.GA and s.azure.api_key == Secret("k" * 32)
+    s = load_settings({**env, "AZURE_OPENAI_API_VERSION": "2025-04-01-preview"})
+    assert s.dialect is Dialect.PREVIEW
+    s = load_settings({**env, "AZURE_OPENAI_API_KEY": ""})
+    assert s.azure is not None and s.azure.api_key is None  # Entra ID
+
+
+def test_secrets_never_show_in_repr(tmp_path: Path) -> None:
+    env = {
+        "BRIDGE_DATA_DIR": str(tmp_path),
+        **BASE,
+        "AZURE_OPENAI_ENDPOINT": "https://x.openai.azure.com",
+        "AZURE_OPENAI_DEPLOYMENT": "d",
+        "AZURE_OPENAI_API_KEY": "supersecretkey",
+        "BRIDGE_ADMIN_TOKEN": "adminadminadmin-token",
+    }
+    text = repr(load_settings(env))
+    assert "supersecretkey" not in text and "tok_secret_123" not in text and "adminadmin" not in text
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"AZURE_OPENAI_ENDPOINT": "ftp://x"}, "AZURE_OPENAI_ENDPOINT"),
+        ({"AZURE_OPENAI_ENDPOINT": "http://x.openai.azure.com", "AZURE_OPENAI_DEPLOYMENT": "d"}, "http://"),
+        ({"AZURE_OPENAI_ENDPOINT": "https://x.openai.azure.com"}, "AZURE_OPENAI_DEPLOYMENT"),
+        ({"AZURE_OPENAI_DEPLOYMENT": "d"}, "AZURE_OPENAI_ENDPOINT"),
+        (
+            {"AZURE_OPENAI_ENDPOINT": "https://x.openai.azure.com/openai", "AZURE_OPENAI_DEPLOYMENT": "d"},
+            "path",
+        ),
+        (
+            {
+                "AZURE_OPENAI_ENDPOINT": "https://x.openai.azure.com",
+                "AZURE_OPENAI_DEPLOYMENT": "d",
+                "AZURE_OPENAI_API_VERSION": "preview",
+            },
+            "api-version",
+        ),
+        ({"BRIDGE_AUDIO_PATH": "mp3"}, "pcm16 or g711_ulaw"),
+        ({"BRIDGE_PUBLIC_URL": "bridge.example.com"}, "BRIDGE_PUBLIC_URL"),
+        ({"BRIDGE_PUBLIC_URL": "https://bridge.example.com/x"}, "path"),
+        ({"BRIDGE_PUBLIC_URL": ""}, "BRIDGE_PUBLIC_URL is not set"),
+        ({"TWILIO_AUTH_TOKEN": ""}, "TWILIO_AUTH_TOKEN"),
+        ({"BRIDGE_PORT": "http"}, "BRIDGE_PORT"),
+        ({"BRIDGE_DRAIN_SECONDS": "soon"}, "BRIDGE_DRAIN_SECONDS"),
+        ({"BRIDGE_INSECURE_DEV": "maybe"}, "BRIDGE_INSECURE_DEV"),
+        ({"BRIDGE_ADMIN_TOKEN": "short"}, "BRIDGE_ADMIN_TOKEN"),
+        ({"BRIDGE_PROFILE": "/nonexistent/profile.toml"}, "does not exist"),
+        ({"BRIDGE_PROFILE": "profile.yaml"}, ".toml or .json"),
+        ({"BRIDGE_LOG_LEVEL": "LOUD"}, "BRIDGE_LOG_LEVEL"),
+    ],
+)
+def test_a_wrong_setting_stops_start_up_with_one_line(
+    tmp_path: Path, env: dict[str, str], fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, **env)
+    message = str(info.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_unwritable_directory_is_reported(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="BRIDGE_RECORDINGS_DIR"):
+        settings(tmp_path, BRIDGE_RECORDINGS_DIR=str(blocker / "sub"))
+
+
+def test_insecure_dev_only_on_loopback(tmp_path: Path) -> None:
+    env = {"BRIDGE_DATA_DIR": str(tmp_path), "BRIDGE_INSECURE_DEV": "1"}
+    s = load_settings(env, port=9999)
+    assert s.twilio_auth_token is None and s.public_url == "http://127.0.0.1:9999"
+    assert s.stream_url == "ws://127.0.0.1:9999/twilio/stream"
+    with pytest.raises(ConfigError, match="loopback"):
+        load_settings(env, host="0.0.0.0")

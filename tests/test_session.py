@@ -1,0 +1,308 @@
+"""CallSession without sockets: states, queueing, the playback ledger and every barge-in rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from bridge import realtime as rt
+from bridge import twilio as tw
+from bridge.clock import ManualClock
+from bridge.config import AudioPath
+from bridge.errors import IllegalTransition
+from bridge.prompts import Profile, TurnDetection
+from bridge.session import CallSession, CallState, ClearAudio, EndCall, PlaceMark, PlayAudio, Trigger
+
+SID = "MZ" + "0" * 32
+
+
+def start_event() -> tw.Start:
+    return tw.Start(
+        stream_sid=SID,
+        account_sid="AC" + "1" * 32,
+        call_sid="CA" + "2" * 32,
+        tracks=("inbound",),
+        custom_parameters={},
+        encoding="audio/x-mulaw",
+        sample_rate=8000,
+        channels=1,
+        sequence_number=1,
+    )
+
+
+def media(payload: bytes = b"\xff" * 160, n: int = 1) -> tw.Media:
+    return tw.Media(SID, "inbound", n, 20 * n, payload, n + 1)
+
+
+def mark(name: str) -> tw.Mark:
+    return tw.Mark(SID, name, 0)
+
+
+def updated(fmt: str) -> rt.SessionUpdated:
+    return rt.SessionUpdated("sess_1", "alloy", fmt, fmt)
+
+
+def make(
+    path: AudioPath = AudioPath.G711_ULAW, *, greeting: str = "Hi there", interrupt: bool = True
+) -> tuple[CallSession, ManualClock]:
+    clock = ManualClock(100.0)
+    profile = Profile(greeting=greeting, turn_detection=TurnDetection(interrupt_response=interrupt))
+    session = CallSession(call_id="CA-test", profile=profile, audio_path=path, clock=clock)
+    return session, clock
+
+
+def live(path: AudioPath = AudioPath.G711_ULAW, **kw: object) -> tuple[CallSession, ManualClock]:
+    session, clock = make(path, **kw)  # type: ignore[arg-type]
+    session.upstream_opened()
+    session.receive_twilio(start_event())
+    session.receive_realtime(updated(path.value))
+    assert session.live
+    return session, clock
+
+
+def respond(session: CallSession, response: str, item: str, audio: bytes) -> list[object]:
+    out: list[object] = []
+    out += session.receive_realtime(rt.ResponseCreated(response))
+    out += session.receive_realtime(rt.OutputItemAdded(response, item, "message"))
+    out += session.receive_realtime(rt.AudioDelta(response, item, audio))
+    return out
+
+
+# -- states and queueing
+
+
+def test_upstream_opened_configures_the_session_from_the_profile() -> None:
+    session, _ = make(AudioPath.PCM16)
+    (update,) = session.upstream_opened()
+    assert update == rt.UpdateSession(session.profile, AudioPath.PCM16)
+
+
+@pytest.mark.parametrize("stream_first", [True, False])
+def test_goes_live_when_both_sides_are_ready_and_greets_once(stream_first: bool) -> None:
+    session, _ = make()
+    first = [start_event(), updated("g711_ulaw")] if stream_first else [updated("g711_ulaw"), start_event()]
+    outs = []
+    for event in first:
+        outs += (
+            session.receive_twilio(event) if isinstance(event, tw.Start) else session.receive_realtime(event)  # type: ignore[arg-type]
+        )
+    assert session.state is CallState.LIVE
+    greetings = [o for o in outs if isinstance(o, rt.CreateResponse)]
+    assert len(greetings) == 1 and "Hi there" in (greetings[0].instructions or "")
+    # A second session.updated (e.g. after a later update) does not greet again.
+    assert session.receive_realtime(updated("g711_ulaw")) == []
+
+
+def test_no_greeting_when_the_profile_has_none() -> None:
+    session, _ = make(greeting="  ")
+    session.receive_twilio(start_event())
+    assert session.receive_realtime(updated("g711_ulaw")) == []
+
+
+def test_caller_audio_before_the_model_is_ready_is_queued_in_order_not_dropped() -> None:
+    session, _ = make()
+    session.receive_twilio(start_event())
+    frames = [bytes([i]) * 160 for i in range(5)]
+    for i, frame in enumerate(frames):
+        assert session.receive_twilio(media(frame, i + 1)) == []
+    outs = session.receive_realtime(updated("g711_ulaw"))
+    appended = [o.audio for o in outs if isinstance(o, rt.AppendAudio)]
+    assert appended == frames
+    assert isinstance(outs[-1], rt.CreateResponse)  # the greeting after the queued audio
+    # Once live, audio goes straight through.
+    assert session.receive_twilio(media(b"\x01" * 160)) == [rt.AppendAudio(b"\x01" * 160)]
+
+
+def test_pcm16_path_transcodes_caller_audio_to_24k() -> None:
+    session, _ = live(AudioPath.PCM16)
+    (append,) = session.receive_twilio(media(b"\xff" * 160))
+    assert isinstance(append, rt.AppendAudio)
+    assert len(append.audio) == 160 * 3 * 2  # 20 ms at 24 kHz, 16-bit
+
+
+def test_illegal_transition_raises_and_changes_nothing() -> None:
+    session, _ = live()
+    with pytest.raises(IllegalTransition):
+        session._move(Trigger.MODEL_READY)
+    assert session.state is CallState.LIVE
+
+
+def test_stop_ends_the_call_and_nothing_is_sent_after() -> None:
+    session, _ = live()
+    assert session.receive_twilio(tw.Stop(SID, "AC", "CA", 9)) == [EndCall("the caller hung up")]
+    assert session.ended
+    assert session.receive_twilio(media()) == []
+    assert session.receive_realtime(rt.AudioDelta("r", "i", b"\x00" * 800)) == []
+    assert session.end("again") == []
+
+
+def test_a_refused_session_update_ends_the_call_with_the_reason() -> None:
+    session, _ = make()
+    outs = session.receive_realtime(
+        rt.ErrorEvent("invalid_value", "voice is bad", "invalid_request_error", "x", None)
+    )
+    assert len(outs) == 1 and isinstance(outs[0], EndCall)
+    assert "voice is bad" in outs[0].reason
+
+
+def test_a_session_with_the_wrong_audio_format_ends_the_call() -> None:
+    session, _ = make(AudioPath.PCM16)
+    (end,) = session.receive_realtime(updated("g711_ulaw"))
+    assert isinstance(end, EndCall) and "pcm16" in end.reason
+
+
+def test_benign_cancel_error_is_ignored() -> None:
+    session, _ = live()
+    err = rt.ErrorEvent(
+        "response_cancel_not_active", "no active response", "invalid_request_error", None, None
+    )
+    assert session.receive_realtime(err) == []
+    assert session.stats.upstream_errors == 0
+
+
+def test_dtmf_is_told_to_the_model() -> None:
+    session, _ = live()
+    (item,) = session.receive_twilio(tw.Dtmf(SID, "inbound_track", "5", 3))
+    assert isinstance(item, rt.AddTextItem) and "5" in item.text
+    assert session.stats.dtmf == ["5"]
+
+
+# -- outbound framing and marks
+
+
+def test_deltas_are_framed_with_marks_and_flushed_when_the_response_ends() -> None:
+    session, _ = live()
+    outs = respond(session, "r1", "i1", b"\x10" * 1000)  # 125 ms of μ-law
+    plays = [o for o in outs if isinstance(o, PlayAudio)]
+    marks = [o for o in outs if isinstance(o, PlaceMark)]
+    assert [len(p.payload) for p in plays] == [160] * 6
+    assert len(marks) == 1  # after 5 frames
+    tail = session.receive_realtime(rt.AudioDone("r1", "i1"))
+    assert [type(o) for o in tail] == [PlayAudio, PlaceMark]
+    last = tail[0]
+    assert isinstance(last, PlayAudio)
+    assert last.payload == b"\x10" * 40 + b"\xff" * 120  # padded with μ-law silence
+    assert session.receive_realtime(rt.ResponseDone("r1", "completed", None)) == []
+
+
+def test_audio_is_never_sent_before_twilio_start_and_none_is_lost() -> None:
+    session, _ = make()
+    session.receive_realtime(updated("g711_ulaw"))
+    assert respond(session, "r1", "i1", b"\x20" * 320) == []
+    outs = session.receive_twilio(start_event())
+    assert [len(o.payload) for o in outs if isinstance(o, PlayAudio)] == [160, 160]
+
+
+# -- barge-in
+
+
+def test_barge_in_sends_clear_first_then_truncate_at_the_proved_position_then_cancel() -> None:
+    session, clock = live()
+    respond(session, "r1", "i1", b"\x30" * 3200)  # 400 ms, marks m1..m4 every 100 ms
+    clock.advance(0.1)
+    session.receive_twilio(mark("m1"))
+    clock.advance(0.1)
+    session.receive_twilio(mark("m2"))
+    clock.advance(0.05)  # 50 ms past the last proof: interpolated with the clock
+    outs = session.receive_realtime(rt.SpeechStarted(900, "u1"))
+    assert outs == [ClearAudio(), rt.TruncateItem("i1", 250), rt.CancelResponse("r1")]
+    assert session.stats.barge_ins == 1 and session.stats.truncations == [("i1", 250)]
+
+
+def test_interpolation_never_passes_the_next_unechoed_mark() -> None:
+    session, clock = live()
+    respond(session, "r1", "i1", b"\x30" * 3200)
+    clock.advance(0.1)
+    session.receive_twilio(mark("m1"))
+    clock.advance(5.0)  # the m2 echo is late: the caller cannot have heard past m2
+    outs = session.receive_realtime(rt.SpeechStarted(900, "u1"))
+    assert rt.TruncateItem("i1", 200) in outs
+
+
+def test_truncate_is_clamped_to_the_audio_the_model_generated() -> None:
+    session, clock = live()
+    respond(session, "r1", "i1", b"\x30" * 500)  # 62.5 ms generated, padded to 4 frames = 80 ms sent
+    session.receive_realtime(rt.AudioDone("r1", "i1"))
+    session.receive_realtime(rt.ResponseDone("r1", "completed", None))
+    clock.advance(0.075)
+    outs = session.receive_realtime(rt.SpeechStarted(900, "u1"))
+    # Response already done: clear and truncate, but no cancel.
+    assert outs == [ClearAudio(), rt.TruncateItem("i1", 62)]
+
+
+def test_audio_queued_behind_earlier_audio_counts_from_when_that_audio_finished() -> None:
+    session, clock = live()
+    respond(session, "r1", "i1", b"\x30" * 800)  # 100 ms: m1
+    session.receive_realtime(rt.AudioDone("r1", "i1"))
+    session.receive_realtime(rt.ResponseDone("r1", "completed", None))
+    clock.advance(0.01)
+    respond(session, "r2", "i2", b"\x31" * 800)  # queued behind i1 at Twilio: m2
+    clock.advance(0.09)
+    session.receive_twilio(mark("m1"))  # i1 finished playing now; i2 starts now
+    clock.advance(0.03)
+    outs = session.receive_realtime(rt.SpeechStarted(900, "u1"))
+    assert outs == [ClearAudio(), rt.TruncateItem("i2", 30), rt.CancelResponse("r2")]
+
+
+def test_no_barge_in_when_the_caller_hears_nothing() -> None:
+    session, _ = live()
+    respond(session, "r1", "i1", b"\x30" * 800)
+    session.receive_realtime(rt.AudioDone("r1", "i1"))
+    session.receive_realtime(rt.ResponseDone("r1", "completed", None))
+    session.receive_twilio(mark("m1"))  # everything played
+    assert session.receive_realtime(rt.SpeechStarted(900, "u1")) == []
+    assert session.stats.barge_ins == 0
+
+
+def test_speech_while_the_model_is_thinking_cancels_without_clear_or_truncate() -> None:
+    session, _ = live()
+    session.receive_realtime(rt.ResponseCreated("r1"))
+    assert session.receive_realtime(rt.SpeechStarted(900, "u1")) == [rt.CancelResponse("r1")]
+
+
+def test_late_deltas_of_the_cancelled_response_are_dropped_and_stale_marks_ignored() -> None:
+    session, clock = live()
+    respond(session, "r1", "i1", b"\x30" * 1600)
+    clock.advance(0.05)
+    session.receive_realtime(rt.SpeechStarted(900, "u1"))
+    assert session.receive_realtime(rt.AudioDelta("r1", "i1", b"\x30" * 800)) == []
+    assert session.receive_realtime(rt.AudioDone("r1", "i1")) == []
+    assert session.receive_twilio(mark("m1")) == []  # echoed by clear: flushed, not played
+    assert session.receive_twilio(mark("m2")) == []
+    assert session.receive_realtime(rt.ResponseDone("r1", "cancelled", "turn_detected")) == []
+    assert session.stats.late_deltas_dropped == 1 and session.stats.marks_ignored == 2
+    # The next response plays cleanly, from a fresh frame boundary.
+    outs = respond(session, "r2", "i2", b"\x40" * 160)
+    assert [o for o in outs if isinstance(o, PlayAudio)] == [PlayAudio(b"\x40" * 160)]
+    assert session.receive_realtime(rt.SpeechStarted(2000, "u2")) != []
+
+
+def test_interrupt_response_false_means_speech_does_not_interrupt() -> None:
+    session, clock = live(interrupt=False)
+    respond(session, "r1", "i1", b"\x30" * 1600)
+    clock.advance(0.05)
+    assert session.receive_realtime(rt.SpeechStarted(900, "u1")) == []
+
+
+def test_pcm16_truncate_accounts_for_the_outbound_resampler_delay() -> None:
+    session, clock = live(AudioPath.PCM16)
+    respond(session, "r1", "i1", b"\x00\x10" * 24000)  # 1 s of PCM16 at 24 kHz
+    clock.advance(0.5)
+    outs = session.receive_realtime(rt.SpeechStarted(900, "u1"))
+    truncate = next(o for o in outs if isinstance(o, rt.TruncateItem))
+    delay = session._outbound.delay_ms
+    assert truncate.audio_end_ms == int(500 - delay)
+
+
+def test_goodbye_stops_playback_speaks_and_ends_once_heard() -> None:
+    session, clock = live()
+    respond(session, "r1", "i1", b"\x30" * 1600)
+    outs = session.say_goodbye("Bye now")
+    assert outs[0] == ClearAudio()
+    assert isinstance(outs[-1], rt.CreateResponse) and "Bye now" in (outs[-1].instructions or "")
+    session.receive_realtime(rt.ResponseDone("r1", "cancelled", "client_cancelled"))
+    respond(session, "r2", "i2", b"\x30" * 800)
+    session.receive_realtime(rt.AudioDone("r2", "i2"))
+    assert session.receive_realtime(rt.ResponseDone("r2", "completed", None)) == []
+    clock.advance(0.1)
+    (end,) = session.receive_twilio(mark("m3"))
+    assert isinstance(end, EndCall) and end.reason == "said goodbye"
