@@ -42,7 +42,9 @@ def load_profile(settings: Settings) -> Profile:
     return parse_profile(text, filename=str(settings.profile_path), dialect=settings.dialect)
 
 
-def create_app(settings: Settings, *, profile: Profile | None = None, clock: Clock | None = None) -> web.Application:
+def create_app(
+    settings: Settings, *, profile: Profile | None = None, clock: Clock | None = None
+) -> web.Application:
     """Build the app: routes, shared objects under typed keys, their lifetimes in ``cleanup_ctx``."""
     app = web.Application()
     app[SETTINGS] = settings
@@ -55,7 +57,9 @@ def create_app(settings: Settings, *, profile: Profile | None = None, clock: Clo
         app[UPSTREAM] = Upstream(Target.from_azure(settings.azure))
     else:
         # Filled in by _local_model once it listens: its port is known only then.
-        app[UPSTREAM] = Upstream(Target("http://127.0.0.1:0", LOCAL_DEPLOYMENT, settings.dialect, None, "local"))
+        app[UPSTREAM] = Upstream(
+            Target("http://127.0.0.1:0", LOCAL_DEPLOYMENT, settings.dialect, None, "local")
+        )
     app.cleanup_ctx.append(_local_model)
     app.cleanup_ctx.append(_calls)
     add_routes(app)
@@ -68,7 +72,7 @@ async def _local_model(app: web.Application) -> AsyncIterator[None]:
     if settings.azure is not None:
         yield
         return
-    model = LocalModel()
+    model = LocalModel(record=False)
     await model.start()
     upstream = app[UPSTREAM]
     upstream.target = Target(model.endpoint, LOCAL_DEPLOYMENT, upstream.target.dialect, None, "local")

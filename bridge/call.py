@@ -108,7 +108,8 @@ class Call:
 
     async def _read_model(self) -> None:
         model, adapter = self._model, self._adapter
-        assert model is not None and adapter is not None
+        assert model is not None
+        assert adapter is not None
         reason = "the model closed the connection"
         try:
             async for message in model:
@@ -147,7 +148,10 @@ class Call:
     # -- the Twilio side
 
     async def run(self, ws: web.WebSocketResponse, events: Sequence[tw.TwilioEvent]) -> None:
-        """Serve the stream ``ws`` until the call ends; ``events`` were read before (``connected``, ``start``)."""
+        """Serve the stream ``ws`` until the call ends.
+
+        ``events`` are the ones ``web.py`` read before handing over the socket (``connected``, ``start``).
+        """
         self._twilio = ws
         self.open_model()
         self.metrics.live_calls.inc()
@@ -211,7 +215,12 @@ class Call:
                 command: rt.ClientCommand = out  # type: ignore[assignment]
                 if isinstance(command, rt.TruncateItem):
                     self.metrics.truncations.inc()
-                    self._log(logging.INFO, "barge-in: truncating %s at %d ms", command.item_id, command.audio_end_ms)
+                    self._log(
+                        logging.INFO,
+                        "barge-in: truncating %s at %d ms",
+                        command.item_id,
+                        command.audio_end_ms,
+                    )
                 await self._to_model(command)
 
     def _sid(self) -> str:
@@ -231,7 +240,9 @@ class Call:
     async def _to_model(self, command: rt.ClientCommand) -> None:
         model, adapter = self._model, self._adapter
         if model is None or adapter is None:
-            self._log(logging.WARNING, "dropping %s: the Realtime session is not open", type(command).__name__)
+            self._log(
+                logging.WARNING, "dropping %s: the Realtime session is not open", type(command).__name__
+            )
             return
         try:
             await model.send(adapter.serialize(command))
@@ -277,7 +288,7 @@ class Call:
         self._torn_down = True
         self._finish("ended")
         current = asyncio.current_task()
-        closers = []
+        closers: list[Any] = []
         if self._twilio is not None and not self._twilio.closed:
             closers.append(self._twilio.close(code=1000))
         if self._model is not None:
@@ -336,7 +347,11 @@ class CallRegistry:
     def _expire(self, call_sid: str) -> None:
         entry = self._prewarmed.pop(call_sid, None)
         if entry is not None:
-            log.info("call %s: no stream within %.0f s; closing its Realtime session", call_sid, self.prewarm_timeout)
+            log.info(
+                "call %s: no stream within %.0f s; closing its Realtime session",
+                call_sid,
+                self.prewarm_timeout,
+            )
             self._track(entry[0].abandon("no stream arrived"))
 
     def _track(self, task: asyncio.Task[None]) -> None:

@@ -191,6 +191,8 @@ class CallSession:
         self._prestart: list[tuple[_Item, bytes]] = []
         self._greeted = False
         self._goodbye = False
+        self._goodbye_response: str | None = None
+        self._goodbye_done = False
         # Response bookkeeping.
         self._active_response: str | None = None
         self._dropped: set[str] = set()
@@ -257,6 +259,8 @@ class CallSession:
             return self._on_speech_started()
         if isinstance(event, rt.ResponseCreated):
             self._active_response = event.response_id
+            if self._goodbye and self._goodbye_response is None:
+                self._goodbye_response = event.response_id
             return []
         if isinstance(event, rt.OutputItemAdded):
             if event.response_id not in self._dropped and event.item_type == "message":
@@ -357,9 +361,14 @@ class CallSession:
             out = self._flush_outbound()
         if self._active_response == event.response_id:
             self._active_response = None
-        if self._goodbye and not self._ledger:
-            out.extend(self.end("said goodbye"))
-        return out
+        if event.response_id == self._goodbye_response:
+            self._goodbye_done = True
+        return out + self._end_if_goodbye_heard()
+
+    def _end_if_goodbye_heard(self) -> list[Output]:
+        if self._goodbye_done and not self._ledger and not self._unmarked_frames:
+            return self.end("said goodbye")
+        return []
 
     # -- barge-in
 
@@ -386,7 +395,8 @@ class CallSession:
         played_bytes = min(item.heard_bytes + elapsed * 1000.0 * ULAW_BYTES_PER_MS, ceiling)
         heard_ms = played_bytes / ULAW_BYTES_PER_MS - self._outbound.delay_ms
         generated_ms = model_bytes_to_ms(item.model_bytes, self.audio_path)
-        return item, int(max(0.0, min(heard_ms, generated_ms)))
+        # Floor (never past what was generated), forgiving float noise such as 249.99999 for 250.
+        return item, int(max(0.0, min(heard_ms, generated_ms)) + 1e-6)
 
     def _on_speech_started(self) -> list[Output]:
         if not self.live or not self.profile.turn_detection.interrupt_response:
@@ -466,9 +476,7 @@ class CallSession:
             if mark.name == name:
                 break
         self._last_echo_at = now
-        if self._goodbye and not self._ledger and self._active_response is None:
-            return self.end("said goodbye")
-        return []
+        return self._end_if_goodbye_heard()
 
     # -- shutdown
 

@@ -1166,7 +1166,7 @@ class ModelConnection:
             await self._send({"type": self._names["audio.done"], **ids})
             await self._send({"type": self._names["transcript.done"], **ids, "transcript": item.transcript})
         # The part events say "audio"/"text" in both dialects; only GA items say "output_audio"/"output_text".
-        part["type"] = "text" if r.text_only else "audio"
+        part = part | {"type": "text" if r.text_only else "audio"}
         await self._send({"type": "response.content_part.done", **ids, "part": part})
         body = self._item_json(item)
         await self._send(

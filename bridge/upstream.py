@@ -36,7 +36,11 @@ RETRY_DELAYS = (0.25, 0.75, 1.5)
 def realtime_url(endpoint: str, deployment: str, dialect: Dialect, api_version: str | None) -> str:
     """The ``wss://`` (or loopback ``ws://``) URL of a deployment in one dialect (protocols.md §2.1)."""
     base = endpoint.rstrip("/")
-    base = "wss://" + base[len("https://") :] if base.startswith("https://") else "ws://" + base[len("http://") :]
+    base = (
+        "wss://" + base[len("https://") :]
+        if base.startswith("https://")
+        else "ws://" + base[len("http://") :]
+    )
     if dialect is Dialect.GA:
         return f"{base}/openai/v1/realtime?model={quote(deployment, safe='')}"
     query = urlencode({"api-version": api_version or "", "deployment": deployment})
@@ -134,7 +138,9 @@ class Upstream:
                 raise UpstreamUnavailable(f"the Realtime service answered HTTP {status}") from exc
             raise UpstreamRejected(f"the Realtime service refused the connection (HTTP {status})") from exc
         except (OSError, TimeoutError, InvalidHandshake) as exc:
-            raise UpstreamUnavailable(f"cannot reach the Realtime service: {type(exc).__name__}: {exc}") from exc
+            raise UpstreamUnavailable(
+                f"cannot reach the Realtime service: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def close(self) -> None:
         """Release the credential, if one was made."""

@@ -117,7 +117,9 @@ def _new_call(app: web.Application, call_sid: str) -> Call:
     )
 
 
-async def _refuse(ws: web.WebSocketResponse, metrics: Metrics, reason: str, why: str) -> web.WebSocketResponse:
+async def _refuse(
+    ws: web.WebSocketResponse, metrics: Metrics, reason: str, why: str
+) -> web.WebSocketResponse:
     metrics.refused.inc(label=reason)
     log.warning("refused a media stream: %s", why)
     await ws.close(code=1008, message=why.encode()[:120])

@@ -7,6 +7,7 @@ audio at real pace with Twilio's mark and clear semantics, so what it "heard" is
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import numpy as np
@@ -124,7 +125,8 @@ async def test_bad_frames_are_skipped_and_the_call_goes_on(model: LocalModel, st
         await call.dial()
         conn = await model.wait_for_connection()
         await call.send_raw("{not json")
-        await call.send_raw('{"event":"media","streamSid":"%s","media":{"payload":"***"}}' % call.stream_sid)
+        bad_base64 = {"event": "media", "streamSid": call.stream_sid, "media": {"payload": "***"}}
+        await call.send_raw(json.dumps(bad_base64))
         await call.send_raw(b"\x00\x01binary")
         await call.send_raw('{"event":"surprise","streamSid":"x"}')
         await call.send_raw('{"event":"media","media":{"payload":"' + "A" * 100_000 + '"}}')
@@ -137,7 +139,9 @@ async def test_bad_frames_are_skipped_and_the_call_goes_on(model: LocalModel, st
         assert 'bridge_malformed_messages_total{source="twilio"} 4' in text
 
 
-async def test_unsigned_stream_and_bad_token_are_refused_with_1008(model: LocalModel, start_bridge: Any) -> None:
+async def test_unsigned_stream_and_bad_token_are_refused_with_1008(
+    model: LocalModel, start_bridge: Any
+) -> None:
     bridge = await start_bridge(model)
     async with caller(bridge) as call:
         await call.connect_stream(signature=None)
@@ -160,7 +164,9 @@ async def test_unsigned_webhook_is_refused(model: LocalModel, start_bridge: Any)
     assert model.connections == []
 
 
-async def test_hang_up_mid_response_closes_the_model_leg_at_once(model: LocalModel, start_bridge: Any) -> None:
+async def test_hang_up_mid_response_closes_the_model_leg_at_once(
+    model: LocalModel, start_bridge: Any
+) -> None:
     bridge = await start_bridge(model)
     async with caller(bridge) as call:
         await call.dial()
@@ -173,7 +179,9 @@ async def test_hang_up_mid_response_closes_the_model_leg_at_once(model: LocalMod
     await settle(lambda: not bridge.app[REGISTRY].live, 1)
 
 
-async def test_model_dropping_mid_call_ends_the_twilio_leg_at_once(model: LocalModel, start_bridge: Any) -> None:
+async def test_model_dropping_mid_call_ends_the_twilio_leg_at_once(
+    model: LocalModel, start_bridge: Any
+) -> None:
     bridge = await start_bridge(model)
     async with caller(bridge) as call:
         await call.dial()
@@ -219,7 +227,9 @@ async def test_a_429_on_connect_is_retried(start_bridge: Any) -> None:
             await call.wait_for_played(0.5, timeout=10)
 
 
-async def test_shutdown_drains_refuses_new_calls_and_says_goodbye(model: LocalModel, start_bridge: Any) -> None:
+async def test_shutdown_drains_refuses_new_calls_and_says_goodbye(
+    model: LocalModel, start_bridge: Any
+) -> None:
     bridge = await start_bridge(model)
     async with caller(bridge) as call:
         await call.dial()

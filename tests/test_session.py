@@ -286,7 +286,10 @@ def test_interrupt_response_false_means_speech_does_not_interrupt() -> None:
 def test_pcm16_truncate_accounts_for_the_outbound_resampler_delay() -> None:
     session, clock = live(AudioPath.PCM16)
     respond(session, "r1", "i1", b"\x00\x10" * 24000)  # 1 s of PCM16 at 24 kHz
-    clock.advance(0.5)
+    for name in ("m1", "m2", "m3", "m4"):
+        clock.advance(0.1)
+        session.receive_twilio(mark(name))
+    clock.advance(0.1)
     outs = session.receive_realtime(rt.SpeechStarted(900, "u1"))
     truncate = next(o for o in outs if isinstance(o, rt.TruncateItem))
     delay = session._outbound.delay_ms

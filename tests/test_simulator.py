@@ -708,7 +708,7 @@ async def test_items_and_voice_lock(model: LocalModel) -> None:
     await client.send(type="response.create", response={"modalities": ["text"]})
     events = await client.until("response.done")
     assert "response.text.delta" in [e["type"] for e in events]
-    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "You said: hi"
+    assert events[-1]["response"]["output"][0]["content"][0] == {"type": "text", "text": "You said: hi"}
     await client.send(type="session.update", session={"voice": "echo"})  # no audio yet: allowed
     assert (await client.recv())["type"] == "session.updated"
     await client.send(type="response.create")
@@ -781,3 +781,17 @@ async def test_record_false_keeps_only_open_connections() -> None:
         await client.ws.close()
         await asyncio.wait_for(conn.closed.wait(), 1)
         assert model.connections == []
+
+
+async def test_ga_text_only_response(model: LocalModel) -> None:
+    client, _ = await open_client(model, "ga")
+    await client.send(type="response.create", response={"output_modalities": ["text"]})
+    events = await client.until("response.done")
+    kinds = [e["type"] for e in events]
+    assert "response.output_text.delta" in kinds and "response.output_text.done" in kinds
+    assert not any("audio" in kind for kind in kinds)
+    part_done = next(e for e in events if e["type"] == "response.content_part.done")
+    assert part_done["part"] == {"type": "text", "text": "Hello! This is the local test model."}
+    assert events[-1]["response"]["output"][0]["content"][0]["type"] == "output_text"
+    check_types("ga", events)
+    await client.ws.close()
