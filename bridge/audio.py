@@ -74,8 +74,8 @@ _KAISER_BETA: Final = 7.0
 _BLOCK: Final = 40
 """Low-rate samples per matrix row: 160 (one 20 ms frame at 8 kHz) is four rows, no padding."""
 
-_INT16_MIN: Final = np.float64(-32768.0)
-_INT16_MAX: Final = np.float64(32767.0)
+_INT16_MIN: Final = np.array(-32768.0)  # 0-d arrays: numpy's ufuncs take them faster than scalars
+_INT16_MAX: Final = np.array(32767.0)
 
 
 def ulaw_to_pcm16(data: bytes) -> bytes:
@@ -98,7 +98,7 @@ def pcm16_to_ulaw(data: bytes) -> bytes:
 
 def model_bytes_to_ms(nbytes: int, path: AudioPath) -> float:
     """Duration of ``nbytes`` of model audio: PCM16 24 kHz is 48 bytes/ms, μ-law 8 kHz is 8 bytes/ms."""
-    return nbytes / 48.0 if path is AudioPath.PCM16 else nbytes / 8.0
+    return nbytes / 48.0 if path == AudioPath.PCM16 else nbytes / 8.0
 
 
 def _lowpass(factor: int) -> _Float:
@@ -160,7 +160,7 @@ class StreamResampler:
     as ``process(a + b)``, odd byte counts included (the odd byte waits for its partner).
     """
 
-    __slots__ = ("_bank", "_delay_ms", "_history", "_odd", "in_rate", "out_rate")
+    __slots__ = ("_bank", "_delay_ms", "_fed", "_history", "_odd", "in_rate", "out_rate")
 
     def __init__(self, in_rate: int, out_rate: int) -> None:
         if in_rate <= 0 or out_rate <= 0:
@@ -174,6 +174,7 @@ class StreamResampler:
         self._delay_ms = _HALF_SPAN * 1000.0 / low
         self._history: _Float = np.zeros(self._bank.keep)
         self._odd = b""
+        self._fed = False
 
     @property
     def delay_ms(self) -> float:
@@ -190,16 +191,17 @@ class StreamResampler:
             pcm = pcm[:-1]
         if not pcm:
             return b""
+        self._fed = True
         return self._run(np.frombuffer(pcm, dtype=_PCM16))
 
     def flush(self) -> bytes:
         """Emit the tail still inside the filter (its delay's worth of output), then :meth:`reset`.
 
-        An odd byte still waiting for its partner is dropped.
+        Nothing since the last reset: nothing to emit. An odd byte still waiting for its partner is dropped.
         """
         bank = self._bank
         # Feeding the group delay's worth of zeros pushes the last real sample's response out.
-        tail = self._run(np.zeros(_HALF_SPAN if bank.up else _HALF_SPAN * bank.factor))
+        tail = self._run(np.zeros(_HALF_SPAN if bank.up else _HALF_SPAN * bank.factor)) if self._fed else b""
         self.reset()
         return tail
 
@@ -207,6 +209,7 @@ class StreamResampler:
         """Forget all history, as if new: the next sound fades in through the filter, without a click."""
         self._history = np.zeros(self._bank.keep)
         self._odd = b""
+        self._fed = False
 
     def _run(self, x: npt.NDArray[np.int16] | _Float) -> bytes:
         bank = self._bank
@@ -245,8 +248,8 @@ class InboundTranscoder:
     __slots__ = ("_resampler", "path")
 
     def __init__(self, path: AudioPath) -> None:
-        self.path = path
-        self._resampler = StreamResampler(8000, 24000) if path is AudioPath.PCM16 else None
+        self.path = AudioPath(path)  # a plain "pcm16" from a profile works too; an unknown value raises
+        self._resampler = StreamResampler(8000, 24000) if self.path is AudioPath.PCM16 else None
 
     @property
     def delay_ms(self) -> float:
@@ -271,8 +274,8 @@ class OutboundTranscoder:
     __slots__ = ("_resampler", "path")
 
     def __init__(self, path: AudioPath) -> None:
-        self.path = path
-        self._resampler = StreamResampler(24000, 8000) if path is AudioPath.PCM16 else None
+        self.path = AudioPath(path)  # a plain "pcm16" from a profile works too; an unknown value raises
+        self._resampler = StreamResampler(24000, 8000) if self.path is AudioPath.PCM16 else None
 
     @property
     def delay_ms(self) -> float:

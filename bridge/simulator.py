@@ -51,6 +51,8 @@ from websockets.http11 import Request, Response
 __all__ = ["EAGERNESS_SILENCE_MS", "LocalModel", "ModelConnection", "threshold_to_rms"]
 
 Pcm = npt.NDArray[np.int16]
+EventHook = Callable[["ModelConnection", dict[str, Any]], None]
+"""An observer of the events of one connection: :attr:`LocalModel.on_client_event`, ``on_server_event``."""
 
 _MAX_MESSAGE = 32 * 2**20  # 15 MiB of audio per append is 20 MiB of base64
 _MAX_APPEND = 15 * 2**20
@@ -671,6 +673,8 @@ class ModelConnection:
         async with self._send_lock:
             if self._model.record:
                 self.sent.append(event)
+            if self._model.on_server_event is not None:
+                self._model.on_server_event(self, event)
             await self._ws.send(orjson.dumps(event).decode())
 
     async def _send_error(self, exc: _Invalid, client_event_id: str | None) -> None:
@@ -706,6 +710,8 @@ class ModelConnection:
                 raise _Invalid("invalid_request_error", "An event must be a JSON object.")
             if self._model.record:
                 self.received.append(event)
+            if self._model.on_client_event is not None:
+                self._model.on_client_event(self, event)
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
             kind = _choice(_required(event, "type"), tuple(_EVENT_KEYS), "type")
             _obj(event, "", ("type", "event_id", *_EVENT_KEYS[kind]))
@@ -1228,6 +1234,8 @@ class LocalModel:
         delta_ms: int = 100,
         seed: int = 0,
         record: bool = True,
+        on_client_event: EventHook | None = None,
+        on_server_event: EventHook | None = None,
     ) -> None:
         if speed <= 0 or delta_ms <= 0:
             raise ValueError("speed and delta_ms must be positive")
@@ -1245,6 +1253,11 @@ class LocalModel:
         self.record = record
         """Keep every connection and its events for inspection (tests). ``bridge serve`` passes ``False``
         so that a long-running server holds only its open connections, without their event logs."""
+        self.on_client_event = on_client_event
+        """Called with every client event (a parsed JSON object) as it is received, before it is handled:
+        an observer for benchmarks (``scripts/bench``). It must be cheap and must not change the event."""
+        self.on_server_event = on_server_event
+        """Called with every server event just before it is written to the socket, with the same rules."""
         self.connections: list[ModelConnection] = []
         """Every accepted connection, in order (with ``record=False``: the open ones)."""
         self._port = port

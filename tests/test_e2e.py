@@ -198,13 +198,12 @@ async def test_prewarm_opens_the_model_during_the_webhook_and_closes_it_unused(
     model: LocalModel, start_bridge: Any
 ) -> None:
     bridge = await start_bridge(model, BRIDGE_PREWARM_TIMEOUT="0.5")
-    call = caller(bridge)
-    status, _ = await call.post_voice()
-    assert status == 200
-    conn = await model.wait_for_connection(timeout=2)
-    assert types(conn)[:1] == ["session.update"]  # configured before the stream exists
-    await asyncio.wait_for(conn.closed.wait(), 2.0)
-    await call.close()
+    async with caller(bridge) as call:
+        status, _ = await call.post_voice()
+        assert status == 200
+        conn = await model.wait_for_connection(timeout=2)
+        await settle(lambda: types(conn)[:1] == ["session.update"], 2)  # configured before the stream exists
+        await asyncio.wait_for(conn.closed.wait(), 2.0)
 
 
 async def test_model_unreachable_ends_the_call(start_bridge: Any) -> None:

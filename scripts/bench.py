@@ -1,0 +1,1264 @@
+"""Benchmark (not a test): N concurrent simulated Twilio calls through the real bridge and the local model.
+
+``scripts/bench`` runs this with the project's virtual environment. The bridge is started as a real
+subprocess (``bridge serve``) pinned to core 0 with ``taskset``; this process pins itself to core 1 and
+hosts everything else on one uvloop event loop:
+
+* the local Realtime model (:class:`bridge.simulator.LocalModel`, ``record=False``) that the bridge dials
+  as its "Azure" endpoint, observed through its ``on_client_event`` / ``on_server_event`` hooks;
+* N lean Twilio doubles: each signs and posts the voice webhook, reads the TwiML, opens the stream with
+  a signed upgrade, sends ``connected`` and ``start``, then streams 20 ms μ-law frames at real pace
+  (speech, then silence, then speech again ...), plays what the bridge sends at real pace and echoes
+  its marks as Twilio does (when playback reaches them; at once, all of them, on ``clear``). One ticker
+  task sends every call's frames and every due mark echo, on a 1 ms grid with the calls' 20 ms phases
+  spread over it, rather than one timer per call;
+* a loopback probe (aiohttp client ⇄ websockets server inside this process, no bridge) that measures
+  what this process alone adds to a message, so that generator lag can be told from bridge delay.
+
+Every time is ``time.perf_counter()`` in this one process (the doubles and the model share it), so a
+delay is the difference of two readings of one clock. docs/benchmark.md explains the method and has
+the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import heapq
+import math
+import os
+import random
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+import pybase64
+import uvloop
+from twilio.request_validator import RequestValidator
+from websockets.asyncio.server import ServerConnection, serve
+
+from bridge.simulator import LocalModel, ModelConnection
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+VOICE_PATH = "/twilio/voice"
+FRAME_BYTES = 160
+FRAME_S = 0.020
+SLOT_S = 0.001
+SLOTS = 20  # 1 ms slots over one 20 ms frame period: every call's sends fall in one of them
+RESAMPLER_TAIL = 30
+"""μ-law samples the bridge's outbound resampler emits at the end of a response (its group delay)."""
+DELTA_NAMES = {"ga": "response.output_audio.delta", "preview": "response.audio.delta"}
+PREVIEW_API_VERSION = "2025-04-01-preview"
+MAX_CALLS = 500
+perf = time.perf_counter
+
+
+# --- audio -------------------------------------------------------------------------------------------------
+
+
+def _ulaw_encode(pcm: np.ndarray[Any, np.dtype[np.float64]]) -> bytes:
+    """Float samples in [-1, 1] → G.711 μ-law (the continuous formula; fine for a synthetic stand-in)."""
+    x = np.clip(pcm, -1.0, 1.0)
+    y = np.sign(x) * np.log1p(255.0 * np.abs(x)) / np.log1p(255.0)
+    code = np.round((y + 1.0) / 2.0 * 255.0).astype(np.int32)
+    out: bytes = np.where(code >= 128, 255 - (code - 128), 127 - code).astype(np.uint8).tobytes()
+    return out
+
+
+def _synthetic_speech(seconds: float, seed: int) -> bytes:
+    """Loud tone bursts (syllables of a harmonic tone around -20 dBFS), for when the fixtures are missing."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 8000)) / 8000.0
+    f0 = 140.0 + 40.0 * rng.random()
+    voice = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6))
+    syllables = 0.5 * (1 - np.cos(2 * np.pi * 4.0 * t))  # four syllables a second
+    return _ulaw_encode(0.15 * voice * syllables)
+
+
+def _frames_b64(ulaw: bytes) -> list[str]:
+    """Cut into 160-byte frames (the last padded with μ-law silence), each base64 once, ahead of time."""
+    frames = [ulaw[i : i + FRAME_BYTES] for i in range(0, len(ulaw), FRAME_BYTES)]
+    return [pybase64.b64encode_as_string(f.ljust(FRAME_BYTES, b"\xff")) for f in frames]
+
+
+def load_speech() -> dict[str, list[str]]:
+    """The utterances callers say: the test fixtures when present, else synthetic speech."""
+    out: dict[str, list[str]] = {}
+    for seed, (name, seconds) in enumerate((("hello", 1.7), ("question", 2.3), ("interrupt", 2.7))):
+        path = FIXTURES / f"{name}.ulaw"
+        out[name] = _frames_b64(path.read_bytes() if path.is_file() else _synthetic_speech(seconds, seed))
+    return out
+
+
+SILENCE_B64 = pybase64.b64encode_as_string(b"\xff" * FRAME_BYTES)
+
+
+def b64_len(text: str) -> int:
+    """Decoded length of a base64 string, without decoding it."""
+    pad = 2 if text.endswith("==") else 1 if text.endswith("=") else 0
+    return len(text) // 4 * 3 - pad
+
+
+# --- statistics --------------------------------------------------------------------------------------------
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summary_ms(values: list[float]) -> dict[str, Any]:
+    p50, p99 = quantile(values, 0.5), quantile(values, 0.99)
+    return {
+        "n": len(values),
+        "p50_ms": None if p50 is None else round(p50 * 1000, 3),
+        "p99_ms": None if p99 is None else round(p99 * 1000, 3),
+        "max_ms": round(max(values) * 1000, 3) if values else None,
+    }
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """``name{labels} value`` lines → {``name{labels}``: value}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+    return out
+
+
+def histogram_quantiles(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, Any]:
+    """p50/p99 of a Prometheus histogram over the window (after − before), by linear interpolation in
+    the bucket that holds the quantile; a quantile in the +Inf bucket is reported as "> last bound"."""
+    pattern = re.compile(re.escape(name) + r'_bucket\{le="([^"]+)"\}')
+    buckets: list[tuple[float, float]] = []
+    for key, value in after.items():
+        m = pattern.fullmatch(key)
+        if m:
+            le = math.inf if m.group(1) == "+Inf" else float(m.group(1))
+            buckets.append((le, value - before.get(key, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    out: dict[str, Any] = {"n": int(total)}
+    for label, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
+        if not total:
+            out[label] = None
+            continue
+        rank, lower, below = q * total, 0.0, 0.0
+        for le, cumulative in buckets:
+            if cumulative >= rank:
+                if math.isinf(le):
+                    out[label] = f"> {lower * 1000:g}"
+                else:
+                    share = (rank - below) / (cumulative - below) if cumulative > below else 1.0
+                    out[label] = round((lower + (le - lower) * share) * 1000, 3)
+                break
+            lower, below = le, cumulative
+    return out
+
+
+# --- the bridge process ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class BridgeProcess:
+    """``bridge serve`` as a subprocess (pinned with taskset); always terminated by :meth:`stop`."""
+
+    def __init__(self, *, env: dict[str, str], port: int, core: int | None, log_path: Path) -> None:
+        cmd = [str(ROOT / ".venv" / "bin" / "bridge"), "serve", "--port", str(port)]
+        if not Path(cmd[0]).exists():
+            cmd = [sys.executable, "-m", "bridge", "serve", "--port", str(port)]
+        if core is not None:
+            cmd = ["taskset", "-c", str(core), *cmd]
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        self.pid = self.proc.pid
+        self.clk_tck = os.sysconf("SC_CLK_TCK")
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the whole process (every thread), from /proc/PID/stat."""
+        raw = Path(f"/proc/{self.pid}/stat").read_text()
+        rest = raw[raw.rindex(")") + 2 :].split()
+        return (int(rest[11]) + int(rest[12])) / self.clk_tck
+
+    def status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        return 0
+
+    def rss_kib(self) -> int:
+        return self.status("VmRSS")
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; idempotent."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+# --- the calls ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Response:
+    """One model response of one call, as the model sent it."""
+
+    samples: int = 0
+    """Output-rate (8 kHz) samples of eligible audio: deltas sent before any speech_started cut it."""
+    base: int | None = None
+    """The double's received μ-law byte count when the response's first delta was sent."""
+    stopped: bool = False
+    """A speech_started came while it ran: the model cancels it, the bridge drops its later deltas."""
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    index: int
+    rng: random.Random
+    call_sid: str
+    stream_sid: str
+    slot: int
+    ws: aiohttp.ClientWebSocketResponse | None = None
+    conn: ModelConnection | None = None
+    seq: int = 0
+    chunk: int = 0
+    timestamp: int = 0
+    next_due: float = 0.0
+    alive: bool = False
+    # What the caller says.
+    utterance: list[str] | None = None
+    position: int = 0
+    next_utterance: list[str] | None = None
+    next_utterance_at: float | None = None
+    waiting_for_reply: bool = False
+    speech_end: float = 0.0
+    rx_at_speech_end: int = 0
+    # Inbound accounting.
+    sent_times: deque[float] = field(default_factory=deque)
+    frames_sent: int = 0
+    appends: int = 0
+    # Outbound: what the double received and played.
+    rx_bytes: int = 0
+    frames_rx: int = 0
+    play_end: float = 0.0
+    pending_marks: deque[str] = field(default_factory=deque)
+    generation: int = 0
+    clears: int = 0
+    targets: deque[tuple[int, float]] = field(default_factory=deque)
+    # Outbound: what the model sent.
+    responses: list[Response] = field(default_factory=list)
+    current: Response | None = None
+    expected_out: int = 0
+    speech_started_at: float | None = None
+    media_prefix: str = ""
+    media_overhead: int = 0
+
+
+@dataclass
+class Options:
+    calls: int
+    duration: float
+    ramp: float | None
+    warmup: float
+    audio_path: str
+    dialect: str
+    barge: float
+    pin: bool
+    profile: bool
+    seed: int
+    keep: bool
+    verbose: bool
+
+
+class Bench:
+    """One run at one number of calls: start the bridge, ramp up, measure, wind down, report."""
+
+    def __init__(self, opts: Options, speech: dict[str, list[str]]) -> None:
+        self.opts = opts
+        self.speech = speech
+        self.loop = asyncio.get_running_loop()
+        self.auth_token = secrets.token_hex(16)
+        self.validator = RequestValidator(self.auth_token)
+        self.delta_name = DELTA_NAMES[opts.dialect]
+        self.pcm16 = opts.audio_path == "pcm16"
+        self.calls: list[Call] = []
+        self.slots: list[list[Call]] = [[] for _ in range(SLOTS)]
+        self.by_conn: dict[ModelConnection, Call | None] = {}
+        self.awaiting: Call | None = None
+        self.mapped: asyncio.Future[None] | None = None
+        self.mark_heap: list[tuple[float, int, Call, int]] = []
+        self.mark_counter = 0
+        self.sending = True
+        self.winding_down = False
+        self.stopping = False
+        self.win_start = math.inf
+        self.win_end = math.inf
+        # Samples (seconds).
+        self.inbound: list[float] = []
+        self.outbound: list[float] = []
+        self.clear: list[float] = []
+        self.tick_lag: list[float] = []
+        self.probe_in: list[float] = []
+        self.probe_out: list[float] = []
+        self.counts: defaultdict[str, int] = defaultdict(int)
+        self.session: aiohttp.ClientSession | None = None
+        self.bridge: BridgeProcess | None = None
+        self.base_url = ""
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    # -- hooks on the local model (called for every event: keep them cheap) --
+
+    def on_client_event(self, conn: ModelConnection, event: dict[str, Any]) -> None:
+        call = self.by_conn.get(conn, self)  # self: never seen
+        if call is self:
+            call = self.awaiting
+            self.by_conn[conn] = call
+            if call is None:
+                self.counts["unmapped model connections"] += 1
+                return
+            call.conn = conn
+            self.awaiting = None
+            if self.mapped is not None and not self.mapped.done():
+                self.mapped.set_result(None)
+        if call is None:
+            return
+        assert isinstance(call, Call)
+        if event.get("type") == "input_audio_buffer.append":
+            now = perf()
+            call.appends += 1
+            if call.sent_times:
+                sent = call.sent_times.popleft()
+                if self.win_start <= sent < self.win_end:
+                    self.inbound.append(now - sent)
+
+    def on_server_event(self, conn: ModelConnection, event: dict[str, Any]) -> None:
+        call = self.by_conn.get(conn)
+        if call is None:
+            return
+        kind = event["type"]
+        if kind == self.delta_name:
+            r = call.current
+            if r is None or r.stopped:
+                self.counts["deltas after speech_started (the bridge drops them)"] += r is not None
+                return
+            now = perf()
+            n = b64_len(event["delta"])
+            samples = n // 2 if self.pcm16 else n
+            if r.base is None:
+                r.base = call.rx_bytes
+                if call.rx_bytes != call.expected_out:
+                    self.counts["outbound alignment mismatches"] += 1
+                if call.targets:
+                    self.counts["outbound targets never received"] += len(call.targets)
+                    call.targets.clear()
+            before = -(-r.samples // 3) if self.pcm16 else r.samples
+            r.samples += samples
+            after = -(-r.samples // 3) if self.pcm16 else r.samples
+            if after - before >= FRAME_BYTES and self.win_start <= now < self.win_end:
+                call.targets.append((r.base + before, now))
+        elif kind == "input_audio_buffer.speech_started":
+            call.speech_started_at = perf()
+            if call.current is not None:
+                call.current.stopped = True
+        elif kind == "response.created":
+            call.current = Response()
+            call.responses.append(call.current)
+        elif kind == "response.done":
+            r = call.current
+            call.current = None
+            if r is not None:
+                out = -(-r.samples // 3) if self.pcm16 else r.samples
+                if r.stopped:
+                    frames = out // FRAME_BYTES
+                elif out:
+                    frames = -(-(out + (RESAMPLER_TAIL if self.pcm16 else 0)) // FRAME_BYTES)
+                else:
+                    frames = 0
+                call.expected_out += frames * FRAME_BYTES
+
+    # -- what the doubles receive --
+
+    async def read(self, call: Call) -> None:
+        ws = call.ws
+        assert ws is not None
+        prefix, overhead = call.media_prefix, call.media_overhead
+        try:
+            async for msg in ws:
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    continue
+                data: str = msg.data
+                now = perf()
+                if data.startswith(prefix) and data.endswith('"}}'):
+                    pad = 2 if data.endswith('=="}}') else 1 if data.endswith('="}}') else 0
+                    self.on_media(call, (len(data) - overhead) // 4 * 3 - pad, now)
+                    continue
+                message = orjson.loads(data)
+                event = message.get("event")
+                if event == "mark":
+                    await self.on_mark(call, message["mark"]["name"], now)
+                elif event == "clear":
+                    await self.on_clear(call, now)
+                elif event == "media":
+                    self.on_media(call, b64_len(message["media"]["payload"]), now)
+                else:
+                    self.counts[f"unexpected outbound event {event!r}"] += 1
+        except (aiohttp.ClientError, ConnectionError):
+            pass
+        finally:
+            if call.alive and not self.stopping:
+                self.counts["calls closed by the bridge"] += 1
+            call.alive = False
+
+    def on_media(self, call: Call, nbytes: int, now: float) -> None:
+        call.rx_bytes += nbytes
+        call.frames_rx += 1
+        call.play_end = max(now, call.play_end) + nbytes / 8000.0
+        targets = call.targets
+        while targets and targets[0][0] < call.rx_bytes:
+            self.outbound.append(now - targets.popleft()[1])
+
+    async def on_mark(self, call: Call, name: str, now: float) -> None:
+        if call.play_end <= now and not call.pending_marks:
+            await self.echo(call, name)  # nothing is playing: Twilio echoes at once
+            return
+        call.pending_marks.append(name)
+        self.mark_counter += 1
+        heapq.heappush(self.mark_heap, (max(now, call.play_end), self.mark_counter, call, call.generation))
+
+    async def on_clear(self, call: Call, now: float) -> None:
+        call.clears += 1
+        if call.speech_started_at is not None:
+            if self.win_start <= call.speech_started_at < self.win_end:
+                self.clear.append(now - call.speech_started_at)
+            call.speech_started_at = None
+        else:
+            self.counts["clears without a speech_started"] += 1
+        call.targets.clear()  # frames not received by now were never sent (flushed in the bridge)
+        call.play_end = now
+        call.generation += 1
+        flushed = list(call.pending_marks)
+        call.pending_marks.clear()
+        for name in flushed:
+            await self.echo(call, name)
+
+    async def echo(self, call: Call, name: str) -> None:
+        ws = call.ws
+        if ws is None or ws.closed:
+            return
+        call.seq += 1
+        text = (
+            '{"event":"mark","sequenceNumber":"'
+            + str(call.seq)
+            + '","streamSid":"'
+            + call.stream_sid
+            + '","mark":{"name":'
+            + orjson.dumps(name).decode()
+            + "}}"
+        )
+        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+            await ws.send_str(text)
+
+    # -- what the doubles send: one ticker for every call --
+
+    def next_frame(self, call: Call, now: float) -> str:
+        """The caller's next 20 ms: speech or silence; decides when to speak next (barge-in or not)."""
+        utterance = call.utterance
+        if utterance is not None:
+            frame = utterance[call.position]
+            call.position += 1
+            if call.position == len(utterance):
+                call.utterance = None
+                call.speech_end = now + FRAME_S
+                call.rx_at_speech_end = call.rx_bytes
+                if call.rng.random() < self.opts.barge:
+                    # Talk over the reply: it starts ~0.55 s after the turn ends and lasts 2.5-4 s.
+                    call.next_utterance = self.speech["interrupt"]
+                    call.next_utterance_at = call.speech_end + call.rng.uniform(1.1, 2.4)
+                else:
+                    call.next_utterance = self.speech[call.rng.choice(("hello", "question"))]
+                    call.next_utterance_at = None
+                    call.waiting_for_reply = True
+            return frame
+        if call.waiting_for_reply and (
+            (call.rx_bytes > call.rx_at_speech_end and call.play_end <= now and not call.pending_marks)
+            or now - call.speech_end > 10.0
+        ):
+            call.waiting_for_reply = False
+            call.next_utterance_at = now + call.rng.uniform(0.3, 1.2)
+        if call.next_utterance_at is not None and now >= call.next_utterance_at and not self.winding_down:
+            call.utterance, call.position = call.next_utterance, 0
+            call.next_utterance_at = None
+            assert call.utterance is not None
+            return self.next_frame(call, now)
+        return SILENCE_B64
+
+    async def send_frame(self, call: Call, now: float) -> None:
+        ws = call.ws
+        assert ws is not None
+        payload = self.next_frame(call, now)
+        call.seq += 1
+        call.chunk += 1
+        text = (
+            '{"event":"media","sequenceNumber":"'
+            + str(call.seq)
+            + '","media":{"track":"inbound","chunk":"'
+            + str(call.chunk)
+            + '","timestamp":"'
+            + str(call.timestamp)
+            + '","payload":"'
+            + payload
+            + '"},"streamSid":"'
+            + call.stream_sid
+            + '"}'
+        )
+        call.timestamp += 20
+        call.frames_sent += 1
+        call.sent_times.append(perf())
+        try:
+            await ws.send_str(text)
+        except (ConnectionError, aiohttp.ClientError):
+            call.alive = False
+            call.frames_sent -= 1
+            call.sent_times.pop()
+
+    async def ticker(self, probes: list[Probe]) -> None:
+        """Every 1 ms: send the due frames of the calls in this slot, and every mark echo now due."""
+        slot = 0
+        t = perf()
+        while not self.stopping:
+            t += SLOT_S
+            slot = (slot + 1) % SLOTS
+            delay = t - perf()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now = perf()
+            if self.win_start <= now < self.win_end:
+                self.tick_lag.append(now - t)
+            if now - t > 0.1:
+                t = now  # far behind (a stall): skip ahead rather than run a backlog of empty slots
+            if self.sending:
+                for call in self.slots[slot]:
+                    while call.alive and call.next_due <= now + SLOT_S / 2:
+                        await self.send_frame(call, now)
+                        call.next_due += FRAME_S
+            heap = self.mark_heap
+            while heap and heap[0][0] <= now:
+                _, _, call, generation = heapq.heappop(heap)
+                if generation == call.generation and call.pending_marks:
+                    await self.echo(call, call.pending_marks.popleft())
+            for probe in probes:
+                if probe.slot == slot:
+                    await probe.ping(now)
+
+    # -- placing a call --
+
+    async def dial(self, call: Call) -> None:
+        session = self.session
+        assert session is not None
+        form = {
+            "CallSid": call.call_sid,
+            "AccountSid": "AC" + "0" * 32,
+            "From": f"+1555{call.index:07d}",
+            "To": "+15559870002",
+            "Direction": "inbound",
+            "CallStatus": "ringing",
+            "ApiVersion": "2010-04-01",
+        }
+        headers = {"X-Twilio-Signature": self.validator.compute_signature(self.base_url + VOICE_PATH, form)}
+        self.awaiting = call
+        self.mapped = self.loop.create_future()
+        try:
+            async with session.post(self.base_url + VOICE_PATH, data=form, headers=headers) as resp:
+                body = await resp.text()
+                if resp.status != 200:
+                    raise RuntimeError(f"POST {VOICE_PATH} answered {resp.status}: {body[:200]}")
+            stream = ET.fromstring(body).find("./Connect/Stream")  # the TwiML of our own bridge
+            if stream is None or not stream.get("url"):
+                raise RuntimeError(f"no <Connect><Stream url> in the TwiML: {body[:200]}")
+            url = stream.get("url", "")
+            parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+            # The bridge opens its Realtime session during the webhook: its first event maps it to us.
+            await asyncio.wait_for(self.mapped, 10)
+        finally:
+            self.awaiting = None
+            self.mapped = None
+        signature = self.validator.compute_signature(url, {})
+        call.ws = await session.ws_connect(
+            url,
+            headers={"x-twilio-signature": signature, "User-Agent": "Twilio.TmeWs/1.0"},
+            autoping=True,
+            heartbeat=None,
+            max_msg_size=4 * 2**20,
+        )
+        call.media_prefix = '{"event":"media","streamSid":"' + call.stream_sid + '","media":{"payload":"'
+        call.media_overhead = len(call.media_prefix) + len('"}}')
+        await call.ws.send_str(
+            orjson.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}).decode()
+        )
+        call.seq = 1
+        start = {
+            "event": "start",
+            "sequenceNumber": "1",
+            "start": {
+                "accountSid": form["AccountSid"],
+                "streamSid": call.stream_sid,
+                "callSid": call.call_sid,
+                "tracks": ["inbound"],
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "customParameters": parameters,
+            },
+            "streamSid": call.stream_sid,
+        }
+        await call.ws.send_str(orjson.dumps(start).decode())
+        now = perf()
+        call.alive = True
+        call.timestamp = 20
+        # First frame in this call's slot of the 20 ms grid, some time within the next period.
+        call.next_due = now + ((call.slot - (now / SLOT_S) % SLOTS) % SLOTS) * SLOT_S
+        call.next_utterance = self.speech["hello"]
+        call.next_utterance_at = now + call.rng.uniform(0.3, 3.0)  # often during the greeting: a barge-in
+        self.tasks.append(asyncio.create_task(self.read(call), name=f"read-{call.index}"))
+        self.slots[call.slot].append(call)
+
+    # -- the run --
+
+    async def run(self) -> dict[str, Any]:
+        opts = self.opts
+        rng = random.Random(opts.seed)
+        tmp = Path(tempfile.mkdtemp(prefix="bridge-bench-"))
+        model = LocalModel(
+            api_key="bench-api-key",
+            record=False,
+            on_client_event=self.on_client_event,
+            on_server_event=self.on_server_event,
+        )
+        probe_server = ProbeServer(self)
+        try:
+            await model.start()
+            await probe_server.start()
+            port = free_port()
+            self.base_url = f"http://127.0.0.1:{port}"
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "BRIDGE_", "TWILIO_"))}
+            env |= {
+                "AZURE_OPENAI_ENDPOINT": model.endpoint,
+                "AZURE_OPENAI_DEPLOYMENT": "bench",
+                "AZURE_OPENAI_API_KEY": "bench-api-key",
+                "TWILIO_AUTH_TOKEN": self.auth_token,
+                "BRIDGE_PUBLIC_URL": self.base_url,
+                "BRIDGE_DATA_DIR": str(tmp / "data"),
+                "BRIDGE_LOG_LEVEL": "WARNING",
+                "BRIDGE_AUDIO_PATH": opts.audio_path,
+                "BRIDGE_DRAIN_SECONDS": "0",
+            }
+            if opts.dialect == "preview":
+                env["AZURE_OPENAI_API_VERSION"] = PREVIEW_API_VERSION
+            self.bridge = bridge = BridgeProcess(
+                env=env, port=port, core=0 if opts.pin else None, log_path=tmp / "bridge.log"
+            )
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
+            await self.wait_ready()
+            rss_base = bridge.rss_kib()
+            probes = [Probe(self, slot=(i * 7 + 3) % SLOTS) for i in range(8)]
+            for probe in probes:
+                await probe.connect(self.session, probe_server.url)
+            ticker = asyncio.create_task(self.ticker(probes), name="ticker")
+            # Ramp up: dial one call at a time (the model connection is mapped to the call that way).
+            ramp = opts.ramp if opts.ramp is not None else max(5.0, opts.calls * 0.03)
+            t0 = perf()
+            dial_failures = 0
+            for i in range(opts.calls):
+                slot = rng.randrange(SLOTS)
+                call = Call(
+                    i,
+                    random.Random(opts.seed * 100_003 + i),
+                    "CA" + secrets.token_hex(16),
+                    "MZ" + secrets.token_hex(16),
+                    slot,
+                )
+                self.calls.append(call)
+                delay = t0 + i * ramp / opts.calls - perf()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                try:
+                    await self.dial(call)
+                except Exception as exc:
+                    dial_failures += 1
+                    if dial_failures <= 3:
+                        print(f"bench: call {i} failed to dial: {exc!r}", file=sys.stderr)
+                    if dial_failures > max(3, opts.calls // 10):
+                        raise RuntimeError("too many calls failed to dial; see the bridge log") from exc
+                self.check_bridge()
+            ramp_took = perf() - t0
+            self.log(f"{opts.calls} calls dialled in {ramp_took:.1f} s; warming up {opts.warmup:g} s")
+            await asyncio.sleep(opts.warmup)
+            # The measurement window.
+            live_calls = sum(c.alive for c in self.calls)
+            metrics_before = await self.scrape()
+            cpu0, ru0, w0 = bridge.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF), perf()
+            self.win_start, self.win_end = w0, w0 + opts.duration
+            profiler = self.start_profiler(tmp) if opts.profile else None
+            rss_samples: list[int] = []
+            while perf() < self.win_end:
+                await asyncio.sleep(min(1.0, max(0.0, self.win_end - perf())))
+                rss_samples.append(bridge.rss_kib())
+                self.check_bridge()
+            cpu1, ru1, w1 = bridge.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF), perf()
+            metrics_after = await self.scrape()
+            threads = bridge.status("Threads")
+            live_end = sum(c.alive for c in self.calls)
+            profile = await self.finish_profiler(profiler) if profiler else None
+            # Wind down: no new turns; let replies finish and play; then stop the audio and count.
+            self.log("window over; winding down")
+            self.winding_down = True
+            await self.settle(20.0)
+            self.sending = False
+            deadline = perf() + 5.0
+            while perf() < deadline and any(c.appends < c.frames_sent for c in self.calls if c.conn):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            result = self.report(
+                window=w1 - w0,
+                bridge_cpu=cpu1 - cpu0,
+                gen_cpu=(ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
+                rss_base=rss_base,
+                rss_live=max(rss_samples) if rss_samples else bridge.rss_kib(),
+                live_calls=min(live_calls, live_end),
+                metrics=(metrics_before, metrics_after),
+                dial_failures=dial_failures,
+                ramp_took=ramp_took,
+                threads=threads,
+            )
+            if profile is not None:
+                result["profile"] = profile
+            self.stopping = True
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+            await self.hang_up()
+            for probe in probes:
+                await probe.close()
+            return result
+        finally:
+            self.stopping = True
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            if self.session is not None:
+                await self.session.close()
+            if self.bridge is not None:
+                await asyncio.to_thread(self.bridge.stop)
+            await probe_server.close()
+            await model.close()
+            if opts.keep:
+                print(f"bench: kept {tmp}", file=sys.stderr)
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def log(self, text: str) -> None:
+        if self.opts.verbose:
+            print(f"bench [{self.opts.calls} calls]: {text}", file=sys.stderr)
+
+    def check_bridge(self) -> None:
+        bridge = self.bridge
+        if bridge is not None and bridge.proc.poll() is not None:
+            raise RuntimeError(f"the bridge exited ({bridge.proc.returncode}):\n{bridge.log_tail()}")
+
+    async def wait_ready(self) -> None:
+        assert self.session is not None
+        deadline = perf() + 20.0
+        while perf() < deadline:
+            self.check_bridge()
+            with contextlib.suppress(aiohttp.ClientError):
+                async with self.session.get(self.base_url + "/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+        raise RuntimeError("the bridge did not become ready within 20 s")
+
+    async def scrape(self) -> dict[str, float]:
+        assert self.session is not None
+        async with self.session.get(self.base_url + "/metrics") as resp:
+            return parse_prometheus(await resp.text())
+
+    async def settle(self, limit: float) -> None:
+        """Wait until no call speaks, no reply runs or plays and no mark is pending (or ``limit`` s)."""
+        deadline = perf() + limit
+        while perf() < deadline:
+            now = perf()
+            busy = [
+                c
+                for c in self.calls
+                if c.alive
+                and (
+                    c.utterance is not None
+                    or now - c.speech_end < 1.5
+                    or c.current is not None
+                    or c.play_end > now
+                    or c.pending_marks
+                )
+            ]
+            if not busy:
+                return
+            await asyncio.sleep(0.1)
+        self.counts["calls still busy at the end (accounting may be off)"] += len(busy)
+
+    async def hang_up(self) -> None:
+        async def one(call: Call) -> None:
+            ws = call.ws
+            if ws is None or ws.closed:
+                return
+            call.alive = False
+            stop = {
+                "event": "stop",
+                "sequenceNumber": str(call.seq + 1),
+                "streamSid": call.stream_sid,
+                "stop": {"accountSid": "AC" + "0" * 32, "callSid": call.call_sid},
+            }
+            with contextlib.suppress(Exception):
+                await ws.send_str(orjson.dumps(stop).decode())
+                await asyncio.wait_for(ws.close(), 3)
+
+        await asyncio.gather(*(one(c) for c in self.calls))
+
+    # -- profiling --
+
+    def start_profiler(self, tmp: Path) -> tuple[subprocess.Popen[bytes], Path] | None:
+        spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+        if not Path(spy).exists():
+            print("bench: --profile needs py-spy (.venv/bin/pip install py-spy)", file=sys.stderr)
+            return None
+        assert self.bridge is not None
+        out = tmp / "profile.txt"
+        cmd = [
+            spy,
+            "record",
+            "--pid",
+            str(self.bridge.pid),
+            "--duration",
+            str(int(self.opts.duration)),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--output",
+            str(out),
+        ]
+        if self.opts.pin:
+            cmd = ["taskset", "-c", "1", *cmd]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return proc, out
+
+    async def finish_profiler(self, profiler: tuple[subprocess.Popen[bytes], Path] | None) -> dict[str, Any]:
+        if profiler is None:
+            return {}
+        proc, out = profiler
+        try:
+            _, err = await asyncio.to_thread(proc.communicate, None, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {"error": "py-spy did not finish"}
+        if not out.exists():
+            return {"error": err.decode(errors="replace")[-500:]}
+        shutil.copy(out, ROOT / f"bench-profile-{self.opts.calls}.txt")
+        return summarize_profile(out.read_text(errors="replace"))
+
+    # -- results --
+
+    def report(
+        self,
+        *,
+        window: float,
+        bridge_cpu: float,
+        gen_cpu: float,
+        rss_base: int,
+        rss_live: int,
+        live_calls: int,
+        metrics: tuple[dict[str, float], dict[str, float]],
+        dial_failures: int,
+        ramp_took: float,
+        threads: int,
+    ) -> dict[str, Any]:
+        opts = self.opts
+        n = max(1, live_calls)
+        lost_in = sum(max(0, c.frames_sent - c.appends) for c in self.calls if c.conn)
+        extra_in = sum(max(0, c.appends - c.frames_sent) for c in self.calls if c.conn)
+        lost_out = sum(max(0, c.expected_out - c.rx_bytes) for c in self.calls) // FRAME_BYTES
+        extra_out = sum(max(0, c.rx_bytes - c.expected_out) for c in self.calls) // FRAME_BYTES
+        before, after = metrics
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        return {
+            "calls": opts.calls,
+            "live_calls": live_calls,
+            "dial_failures": dial_failures,
+            "audio_path": opts.audio_path,
+            "dialect": opts.dialect,
+            "pinned": opts.pin,
+            "window_s": round(window, 2),
+            "ramp_s": round(ramp_took, 2),
+            "bridge": {
+                "cpu_percent_of_core": round(100 * bridge_cpu / window, 1),
+                "cpu_ms_per_call_second": round(1000 * bridge_cpu / window / n, 3),
+                "rss_base_mib": round(rss_base / 1024, 1),
+                "rss_live_mib": round(rss_live / 1024, 1),
+                "mib_per_call": round((rss_live - rss_base) / 1024 / n, 3),
+                "threads": threads,
+            },
+            "generator": {
+                "cpu_percent_of_core": round(100 * gen_cpu / window, 1),
+                "tick_lag": summary_ms(self.tick_lag),
+                "probe_in": summary_ms(self.probe_in),
+                "probe_out": summary_ms(self.probe_out),
+            },
+            "inbound": summary_ms(self.inbound),
+            "outbound": summary_ms(self.outbound),
+            "clear": summary_ms(self.clear),
+            "bridge_metrics": {
+                "inbound": histogram_quantiles(before, after, "bridge_inbound_added_seconds"),
+                "outbound": histogram_quantiles(before, after, "bridge_outbound_added_seconds"),
+                "clear": histogram_quantiles(before, after, "bridge_clear_latency_seconds"),
+                "frames_in": int(delta.get("bridge_frames_in_total", 0)),
+                "frames_out": int(delta.get("bridge_frames_out_total", 0)),
+                "barge_ins": int(delta.get("bridge_barge_ins_total", 0)),
+                "malformed": int(sum(v for k, v in delta.items() if k.startswith("bridge_malformed"))),
+                "upstream_errors": int(
+                    sum(v for k, v in delta.items() if k.startswith("bridge_upstream_err"))
+                ),
+            },
+            "frames": {
+                "inbound_sent": sum(c.frames_sent for c in self.calls),
+                "inbound_lost": lost_in,
+                "inbound_extra": extra_in,
+                "outbound_received": sum(c.frames_rx for c in self.calls),
+                "outbound_lost": lost_out,
+                "outbound_extra": extra_out,
+                "lost": lost_in + lost_out,
+            },
+            "barge_ins": len(self.clear),
+            "barge_ins_total": sum(c.clears for c in self.calls),
+            "responses": sum(len(c.responses) for c in self.calls),
+            "notes": dict(self.counts),
+        }
+
+
+# --- the generator's own baseline: a loopback probe --------------------------------------------------------
+
+
+class ProbeServer:
+    """A websockets server in this process (the library the local model uses) that stamps and echoes."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.url = ""
+        self._server: Any = None
+
+    async def start(self) -> None:
+        self._server = await serve(self._handle, "127.0.0.1", 0, compression=None)
+        self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/"
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        bench = self.bench
+        with contextlib.suppress(Exception):
+            async for message in ws:
+                now = perf()
+                sent = float(str(message)[:24])
+                if bench.win_start <= sent < bench.win_end:
+                    bench.probe_in.append(now - sent)
+                await ws.send(f"{perf():<24.9f}" + "x" * 256)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class Probe:
+    """One aiohttp client (as the doubles are) sending a media-sized message every 20 ms to the server."""
+
+    def __init__(self, bench: Bench, slot: int) -> None:
+        self.bench = bench
+        self.slot = slot
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.next_due = 0.0
+
+    async def connect(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.ws = await session.ws_connect(url, autoping=True, heartbeat=None)
+        self.task = asyncio.create_task(self._read())
+
+    async def ping(self, now: float) -> None:
+        if self.ws is None or self.ws.closed or now < self.next_due:
+            return
+        self.next_due = now + FRAME_S - SLOT_S
+        with contextlib.suppress(Exception):
+            await self.ws.send_str(f"{perf():<24.9f}" + "x" * 256)
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        bench = self.bench
+        with contextlib.suppress(Exception):
+            async for msg in self.ws:
+                now = perf()
+                sent = float(msg.data[:24])
+                if bench.win_start <= sent < bench.win_end:
+                    bench.probe_out.append(now - sent)
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(), 2)
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+# --- profile summary ---------------------------------------------------------------------------------------
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _short(path: str) -> str:
+    for marker in ("/site-packages/", "/lib/python3"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    with contextlib.suppress(ValueError):
+        return str(Path(path).relative_to(ROOT))
+    return path
+
+
+def summarize_profile(raw: str, top: int = 25) -> dict[str, Any]:
+    """py-spy ``--format raw`` (collapsed stacks) → the functions with the most samples: self time (the
+    innermost frame) and total time (anywhere on the stack), as % of all samples."""
+    own: defaultdict[str, int] = defaultdict(int)
+    total: defaultdict[str, int] = defaultdict(int)
+    samples = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        names = []
+        for frame in stack.split(";"):
+            m = _FRAME.match(frame.strip())
+            if m:
+                names.append(f"{_short(m.group('file'))}:{m.group('func')}")
+        if not names:
+            continue
+        own[names[-1]] += count
+        for name in set(names):
+            total[name] += count
+
+    def table(d: dict[str, int]) -> list[tuple[str, float]]:
+        return [(k, round(100 * v / samples, 1)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"samples": samples, "self": table(own), "total": table(total)}
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| calls | bridge CPU (% of its core) | CPU ms per call-second | MiB per call | inbound p50 / p99 ms "
+        "| outbound p50 / p99 ms | clear p50 / p99 ms | frames lost (in + out) | barge-ins "
+        "| generator CPU % |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in results:
+        b, g = r["bridge"], r["generator"]
+        lines.append(
+            f"| {r['live_calls']} | {b['cpu_percent_of_core']} | {b['cpu_ms_per_call_second']} "
+            f"| {b['mib_per_call']} | {fmt(r['inbound']['p50_ms'])} / {fmt(r['inbound']['p99_ms'])} "
+            f"| {fmt(r['outbound']['p50_ms'])} / {fmt(r['outbound']['p99_ms'])} "
+            f"| {fmt(r['clear']['p50_ms'])} / {fmt(r['clear']['p99_ms'])} "
+            f"| {r['frames']['inbound_lost']} + {r['frames']['outbound_lost']} | {r['barge_ins']} "
+            f"| {g['cpu_percent_of_core']} |"
+        )
+    lines += [
+        "",
+        "Bridge's own /metrics histograms over the window (p50 / p99 ms, interpolated in buckets),",
+        "and the generator's baseline (loopback probe without the bridge; ticker lateness):",
+        "",
+    ]
+    lines.append(
+        "| calls | /metrics inbound | /metrics outbound | /metrics clear | probe in | probe out "
+        "| ticker lag | samples in / out / clear |"
+    )
+    lines.append("|" + "---|" * 8)
+    for r in results:
+        m, g = r["bridge_metrics"], r["generator"]
+
+        def pair(d: dict[str, Any]) -> str:
+            return f"{fmt(d['p50_ms'])} / {fmt(d['p99_ms'])}"
+
+        lines.append(
+            f"| {r['live_calls']} | {pair(m['inbound'])} | {pair(m['outbound'])} | {pair(m['clear'])} "
+            f"| {pair(g['probe_in'])} | {pair(g['probe_out'])} | {pair(g['tick_lag'])} "
+            f"| {r['inbound']['n']} / {r['outbound']['n']} / {r['clear']['n']} |"
+        )
+    notes = [f"- {r['live_calls']} calls: {k}: {v}" for r in results for k, v in r["notes"].items()]
+    if notes:
+        lines += ["", *notes]
+    return "\n".join(lines)
+
+
+def profile_text(result: dict[str, Any]) -> str:
+    prof = result.get("profile") or {}
+    if "self" not in prof:
+        return f"profile: {prof.get('error', 'none')}"
+    lines = [f"py-spy, {result['live_calls']} calls, {prof['samples']} samples", "", "self time:"]
+    lines += [f"  {pct:5.1f} %  {name}" for name, pct in prof["self"]]
+    lines += ["", "total time (on the stack):"]
+    lines += [f"  {pct:5.1f} %  {name}" for name, pct in prof["total"]]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> tuple[list[int], argparse.Namespace]:
+    p = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="N concurrent simulated Twilio calls through the real bridge against the local model.",
+    )
+    p.add_argument(
+        "--calls", default="100", help="concurrent calls (max 500); a comma list runs each in turn"
+    )
+    p.add_argument("--duration", type=float, default=30.0, help="measurement window, s (default 30)")
+    p.add_argument("--ramp", type=float, default=None, help="s to dial every call (default 0.03 s per call)")
+    p.add_argument("--warmup", type=float, default=5.0, help="s between the last dial and the window")
+    p.add_argument("--audio-path", choices=("pcm16", "g711_ulaw"), default="pcm16")
+    p.add_argument("--dialect", choices=("ga", "preview"), default="ga")
+    p.add_argument("--barge", type=float, default=0.4, help="share of turns that talk over the reply")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--no-pin", action="store_true", help="do not pin the bridge and the generator to cores")
+    p.add_argument("--profile", action="store_true", help="py-spy the bridge during the window")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (bridge log)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        counts = [int(x) for x in str(args.calls).split(",") if x.strip()]
+    except ValueError:
+        p.error("--calls takes a number or a comma list of numbers")
+    if not counts or any(not 1 <= n <= MAX_CALLS for n in counts):
+        p.error(f"--calls must be from 1 to {MAX_CALLS}")
+    return counts, args
+
+
+async def amain(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    speech = load_speech()
+    results = []
+    for n in counts:
+        opts = Options(
+            calls=n,
+            duration=args.duration,
+            ramp=args.ramp,
+            warmup=args.warmup,
+            audio_path=args.audio_path,
+            dialect=args.dialect,
+            barge=args.barge,
+            pin=not args.no_pin,
+            profile=args.profile,
+            seed=args.seed,
+            keep=args.keep,
+            verbose=not args.quiet,
+        )
+        results.append(await Bench(opts, speech).run())
+    return results
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM: clean up as on Ctrl-C (the bridge is stopped in a finally)
+
+
+def main(argv: list[str] | None = None) -> int:
+    counts, args = parse_args(argv)
+    if not args.no_pin:
+        if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+            print("bench: pinning needs 2 cores and taskset; use --no-pin", file=sys.stderr)
+            return 2
+        os.sched_setaffinity(0, {1})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # the bridge inherits it
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        results = uvloop.run(amain(counts, args))
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(markdown(results))
+        for r in results:
+            if "profile" in r:
+                print()
+                print(profile_text(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

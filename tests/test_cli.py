@@ -1,0 +1,112 @@
+"""The command line as users run it: a real ``python -m bridge serve`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "TWILIO_", "BRIDGE_"))}
+    return {**env, "BRIDGE_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT), **extra}
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({}, "TWILIO_AUTH_TOKEN is not set"),
+        (
+            {"TWILIO_AUTH_TOKEN": "t", "BRIDGE_PUBLIC_URL": "https://x.example", "BRIDGE_AUDIO_PATH": "opus"},
+            "BRIDGE_AUDIO_PATH='opus' is unknown",
+        ),
+    ],
+)
+async def test_a_misconfiguration_stops_start_up_with_one_line(
+    tmp_path: Path, extra: dict[str, str], fragment: str
+) -> None:
+    code, err = await run_cli(clean_env(tmp_path, **extra), "serve")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+async def test_an_invalid_profile_file_lists_its_bad_fields(tmp_path: Path) -> None:
+    profile = tmp_path / "p.toml"
+    profile.write_text('voice = "robot"\n[turn_detection]\nthreshold = 3\n')
+    env = clean_env(
+        tmp_path, BRIDGE_INSECURE_DEV="1", BRIDGE_PROFILE=str(profile), BRIDGE_PORT=str(free_port())
+    )
+    code, err = await run_cli(env, "serve")
+    assert code == 2
+    assert "voice: 'robot' is not a voice" in err and "turn_detection.threshold" in err
+
+
+async def test_serve_runs_with_the_local_model_and_drains_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(
+        tmp_path, BRIDGE_INSECURE_DEV="1", TWILIO_AUTH_TOKEN="", AZURE_OPENAI_API_KEY="never-logged"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "serve",
+        "--port",
+        str(port),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(200):
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                        assert resp.status == 200
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the server did not start")
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                assert "bridge_live_calls 0" in await resp.text()
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = err.decode()
+    assert proc.returncode == 0, text
+    assert "built-in local model" in text and "BRIDGE_INSECURE_DEV=1" in text and "shutting down" in text
+    assert "never-logged" not in text
