@@ -16,15 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import logging
 from collections.abc import Sequence
-from time import perf_counter
-from typing import Any
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from time import monotonic, perf_counter
+from typing import IO, Any
 
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from bridge import __version__
 from bridge import realtime as rt
 from bridge import twilio as tw
 from bridge.clock import Clock
@@ -32,6 +37,7 @@ from bridge.config import AudioPath
 from bridge.errors import MalformedMessage, UpstreamError
 from bridge.metrics import Metrics
 from bridge.prompts import Profile
+from bridge.recording import Direction, Header, RecordingWriter, Source
 from bridge.session import CallSession, ClearAudio, EndCall, Output, PlaceMark, PlayAudio
 from bridge.upstream import Upstream
 
@@ -39,6 +45,32 @@ log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 1.0
 """How long to wait for a peer's close frame before dropping the TCP connection."""
+GZIP_FLUSH_SECONDS = 1.0
+"""A gzip recording is sync-flushed this often: a crash loses at most this much of it."""
+
+
+class RecordingFile:
+    """The sink of one call's recording: every line reaches the OS at once (gzip: every second)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._gzip = path.name.endswith(".gz")
+        self._file: IO[str] = (
+            gzip.open(path, "wt", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            if self._gzip
+            else open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed by close()
+        )
+        self._flushed = monotonic()
+
+    def __call__(self, line: str) -> None:
+        self._file.write(line)
+        if self._gzip and monotonic() - self._flushed >= GZIP_FLUSH_SECONDS:
+            self._file.flush()
+            self._flushed = monotonic()
+
+    def close(self) -> None:
+        """Flush and close the file."""
+        self._file.close()
 
 
 class Call:
@@ -53,6 +85,10 @@ class Call:
         upstream: Upstream,
         metrics: Metrics,
         clock: Clock,
+        from_number: str = "",
+        to_number: str = "",
+        recordings_dir: Path | None = None,
+        recording_suffix: str = ".jsonl",
     ) -> None:
         self.call_sid = call_sid
         self.session = CallSession(call_id=call_sid, profile=profile, audio_path=audio_path, clock=clock)
@@ -70,6 +106,62 @@ class Call:
         self._seen_unknown: set[str] = set()
         self._malformed: dict[str, int] = {}
         self._torn_down = False
+        self.recording_path: Path | None = None
+        self._recorder: RecordingWriter | None = None
+        self._recording_file: RecordingFile | None = None
+        if recordings_dir is not None:
+            self._start_recording(
+                recordings_dir, recording_suffix, profile, audio_path, from_number, to_number
+            )
+
+    # -- recording
+
+    def _start_recording(
+        self,
+        directory: Path,
+        suffix: str,
+        profile: Profile,
+        path: AudioPath,
+        from_number: str,
+        to_number: str,
+    ) -> None:
+        started = datetime.now(UTC)
+        dialect = self.upstream.target.dialect
+        header = Header(
+            call_sid=self.call_sid,
+            bridge_version=__version__,
+            started_at=started.isoformat(timespec="milliseconds"),
+            from_number=from_number,
+            to_number=to_number,
+            dialect=dialect.value,
+            audio_path=path.value,
+            session=rt.adapter_for(dialect).session_config(profile, path),
+            profile=asdict(profile),
+        )
+        self.recording_path = directory / f"{started:%Y%m%dT%H%M%S}-{self.call_sid}{suffix}"
+        try:
+            self._recording_file = RecordingFile(self.recording_path)
+        except OSError as exc:
+            self._log(
+                logging.ERROR,
+                "cannot record to %s: %s; the call goes on unrecorded",
+                self.recording_path,
+                exc,
+            )
+            self.recording_path = None
+            return
+        self._recorder = RecordingWriter(header, self._recording_file)
+
+    def _record(self, src: Source, direction: Direction, wire: str | bytes, at: float | None = None) -> None:
+        recorder = self._recorder
+        if recorder is not None:
+            now = self.clock.now() if at is None else at
+            try:
+                recorder.write((now - self.started_at) * 1000.0, src, direction, wire)
+            except OSError as exc:  # a full disk must not end the call
+                self._log(logging.ERROR, "recording stopped: %s", exc)
+                recorder.close()
+                self._recorder = None
 
     # -- logging with the call's id
 
@@ -114,6 +206,8 @@ class Call:
         try:
             async for message in model:
                 received = perf_counter()
+                if self._recorder is not None:
+                    self._record("model", "in", message)
                 try:
                     event = adapter.parse(message)
                 except MalformedMessage as exc:
@@ -147,11 +241,19 @@ class Call:
 
     # -- the Twilio side
 
-    async def run(self, ws: web.WebSocketResponse, events: Sequence[tw.TwilioEvent]) -> None:
+    async def run(
+        self,
+        ws: web.WebSocketResponse,
+        events: Sequence[tw.TwilioEvent],
+        raw: Sequence[tuple[float, str | bytes]] = (),
+    ) -> None:
         """Serve the stream ``ws`` until the call ends.
 
-        ``events`` are the ones ``web.py`` read before handing over the socket (``connected``, ``start``).
+        ``events`` are the ones ``web.py`` read before handing over the socket (``connected``, ``start``);
+        ``raw`` the messages they came from, with the clock time each arrived (for the recording).
         """
+        for at, data in raw:
+            self._record("twilio", "in", data, at)
         self._twilio = ws
         self.open_model()
         self.metrics.live_calls.inc()
@@ -170,6 +272,8 @@ class Call:
             async for msg in ws:
                 received = perf_counter()
                 if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
+                    if self._recorder is not None:
+                        self._record("twilio", "in", msg.data)
                     try:
                         event = tw.parse_message(msg.data)
                     except MalformedMessage as exc:
@@ -232,6 +336,8 @@ class Call:
         ws = self._twilio
         if ws is None or ws.closed:
             return
+        if self._recorder is not None:
+            self._record("twilio", "out", text)
         try:
             await ws.send_str(text)
         except ConnectionError as exc:
@@ -244,8 +350,11 @@ class Call:
                 logging.WARNING, "dropping %s: the Realtime session is not open", type(command).__name__
             )
             return
+        wire = adapter.serialize(command)
+        if self._recorder is not None:
+            self._record("model", "out", wire)
         try:
-            await model.send(adapter.serialize(command))
+            await model.send(wire)
         except ConnectionClosed:
             self._finish("the model connection dropped")
 
@@ -300,6 +409,11 @@ class Call:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._recorder is not None:
+            self._recorder.close()
+            self._recorder = None
+        if self._recording_file is not None:
+            self._recording_file.close()
         stats = self.session.stats
         outcome = "completed" if self.end_reason in ("the caller hung up", "said goodbye") else "ended"
         self.metrics.calls.inc(label=outcome)

@@ -108,6 +108,7 @@ class Settings:
     audio_path: AudioPath = AudioPath.PCM16
     admin_token: Secret | None = None
     recordings_dir: Path | None = None
+    recordings_gzip: bool = False
     profile_path: Path | None = None
     insecure_dev: bool = False
     drain_seconds: float = 30.0
@@ -308,6 +309,7 @@ def load_settings(
         audio_path=audio_path,
         admin_token=Secret(admin) if admin else None,
         recordings_dir=recordings,
+        recordings_gzip=_flag(env, "BRIDGE_RECORDINGS_GZIP"),
         profile_path=profile_path,
         insecure_dev=insecure,
         drain_seconds=_number(env, "BRIDGE_DRAIN_SECONDS", 30.0, 0.0, 3600.0),

@@ -98,16 +98,20 @@ async def voice(request: web.Request) -> web.Response:
         tw.PARAM_TO: form.get("To", ""),
         tw.PARAM_TOKEN: token,
     }
-    registry.prewarm(_new_call(app, call_sid))
+    registry.prewarm(_new_call(app, call_sid, form.get("From", ""), form.get("To", "")))
     log.info("call %s: answering, stream %s", call_sid, settings.stream_url)
     return _twiml(
         tw.connect_twiml(settings.stream_url, parameters, status_callback=settings.public_url + STATUS_PATH)
     )
 
 
-def _new_call(app: web.Application, call_sid: str) -> Call:
+def _new_call(app: web.Application, call_sid: str, from_number: str = "", to_number: str = "") -> Call:
     settings, profile = app[SETTINGS], app[PROFILE]
     return Call(
+        from_number=from_number,
+        to_number=to_number,
+        recordings_dir=settings.recordings_dir,
+        recording_suffix=".jsonl.gz" if settings.recordings_gzip else ".jsonl",
         call_sid=call_sid,
         profile=profile,
         audio_path=profile.audio_path or settings.audio_path,
@@ -141,12 +145,15 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return await _refuse(ws, metrics, "bad_signature", f"{why} {settings.stream_url}")
 
     before: list[tw.TwilioEvent] = []
+    raw: list[tuple[float, str | bytes]] = []
+    clock = app[CLOCK]
     start: tw.Start | None = None
     try:
         async with asyncio.timeout(START_TIMEOUT):
             async for msg in ws:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     break
+                raw.append((clock.now(), msg.data))
                 try:
                     event = tw.parse_message(msg.data)
                 except MalformedMessage as exc:
@@ -177,10 +184,11 @@ async def stream(request: web.Request) -> web.StreamResponse:
     if call is None:
         # The webhook reached another instance (or the pre-warm expired): connect now (design.md §4).
         log.info("call %s: no pre-warmed session here; connecting now", start.call_sid)
-        call = _new_call(app, start.call_sid)
+        params = start.custom_parameters
+        call = _new_call(app, start.call_sid, params.get(tw.PARAM_FROM, ""), params.get(tw.PARAM_TO, ""))
     registry.live.add(call)
     try:
-        await call.run(ws, before)
+        await call.run(ws, before, raw)
     finally:
         registry.live.discard(call)
     return ws

@@ -9,10 +9,11 @@ hosts everything else on one uvloop event loop:
 * N lean Twilio doubles: each signs and posts the voice webhook, reads the TwiML, opens the stream with
   a signed upgrade, sends ``connected`` and ``start``, then streams 20 ms μ-law frames at real pace
   (speech, then silence, then speech again ...), plays what the bridge sends at real pace and echoes
-  its marks as Twilio does (when playback reaches them; at once, all of them, on ``clear``). One ticker
-  task sends every call's frames and every due mark echo, on a 1 ms grid with the calls' 20 ms phases
-  spread over it, rather than one timer per call;
-* a loopback probe (aiohttp client ⇄ websockets server inside this process, no bridge) that measures
+  its marks as Twilio does (when playback reaches them; at once, all of them, on ``clear``). The stream
+  sockets are a minimal WebSocket client of our own (:class:`WsClient`, an asyncio protocol: no task,
+  no queue, no await per message), and one ticker task sends every call's frames and every due mark
+  echo, on a 1 ms grid with the calls' 20 ms phases spread over it, rather than one timer per call;
+* a loopback probe (the same client ⇄ a websockets server inside this process, no bridge) that measures
   what this process alone adds to a message, so that generator lag can be told from bridge delay.
 
 Every time is ``time.perf_counter()`` in this one process (the doubles and the model share it), so a
@@ -24,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import ctypes
+import hashlib
 import heapq
 import math
 import os
@@ -42,9 +45,11 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
@@ -252,6 +257,134 @@ class BridgeProcess:
         self._log.close()
 
 
+# --- a minimal WebSocket client ---------------------------------------------------------------------------
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class WsClient(asyncio.Protocol):
+    """Just enough of an RFC 6455 client for a Twilio double, as cheap as can be: text frames out, masked
+    with a zero key (a client must mask; the key's value is free), and text, ping and close frames in,
+    handed to ``on_text(text, receive_time)`` from ``data_received`` -- no task, queue or await per message.
+    """
+
+    def __init__(self, on_text: Callable[[str, float], None], on_close: Callable[[], None]) -> None:
+        self.on_text = on_text
+        self.on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.paused = False
+        self._key = b""
+        self._buf = bytearray()
+        self._fragments: list[bytes] = []
+
+    @classmethod
+    async def connect(cls, url: str, headers: dict[str, str], **callbacks: Any) -> WsClient:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_connection(lambda: cls(**callbacks), host, port)
+        client._key = base64.b64encode(secrets.token_bytes(16))
+        lines = [
+            f"GET {parts.path or '/'} HTTP/1.1",
+            f"Host: {parts.netloc}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {client._key.decode()}",
+            "Sec-WebSocket-Version: 13",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
+        assert client.transport is not None
+        client.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await asyncio.wait_for(client.opened, 10)
+        return client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"closed during the handshake: {exc!r}"))
+        self.on_close()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    def send_text(self, text: str) -> None:
+        if self.closed or self.transport is None:
+            return
+        data = text.encode()
+        n = len(data)
+        if n < 126:
+            head = bytes((0x81, 0x80 | n))
+        elif n < 65536:
+            head = b"\x81\xfe" + n.to_bytes(2, "big")
+        else:
+            head = b"\x81\xff" + n.to_bytes(8, "big")
+        self.transport.write(head + b"\0\0\0\0" + data)
+
+    def close(self, code: int = 1000) -> None:
+        if self.closed or self.transport is None:
+            return
+        self.transport.write(b"\x88\x82\0\0\0\0" + code.to_bytes(2, "big"))
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        now = perf()
+        buf = self._buf
+        buf += data
+        if not self.opened.done():
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).decode("latin-1")
+            del buf[: end + 4]
+            accept = base64.b64encode(hashlib.sha1(self._key + _WS_GUID).digest()).decode()
+            if not head.startswith("HTTP/1.1 101") or accept not in head:
+                self.opened.set_exception(ConnectionError(f"upgrade refused: {head.splitlines()[0]!r}"))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.opened.set_result(None)
+        while len(buf) >= 2:
+            b0, b1 = buf[0], buf[1]
+            n, pos = b1 & 0x7F, 2
+            if n == 126:
+                if len(buf) < 4:
+                    return
+                n, pos = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                if len(buf) < 10:
+                    return
+                n, pos = int.from_bytes(buf[2:10], "big"), 10
+            mask = b""
+            if b1 & 0x80:  # servers do not mask; tolerate it anyway
+                mask, pos = bytes(buf[pos : pos + 4]), pos + 4
+            if len(buf) < pos + n:
+                return
+            payload = bytes(buf[pos : pos + n])
+            del buf[: pos + n]
+            if mask:
+                payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+            opcode, fin = b0 & 0x0F, b0 & 0x80
+            if opcode in (0x0, 0x1):
+                self._fragments.append(payload)
+                if fin:
+                    text = b"".join(self._fragments).decode()
+                    self._fragments.clear()
+                    self.on_text(text, now)
+            elif opcode == 0x9 and self.transport is not None:  # ping: pong
+                self.transport.write(bytes((0x8A, 0x80 | len(payload))) + b"\0\0\0\0" + payload)
+            elif opcode == 0x8 and self.transport is not None:  # close: answer and drop the connection
+                self.close(1000)
+                return
+
+
 # --- the calls ---------------------------------------------------------------------------------------------
 
 
@@ -274,7 +407,7 @@ class Call:
     call_sid: str
     stream_sid: str
     slot: int
-    ws: aiohttp.ClientWebSocketResponse | None = None
+    ws: WsClient | None = None
     conn: ModelConnection | None = None
     seq: int = 0
     chunk: int = 0
@@ -434,36 +567,27 @@ class Bench:
 
     # -- what the doubles receive --
 
-    async def read(self, call: Call) -> None:
-        ws = call.ws
-        assert ws is not None
-        prefix, overhead = call.media_prefix, call.media_overhead
-        try:
-            async for msg in ws:
-                if msg.type is not aiohttp.WSMsgType.TEXT:
-                    continue
-                data: str = msg.data
-                now = perf()
-                if data.startswith(prefix) and data.endswith('"}}'):
-                    pad = 2 if data.endswith('=="}}') else 1 if data.endswith('="}}') else 0
-                    self.on_media(call, (len(data) - overhead) // 4 * 3 - pad, now)
-                    continue
-                message = orjson.loads(data)
-                event = message.get("event")
-                if event == "mark":
-                    await self.on_mark(call, message["mark"]["name"], now)
-                elif event == "clear":
-                    await self.on_clear(call, now)
-                elif event == "media":
-                    self.on_media(call, b64_len(message["media"]["payload"]), now)
-                else:
-                    self.counts[f"unexpected outbound event {event!r}"] += 1
-        except (aiohttp.ClientError, ConnectionError):
-            pass
-        finally:
-            if call.alive and not self.stopping:
-                self.counts["calls closed by the bridge"] += 1
-            call.alive = False
+    def on_text(self, call: Call, data: str, now: float) -> None:
+        """One message from the bridge on a call's stream; media is counted without parsing its JSON."""
+        if data.startswith(call.media_prefix) and data.endswith('"}}'):
+            pad = 2 if data.endswith('=="}}') else 1 if data.endswith('="}}') else 0
+            self.on_media(call, (len(data) - call.media_overhead) // 4 * 3 - pad, now)
+            return
+        message = orjson.loads(data)
+        event = message.get("event")
+        if event == "mark":
+            self.on_mark(call, message["mark"]["name"], now)
+        elif event == "clear":
+            self.on_clear(call, now)
+        elif event == "media":
+            self.on_media(call, b64_len(message["media"]["payload"]), now)
+        else:
+            self.counts[f"unexpected outbound event {event!r}"] += 1
+
+    def on_closed(self, call: Call) -> None:
+        if call.alive and not self.stopping:
+            self.counts["calls closed by the bridge"] += 1
+        call.alive = False
 
     def on_media(self, call: Call, nbytes: int, now: float) -> None:
         call.rx_bytes += nbytes
@@ -473,15 +597,15 @@ class Bench:
         while targets and targets[0][0] < call.rx_bytes:
             self.outbound.append(now - targets.popleft()[1])
 
-    async def on_mark(self, call: Call, name: str, now: float) -> None:
+    def on_mark(self, call: Call, name: str, now: float) -> None:
         if call.play_end <= now and not call.pending_marks:
-            await self.echo(call, name)  # nothing is playing: Twilio echoes at once
+            self.echo(call, name)  # nothing is playing: Twilio echoes at once
             return
         call.pending_marks.append(name)
         self.mark_counter += 1
         heapq.heappush(self.mark_heap, (max(now, call.play_end), self.mark_counter, call, call.generation))
 
-    async def on_clear(self, call: Call, now: float) -> None:
+    def on_clear(self, call: Call, now: float) -> None:
         call.clears += 1
         if call.speech_started_at is not None:
             if self.win_start <= call.speech_started_at < self.win_end:
@@ -492,17 +616,16 @@ class Bench:
         call.targets.clear()  # frames not received by now were never sent (flushed in the bridge)
         call.play_end = now
         call.generation += 1
-        flushed = list(call.pending_marks)
+        for name in call.pending_marks:  # Twilio echoes every pending mark at once on clear
+            self.echo(call, name)
         call.pending_marks.clear()
-        for name in flushed:
-            await self.echo(call, name)
 
-    async def echo(self, call: Call, name: str) -> None:
+    def echo(self, call: Call, name: str) -> None:
         ws = call.ws
         if ws is None or ws.closed:
             return
         call.seq += 1
-        text = (
+        ws.send_text(
             '{"event":"mark","sequenceNumber":"'
             + str(call.seq)
             + '","streamSid":"'
@@ -511,8 +634,6 @@ class Bench:
             + orjson.dumps(name).decode()
             + "}}"
         )
-        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
-            await ws.send_str(text)
 
     # -- what the doubles send: one ticker for every call --
 
@@ -548,7 +669,7 @@ class Bench:
             return self.next_frame(call, now)
         return SILENCE_B64
 
-    async def send_frame(self, call: Call, now: float) -> None:
+    def send_frame(self, call: Call, now: float) -> None:
         ws = call.ws
         assert ws is not None
         payload = self.next_frame(call, now)
@@ -569,13 +690,10 @@ class Bench:
         )
         call.timestamp += 20
         call.frames_sent += 1
+        if ws.paused:
+            self.counts["frames written while the bridge was not reading (socket buffer full)"] += 1
         call.sent_times.append(perf())
-        try:
-            await ws.send_str(text)
-        except (ConnectionError, aiohttp.ClientError):
-            call.alive = False
-            call.frames_sent -= 1
-            call.sent_times.pop()
+        ws.send_text(text)
 
     async def ticker(self, probes: list[Probe]) -> None:
         """Every 1 ms: send the due frames of the calls in this slot, and every mark echo now due."""
@@ -595,16 +713,16 @@ class Bench:
             if self.sending:
                 for call in self.slots[slot]:
                     while call.alive and call.next_due <= now + SLOT_S / 2:
-                        await self.send_frame(call, now)
+                        self.send_frame(call, now)
                         call.next_due += FRAME_S
             heap = self.mark_heap
             while heap and heap[0][0] <= now:
                 _, _, call, generation = heapq.heappop(heap)
                 if generation == call.generation and call.pending_marks:
-                    await self.echo(call, call.pending_marks.popleft())
+                    self.echo(call, call.pending_marks.popleft())
             for probe in probes:
                 if probe.slot == slot:
-                    await probe.ping(now)
+                    probe.ping(now)
 
     # -- placing a call --
 
@@ -639,18 +757,15 @@ class Bench:
             self.awaiting = None
             self.mapped = None
         signature = self.validator.compute_signature(url, {})
-        call.ws = await session.ws_connect(
-            url,
-            headers={"x-twilio-signature": signature, "User-Agent": "Twilio.TmeWs/1.0"},
-            autoping=True,
-            heartbeat=None,
-            max_msg_size=4 * 2**20,
-        )
         call.media_prefix = '{"event":"media","streamSid":"' + call.stream_sid + '","media":{"payload":"'
         call.media_overhead = len(call.media_prefix) + len('"}}')
-        await call.ws.send_str(
-            orjson.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}).decode()
+        call.ws = ws = await WsClient.connect(
+            url,
+            {"X-Twilio-Signature": signature, "User-Agent": "Twilio.TmeWs/1.0"},
+            on_text=lambda text, now: self.on_text(call, text, now),
+            on_close=lambda: self.on_closed(call),
         )
+        ws.send_text(orjson.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}).decode())
         call.seq = 1
         start = {
             "event": "start",
@@ -665,7 +780,7 @@ class Bench:
             },
             "streamSid": call.stream_sid,
         }
-        await call.ws.send_str(orjson.dumps(start).decode())
+        ws.send_text(orjson.dumps(start).decode())
         now = perf()
         call.alive = True
         call.timestamp = 20
@@ -673,7 +788,6 @@ class Bench:
         call.next_due = now + ((call.slot - (now / SLOT_S) % SLOTS) % SLOTS) * SLOT_S
         call.next_utterance = self.speech["hello"]
         call.next_utterance_at = now + call.rng.uniform(0.3, 3.0)  # often during the greeting: a barge-in
-        self.tasks.append(asyncio.create_task(self.read(call), name=f"read-{call.index}"))
         self.slots[call.slot].append(call)
 
     # -- the run --
@@ -716,7 +830,7 @@ class Bench:
             rss_base = bridge.rss_kib()
             probes = [Probe(self, slot=(i * 7 + 3) % SLOTS) for i in range(8)]
             for probe in probes:
-                await probe.connect(self.session, probe_server.url)
+                await probe.connect(probe_server.url)
             ticker = asyncio.create_task(self.ticker(probes), name="ticker")
             # Ramp up: dial one call at a time (the model connection is mapped to the call that way).
             ramp = opts.ramp if opts.ramp is not None else max(5.0, opts.calls * 0.03)
@@ -791,10 +905,13 @@ class Bench:
             await asyncio.gather(ticker, return_exceptions=True)
             await self.hang_up()
             for probe in probes:
-                await probe.close()
+                probe.close()
             return result
         finally:
             self.stopping = True
+            for call in self.calls:
+                if call.ws is not None:
+                    call.ws.close()
             for task in self.tasks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -858,10 +975,11 @@ class Bench:
         self.counts["calls still busy at the end (accounting may be off)"] += len(busy)
 
     async def hang_up(self) -> None:
-        async def one(call: Call) -> None:
+        """Every caller hangs up as Twilio does: ``stop``, then the socket closes."""
+        for call in self.calls:
             ws = call.ws
             if ws is None or ws.closed:
-                return
+                continue
             call.alive = False
             stop = {
                 "event": "stop",
@@ -869,11 +987,11 @@ class Bench:
                 "streamSid": call.stream_sid,
                 "stop": {"accountSid": "AC" + "0" * 32, "callSid": call.call_sid},
             }
-            with contextlib.suppress(Exception):
-                await ws.send_str(orjson.dumps(stop).decode())
-                await asyncio.wait_for(ws.close(), 3)
-
-        await asyncio.gather(*(one(c) for c in self.calls))
+            ws.send_text(orjson.dumps(stop).decode())
+            ws.close()
+        deadline = perf() + 5.0
+        while perf() < deadline and not all(c.ws is None or c.ws.closed for c in self.calls):  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
     # -- profiling --
 
@@ -1029,43 +1147,31 @@ class ProbeServer:
 
 
 class Probe:
-    """One aiohttp client (as the doubles are) sending a media-sized message every 20 ms to the server."""
+    """One stream client (as the doubles have) sending a media-sized message every 20 ms to the server."""
 
     def __init__(self, bench: Bench, slot: int) -> None:
         self.bench = bench
         self.slot = slot
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.task: asyncio.Task[None] | None = None
+        self.ws: WsClient | None = None
         self.next_due = 0.0
 
-    async def connect(self, session: aiohttp.ClientSession, url: str) -> None:
-        self.ws = await session.ws_connect(url, autoping=True, heartbeat=None)
-        self.task = asyncio.create_task(self._read())
+    async def connect(self, url: str) -> None:
+        self.ws = await WsClient.connect(url, {}, on_text=self.on_text, on_close=lambda: None)
 
-    async def ping(self, now: float) -> None:
+    def ping(self, now: float) -> None:
         if self.ws is None or self.ws.closed or now < self.next_due:
             return
         self.next_due = now + FRAME_S - SLOT_S
-        with contextlib.suppress(Exception):
-            await self.ws.send_str(f"{perf():<24.9f}" + "x" * 256)
+        self.ws.send_text(f"{perf():<24.9f}" + "x" * 256)
 
-    async def _read(self) -> None:
-        assert self.ws is not None
-        bench = self.bench
-        with contextlib.suppress(Exception):
-            async for msg in self.ws:
-                now = perf()
-                sent = float(msg.data[:24])
-                if bench.win_start <= sent < bench.win_end:
-                    bench.probe_out.append(now - sent)
+    def on_text(self, text: str, now: float) -> None:
+        sent = float(text[:24])
+        if self.bench.win_start <= sent < self.bench.win_end:
+            self.bench.probe_out.append(now - sent)
 
-    async def close(self) -> None:
+    def close(self) -> None:
         if self.ws is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(), 2)
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            self.ws.close()
 
 
 # --- profile summary ---------------------------------------------------------------------------------------

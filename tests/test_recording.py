@@ -1,0 +1,175 @@
+"""The recording format (writer, reader, captures, truncation) and recording of real calls."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.errors import MalformedMessage
+from bridge.recording import REDACTED, Event, Header, RecordingWriter, parse_recording
+from bridge.simulator import LocalModel
+from bridge.testing import TwilioCaller
+from tests.conftest import AUTH_TOKEN, fixture_audio
+
+
+def write(lines: list[str]) -> RecordingWriter:
+    return RecordingWriter(
+        Header(call_sid="CA1", dialect="preview", session={"voice": "alloy"}), lines.append
+    )
+
+
+def test_round_trip_keeps_every_message_as_it_crossed_the_wire() -> None:
+    lines: list[str] = []
+    writer = write(lines)
+    start = {
+        "event": "start",
+        "start": {"callSid": "CA1", "customParameters": {"token": "secret", "To": "+1"}},
+    }
+    writer.write(0.04, "twilio", "in", json.dumps(start))
+    writer.write(1.26, "twilio", "in", "{not json")
+    writer.write(2.0, "twilio", "in", b"\x00\x01")
+    writer.write(3.0, "model", "out", '{"type":"input_audio_buffer.append","audio":"AAA="}')
+    rec = parse_recording(lines)
+    assert rec.header.call_sid == "CA1" and rec.header.dialect == "preview"
+    assert rec.header.session == {"voice": "alloy"}
+    first, bad, binary, append = rec.events
+    assert first.msg is not None and first.msg["start"]["customParameters"] == {"token": REDACTED, "To": "+1"}
+    assert (first.t, first.kind) == (0.0, "start")
+    assert bad.raw == "{not json" and bad.wire == "{not json"
+    assert binary.data == b"\x00\x01" and binary.wire == b"\x00\x01"
+    assert append.kind == "input_audio_buffer.append" and json.loads(append.wire)["audio"] == "AAA="
+    assert "secret" not in "".join(lines)
+
+
+def test_a_truncated_last_line_is_left_out_and_flagged() -> None:
+    lines: list[str] = []
+    writer = write(lines)
+    writer.write(1.0, "model", "in", '{"type":"session.created"}')
+    writer.write(2.0, "model", "in", '{"type":"response.created"}')
+    cut = lines[:-1] + [lines[-1][:17]]
+    rec = parse_recording(cut)
+    assert rec.truncated and [e.kind for e in rec.events] == ["session.created"]
+
+
+def test_edited_times_are_put_back_in_order() -> None:
+    lines: list[str] = []
+    writer = write(lines)
+    writer.write(10.0, "twilio", "in", '{"event":"media"}')
+    writer.write(20.0, "twilio", "in", '{"event":"stop"}')
+    edited = lines[:1] + [lines[2], lines[1].replace('"t":10.0', '"t":30.0')]
+    assert [e.kind for e in parse_recording(edited).events] == ["stop", "media"]
+
+
+def test_a_plain_twilio_capture_is_a_caller_only_recording() -> None:
+    capture = [
+        json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
+        json.dumps(
+            {
+                "event": "start",
+                "sequenceNumber": "1",
+                "streamSid": "MZ1",
+                "start": {"callSid": "CA9", "customParameters": {"token": "t"}},
+            }
+        ),
+        json.dumps({"event": "media", "streamSid": "MZ1", "media": {"timestamp": "40", "payload": "//8="}}),
+        json.dumps({"event": "stop", "streamSid": "MZ1", "stop": {"callSid": "CA9"}}),
+    ]
+    rec = parse_recording(capture)
+    assert rec.header.caller_only and rec.header.call_sid == "CA9"
+    assert [(e.t, e.kind, e.src, e.dir) for e in rec.events] == [
+        (0.0, "connected", "twilio", "in"),
+        (0.0, "start", "twilio", "in"),
+        (40.0, "media", "twilio", "in"),
+        (40.0, "stop", "twilio", "in"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "fragment"),
+    [
+        ([], "empty"),
+        (["[1]"], "not a JSON object"),
+        (['{"hello": 1}'], "neither a bridge recording"),
+        (['{"format": "bridge-call-recording", "version": 99}'], "newer than this bridge"),
+        (
+            [
+                '{"format": "bridge-call-recording", "version": 1}',
+                '{"t": "x", "src": "twilio", "dir": "in"}',
+                '{"t": 1}',
+            ],
+            "'t' is not a number",
+        ),
+        (["nope", '{"t": 1}'], "is not JSON"),
+    ],
+)
+def test_bad_files_say_what_is_wrong(lines: list[str], fragment: str) -> None:
+    with pytest.raises(MalformedMessage, match=fragment):
+        parse_recording(lines, name="x.jsonl")
+
+
+def test_event_wire_of_a_json_message_is_compact_json() -> None:
+    event = Event(1.0, "twilio", "in", msg={"event": "mark", "mark": {"name": "m1"}})
+    assert json.loads(event.wire) == {"event": "mark", "mark": {"name": "m1"}}
+
+
+def read(path: Path) -> list[str]:
+    opener: Any = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return list(f)
+
+
+@pytest.mark.parametrize("gz", ["0", "1"])
+async def test_a_real_call_is_recorded_both_sockets_both_directions(
+    start_bridge: Any, tmp_path: Path, gz: str
+) -> None:
+    recordings = tmp_path / "recordings"
+    async with LocalModel(speed=8.0) as model:
+        bridge = await start_bridge(
+            model,
+            BRIDGE_RECORDINGS_DIR=str(recordings),
+            BRIDGE_RECORDINGS_GZIP=gz,
+            AZURE_OPENAI_API_KEY="k-secret",
+        )
+        async with TwilioCaller(bridge.url, auth_token=AUTH_TOKEN, from_="+15550001111") as call:
+            await call.dial()
+            await call.wait_for_played(0.5)
+            await call.speak(fixture_audio("hello.ulaw"))
+            await call.hang_up()
+    (path,) = recordings.iterdir()
+    assert path.name.endswith(".jsonl.gz" if gz == "1" else ".jsonl")
+    text = "".join(read(path))
+    assert "k-secret" not in text and AUTH_TOKEN not in text
+    rec = parse_recording(read(path))
+    assert rec.header.from_number == "+15550001111" and rec.header.audio_path == "pcm16"
+    assert rec.header.session["type"] == "realtime"  # GA session config
+    kinds = {(e.src, e.dir, e.kind) for e in rec.events}
+    assert {
+        ("twilio", "in", "connected"),
+        ("twilio", "in", "start"),
+        ("twilio", "in", "media"),
+        ("twilio", "in", "mark"),
+        ("twilio", "in", "stop"),
+        ("twilio", "out", "media"),
+        ("twilio", "out", "mark"),
+        ("model", "out", "session.update"),
+        ("model", "out", "input_audio_buffer.append"),
+        ("model", "in", "session.created"),
+        ("model", "in", "response.output_audio.delta"),
+    } <= kinds
+    start = next(e for e in rec.events if e.kind == "start")
+    assert start.msg is not None and start.msg["start"]["customParameters"]["token"] == REDACTED
+    times = [e.t for e in rec.events]
+    assert times == sorted(times) and times[0] >= 0
+
+
+async def test_nothing_is_recorded_when_recording_is_off(start_bridge: Any, tmp_path: Path) -> None:
+    async with LocalModel(speed=8.0) as model:
+        bridge = await start_bridge(model)
+        async with TwilioCaller(bridge.url, auth_token=AUTH_TOKEN) as call:
+            await call.dial()
+            await call.wait_for_played(0.2)
+    assert not any(tmp_path.rglob("*.jsonl*"))
