@@ -48,3 +48,13 @@ class ManualClock:
         if now < self._now:
             raise ValueError("a clock cannot go backwards")
         self._now = now
+
+
+class LoopClock:
+    """The running event loop's clock: follows a virtual-time loop when replaying calls fast."""
+
+    def now(self) -> float:
+        """Return the running loop's time."""
+        import asyncio
+
+        return asyncio.get_running_loop().time()

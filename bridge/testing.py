@@ -186,7 +186,7 @@ class TwilioCaller:
         status, body = await self.post_voice()
         if status != 200:
             raise TwilioCallerError(f"POST {VOICE_PATH} answered {status}, not 200: {body[:300]!r}")
-        self._read_twiml(body)
+        self.accept_twiml(body)
         await self.connect_stream()
 
     async def post_voice(self) -> tuple[int, str]:
@@ -222,7 +222,8 @@ class TwilioCaller:
                 self.twiml = body
             return resp.status, body
 
-    def _read_twiml(self, body: str) -> None:
+    def accept_twiml(self, body: str) -> None:
+        """Take the stream URL and parameters from the webhook's TwiML (as :meth:`dial` does)."""
         try:
             root = ET.fromstring(body)  # noqa: S314 -- the bridge under test is trusted
         except ET.ParseError as exc:

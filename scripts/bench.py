@@ -799,6 +799,7 @@ class Bench:
         model = LocalModel(
             api_key="bench-api-key",
             record=False,
+            fast_appends=True,
             on_client_event=self.on_client_event,
             on_server_event=self.on_server_event,
         )

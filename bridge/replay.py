@@ -1,0 +1,550 @@
+"""Replay recorded calls through the bridge, offline and deterministic, and compare what it sends.
+
+How a replay works
+------------------
+* The **caller side** of a recording (Twilio → bridge messages) is played into a bridge through the
+  Twilio caller double: the webhook is signed and fetched afresh (a new one-time token), the stream opens
+  when it opened in the recording, and every recorded caller message -- media, DTMF, malformed frames,
+  ``stop`` -- is sent at its recorded offset from ``start``. Mark echoes are not replayed: the double
+  plays the bridge's audio at real pace and echoes marks itself, exactly as Twilio would.
+* The **model side** is, by choice: ``recorded`` -- :class:`RecordedModel` sends the recorded Realtime
+  server events, each once the bridge has sent as many client events as it had when that event came in
+  the recording, and no sooner than it came then (so a reply starts after the same audio, paced the same);
+  ``local`` -- the local model; ``azure`` -- the configured deployment.
+* With ``--model recorded`` the client events the bridge sends now are compared with the recording's:
+  the session config exactly, every other event in order, with tolerances for audio (length) and for
+  truncation points (ms), ignoring event ids. Any difference is a divergence, reported in plain words.
+* **Speed**: ``realtime`` runs on the wall clock; ``fast`` runs the bridge, the double and the recorded
+  model on one event loop whose clock jumps ahead whenever every party is idle (a virtual clock), so a
+  ten-minute call replays in seconds with identical timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import selectors
+import socket
+import tempfile
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import orjson
+import pybase64
+from aiohttp import web
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from bridge.app import create_app
+from bridge.clock import LoopClock
+from bridge.config import load_settings
+from bridge.errors import ConfigError
+from bridge.prompts import Profile, profile_from_mapping
+from bridge.recording import Event, Recording
+from bridge.simulator import LocalModel
+from bridge.testing import TwilioCaller
+from bridge.web import METRICS
+
+ModelChoice = Literal["recorded", "local", "azure"]
+Speed = Literal["fast", "realtime"]
+T = TypeVar("T")
+
+TRUNCATE_TOLERANCE_MS = {"fast": 5, "realtime": 60}
+"""How far a replayed truncation point may be from the recorded one."""
+AUDIO_TOLERANCE_MS = 40
+"""How far the total caller audio sent to the model may differ."""
+END_GRACE_S = 3.0
+"""After the last recorded event, how long the replay waits for the call to end on its own."""
+
+
+# --- a virtual clock for fast replays --------------------------------------------------------------
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """A selector that, when nothing is ready, moves the clock to the next timer instead of waiting.
+
+    Every party of an in-process replay runs on the one loop, and loopback TCP delivers in ``send``, so
+    "no socket is readable and no callback is ready" means nothing can happen before the next timer.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready: list[tuple[selectors.SelectorKey, int]] = super().select(0)
+        if ready or timeout == 0:
+            return ready
+        if timeout is None:  # no timer at all: only outside I/O can wake us
+            result: list[tuple[selectors.SelectorKey, int]] = super().select(None)
+            return result
+        self.now += timeout
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time: sleeps and timeouts pass instantly when the loop is idle."""
+
+    def __init__(self) -> None:
+        self._jumping = _JumpingSelector()
+        super().__init__(self._jumping)
+
+    def time(self) -> float:
+        """Virtual seconds since the loop was made."""
+        return float(self._jumping.now)
+
+
+def run(main: Coroutine[Any, Any, T], *, speed: Speed) -> T:
+    """Run ``main`` on a fresh loop: virtual time for ``fast``, the wall clock for ``realtime``."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = VirtualTimeLoop if speed == "fast" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+# --- the recorded model ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Cue:
+    event: Event
+    after_clients: int
+    """Send once the bridge has sent this many client events..."""
+    lag: float
+    """...and this many seconds after the last of them arrived (the recorded think time)."""
+
+
+class RecordedModel:
+    """A Realtime server that answers with a recording's model events, causally (see the module doc)."""
+
+    def __init__(self, recording: Recording) -> None:
+        self.recording = recording
+        self.received: list[dict[str, Any]] = []
+        """Client events the bridge sent, parsed (a non-JSON message becomes ``{"raw": …}``)."""
+        self.sent: list[dict[str, Any]] = []
+        self.connections = 0
+        self._cues = self._script(recording)
+        self._arrivals: list[float] = []
+        self._changed = asyncio.Event()
+        self._server: Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def _script(recording: Recording) -> list[_Cue]:
+        cues: list[_Cue] = []
+        clients = 0
+        last_client_t = 0.0
+        for event in recording.events:
+            if event.src != "model":
+                continue
+            if event.dir == "out":
+                clients += 1
+                last_client_t = event.t
+            else:
+                cues.append(_Cue(event, clients, max(0.0, (event.t - last_client_t) / 1000.0)))
+        return cues
+
+    @property
+    def endpoint(self) -> str:
+        """``http://127.0.0.1:PORT``, for ``AZURE_OPENAI_ENDPOINT``."""
+        assert self._server is not None
+        port = next(iter(self._server.sockets)).getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def start(self) -> None:
+        """Listen on a loopback port."""
+        self._server = await serve(self._handle, "127.0.0.1", 0, max_size=None, compression=None)
+
+    async def close(self) -> None:
+        """Close the server and every connection."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        self.connections += 1
+        sender = asyncio.create_task(self._send_cues(ws))
+        try:
+            async for message in ws:
+                try:
+                    parsed = orjson.loads(message)
+                except orjson.JSONDecodeError:
+                    parsed = None
+                self.received.append(parsed if isinstance(parsed, dict) else {"raw": str(message)})
+                self._arrivals.append(asyncio.get_running_loop().time())
+                self._changed.set()
+        except ConnectionClosed:
+            pass
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            self._handlers.discard(task)
+
+    async def _send_cues(self, ws: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        connected = loop.time()
+        previous: tuple[float, float] | None = None  # (when sent, recorded t) of the previous cue
+        for cue in self._cues:
+            while len(self._arrivals) < cue.after_clients:
+                self._changed.clear()
+                await self._changed.wait()
+            anchor = self._arrivals[cue.after_clients - 1] if cue.after_clients else connected
+            due = anchor + cue.lag
+            if previous is not None:  # keep the recorded pacing of a stream of deltas
+                due = max(due, previous[0] + (cue.event.t - previous[1]) / 1000.0)
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(cue.event.wire)
+            if cue.event.msg is not None:
+                self.sent.append(dict(cue.event.msg))
+            previous = (loop.time(), cue.event.t)
+
+
+# --- comparing -------------------------------------------------------------------------------------
+
+
+def _audio_ms(events: Sequence[Mapping[str, Any]], audio_path: str) -> float:
+    total = sum(len(pybase64.b64decode(str(e.get("audio", "")))) for e in events)
+    return total / (48.0 if audio_path == "pcm16" else 8.0)
+
+
+def _strip(event: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != "event_id"}
+
+
+def compare_client_events(
+    recorded: Sequence[Mapping[str, Any]],
+    replayed: Sequence[Mapping[str, Any]],
+    *,
+    audio_path: str,
+    speed: Speed,
+) -> list[str]:
+    """What the bridge sent to the model now, against the recording: a list of differences in words."""
+    problems: list[str] = []
+    appends = "input_audio_buffer.append"
+    rec_audio = _audio_ms([e for e in recorded if e.get("type") == appends], audio_path)
+    new_audio = _audio_ms([e for e in replayed if e.get("type") == appends], audio_path)
+    if abs(rec_audio - new_audio) > AUDIO_TOLERANCE_MS:
+        problems.append(
+            f"caller audio sent to the model: {rec_audio:.0f} ms in the recording, {new_audio:.0f} ms now"
+        )
+    old = [_strip(e) for e in recorded if e.get("type") != appends]
+    new = [_strip(e) for e in replayed if e.get("type") != appends]
+    tolerance = TRUNCATE_TOLERANCE_MS[speed]
+    for index in range(max(len(old), len(new))):
+        if index >= len(new):
+            problems.append(
+                f"missing #{index + 1}: {_describe(old[index])} (the recording has it, the replay not)"
+            )
+            continue
+        if index >= len(old):
+            problems.append(
+                f"extra #{index + 1}: {_describe(new[index])} (the replay sent it, the recording not)"
+            )
+            continue
+        a, b = old[index], new[index]
+        if a.get("type") != b.get("type"):
+            problems.append(f"#{index + 1}: the recording has {_describe(a)}, the replay sent {_describe(b)}")
+            break  # everything after a change of order would only repeat it
+        if a.get("type") == "conversation.item.truncate":
+            end_a, end_b = int(a.get("audio_end_ms", -1)), int(b.get("audio_end_ms", -1))
+            if a.get("item_id") != b.get("item_id") or abs(end_a - end_b) > tolerance:
+                problems.append(
+                    f"#{index + 1} conversation.item.truncate: {a.get('item_id')} at {end_a} ms "
+                    f"in the recording, {b.get('item_id')} at {end_b} ms now (tolerance {tolerance} ms)"
+                )
+        elif a != b:
+            problems.append(f"#{index + 1} {a.get('type')}: {_diff(a, b)}")
+    return problems
+
+
+def _describe(event: Mapping[str, Any]) -> str:
+    kind = str(event.get("type", "?"))
+    if kind == "conversation.item.truncate":
+        return f"{kind} {event.get('item_id')} at {event.get('audio_end_ms')} ms"
+    if kind == "response.cancel":
+        return f"{kind} {event.get('response_id', '')}".rstrip()
+    return kind
+
+
+def _diff(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _diff(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    return f"{path or 'value'} was {a!r}, now {b!r}"
+
+
+# --- one replay ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayResult:
+    """What happened when a recording was replayed, and how it compares with the recording."""
+
+    name: str
+    model: ModelChoice
+    speed: Speed
+    divergences: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    client_events: list[dict[str, Any]] = field(default_factory=list)
+    """Every client event the bridge sent to the model (``recorded`` and ``local`` models)."""
+    truncations: list[tuple[str, int]] = field(default_factory=list)
+    clears: int = 0
+    turns: int = 0
+    heard_seconds: float = 0.0
+    duration_s: float = 0.0
+    transcript: list[tuple[str, str]] = field(default_factory=list)
+    added_latency_ms: dict[str, float] = field(default_factory=dict)
+    """Mean bridge-added delay each way (realtime replays only: virtual time has no CPU cost)."""
+
+    @property
+    def passed(self) -> bool:
+        """No divergence and no error."""
+        return not self.divergences and not self.errors
+
+    @property
+    def session_config(self) -> dict[str, Any]:
+        """The ``session`` of the first ``session.update`` the bridge sent."""
+        for event in self.client_events:
+            if event.get("type") == "session.update" and isinstance(event.get("session"), dict):
+                return dict(event["session"])
+        return {}
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready report."""
+        return {
+            "name": self.name,
+            "passed": self.passed,
+            "model": self.model,
+            "speed": self.speed,
+            "duration_s": round(self.duration_s, 3),
+            "turns": self.turns,
+            "barge_ins": self.clears,
+            "truncations": [{"item_id": i, "audio_end_ms": ms} for i, ms in self.truncations],
+            "heard_s": round(self.heard_seconds, 3),
+            "added_latency_ms": self.added_latency_ms,
+            "divergences": self.divergences,
+            "errors": self.errors,
+        }
+
+
+def profile_of(recording: Recording) -> Profile:
+    """The prompt profile the recorded call ran with (defaults for a caller-only capture)."""
+    data = dict(recording.header.profile)
+    if not data:
+        return Profile()
+    turn = data.get("turn_detection")
+    if isinstance(turn, Mapping) and turn.get("type") == "none":
+        data["turn_detection"] = None
+    return profile_from_mapping(data)
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+async def replay_recording(
+    recording: Recording,
+    *,
+    name: str = "recording",
+    model: ModelChoice = "recorded",
+    speed: Speed = "fast",
+    url: str | None = None,
+    auth_token: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ReplayResult:
+    """Replay one recording; run it on :func:`run` (``fast`` needs the virtual-time loop)."""
+    if model == "recorded" and recording.header.caller_only:
+        raise ConfigError(f"{name} is a caller-only capture: replay it with --model local or azure")
+    result = ReplayResult(name=name, model=model, speed=speed)
+    recorded_model: RecordedModel | None = None
+    local: LocalModel | None = None
+    runner: web.AppRunner | None = None
+    app: web.Application | None = None
+    token = auth_token or secrets.token_hex(16)
+    header = recording.header
+    try:
+        env: dict[str, str] = {}
+        if model == "recorded":
+            recorded_model = RecordedModel(recording)
+            await recorded_model.start()
+            env |= {"AZURE_OPENAI_ENDPOINT": recorded_model.endpoint, "AZURE_OPENAI_API_KEY": "replay"}
+        elif model == "local":
+            local = LocalModel()
+            await local.start()
+            env |= {"AZURE_OPENAI_ENDPOINT": local.endpoint, "AZURE_OPENAI_API_KEY": "replay"}
+        else:
+            env |= {k: v for k, v in (environ or {}).items() if k.startswith("AZURE_OPENAI_")}
+        if model != "azure":
+            env["AZURE_OPENAI_DEPLOYMENT"] = "replay"
+            if header.dialect == "preview":
+                env["AZURE_OPENAI_API_VERSION"] = "2025-04-01-preview"
+        base_url = url
+        if base_url is None:
+            sock = _free_socket()
+            port = sock.getsockname()[1]
+            data_dir = tempfile.mkdtemp(prefix="bridge-replay-")
+            env |= {
+                "TWILIO_AUTH_TOKEN": token,
+                "BRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
+                "BRIDGE_DATA_DIR": data_dir,
+                "BRIDGE_AUDIO_PATH": header.audio_path,
+            }
+            settings = load_settings(env)
+            app = create_app(settings, profile=profile_of(recording), clock=LoopClock())
+            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            base_url = f"http://127.0.0.1:{port}"
+        await _play_caller(recording, base_url, token, result)
+        if recorded_model is not None:
+            result.client_events = recorded_model.received
+            recorded = [dict(e.msg) for e in recording.select("model", "out") if e.msg is not None]
+            result.divergences += compare_client_events(
+                recorded, recorded_model.received, audio_path=header.audio_path, speed=speed
+            )
+            rec_clears = sum(1 for e in recording.select("twilio", "out") if e.kind == "clear")
+            if rec_clears != result.clears:
+                result.divergences.append(
+                    f"barge-ins (Twilio clear): {rec_clears} in the recording, {result.clears} now"
+                )
+            model_events = recorded_model.sent
+        elif local is not None and local.connections:
+            conn = local.connections[0]
+            result.client_events = list(conn.received)
+            model_events = list(conn.sent)
+        else:
+            model_events = []
+        result.truncations = [
+            (str(e.get("item_id")), int(e.get("audio_end_ms", 0)))
+            for e in result.client_events
+            if e.get("type") == "conversation.item.truncate"
+        ]
+        for event in model_events:
+            kind = event.get("type")
+            if kind == "input_audio_buffer.speech_started":
+                result.turns += 1
+            elif kind == "error":
+                err = event.get("error") or {}
+                if err.get("code") != "response_cancel_not_active":
+                    result.errors.append(f"the model answered error {err.get('code')}: {err.get('message')}")
+            elif kind in ("response.output_audio_transcript.done", "response.audio_transcript.done"):
+                result.transcript.append(("assistant", str(event.get("transcript", ""))))
+            elif kind == "conversation.item.input_audio_transcription.completed":
+                result.transcript.append(("caller", str(event.get("transcript", ""))))
+        if app is not None and speed == "realtime":
+            metrics = app[METRICS]
+            for key, hist in (("inbound", metrics.inbound_delay), ("outbound", metrics.outbound_delay)):
+                if hist.count:
+                    result.added_latency_ms[key] = round(hist.sum / hist.count * 1000.0, 3)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        if recorded_model is not None:
+            await recorded_model.close()
+        if local is not None:
+            await local.close()
+    return result
+
+
+async def _play_caller(recording: Recording, base_url: str, token: str, result: ReplayResult) -> None:
+    header = recording.header
+    caller_events = recording.select("twilio", "in")
+    start = next((e for e in caller_events if e.kind == "start"), None)
+    if start is None or start.msg is None:
+        raise ConfigError(f"{result.name} has no Twilio start event: nothing to replay")
+    start_body = start.msg.get("start") or {}
+    call = TwilioCaller(
+        base_url,
+        auth_token=token,
+        call_sid=str(start_body.get("callSid") or header.call_sid or "CA" + secrets.token_hex(16)),
+        account_sid=str(start_body.get("accountSid") or "AC" + "0" * 32),
+        from_=header.from_number or "+15550000000",
+        to=header.to_number or "+15550000001",
+    )
+    call.stream_sid = str(start.msg.get("streamSid") or start_body.get("streamSid") or call.stream_sid)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    async with call:
+        status, body = await call.post_voice()
+        if status != 200:
+            result.errors.append(f"the webhook answered {status}: {body[:200]}")
+            return
+        call.accept_twiml(body)
+        await _sleep_until(loop, began + start.t / 1000.0)
+        await call.connect_stream()
+        started = loop.time()
+        stopped = False
+        for event in caller_events:
+            if event.kind in ("connected", "start", "mark"):
+                continue  # sent afresh by the double / echoed by its own playback
+            await _sleep_until(loop, started + (event.t - start.t) / 1000.0)
+            if call.closed.is_set():
+                break
+            with contextlib.suppress(ConnectionResetError):
+                await call.send_raw(event.wire)
+            if event.kind == "stop":
+                stopped = True
+                break
+        if not stopped:
+            # The call ended from the bridge's side in the recording (or the capture simply ends): wait.
+            rest = (recording.duration_ms - (caller_events[-1].t if caller_events else 0.0)) / 1000.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(call.closed.wait(), rest + END_GRACE_S)
+        result.clears = len(call.clears)
+        result.heard_seconds = call.heard_seconds()
+        result.duration_s = loop.time() - began
+
+
+async def _sleep_until(loop: asyncio.AbstractEventLoop, when: float) -> None:
+    delay = when - loop.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def load_recording(path: Path) -> Recording:
+    """Read a recording file (``.jsonl`` or gzip-compressed), or raise MalformedMessage/OSError."""
+    import gzip
+
+    from bridge.recording import parse_recording
+
+    with path.open("rb") as f:
+        magic = f.read(2)
+    opener: Callable[..., Any] = gzip.open if magic == b"\x1f\x8b" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        return parse_recording(f, name=path.name)
+
+
+def replay_file(
+    path: str | Path,
+    *,
+    model: ModelChoice = "recorded",
+    speed: Speed = "fast",
+    url: str | None = None,
+    auth_token: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ReplayResult:
+    """Replay one recording file synchronously (for scripts and tests): load, replay, compare."""
+    recording = load_recording(Path(path))
+    coro = replay_recording(
+        recording,
+        name=Path(path).name,
+        model=model,
+        speed=speed,
+        url=url,
+        auth_token=auth_token,
+        environ=environ,
+    )
+    return run(coro, speed=speed)

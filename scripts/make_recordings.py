@@ -1,0 +1,446 @@
+"""Regenerate the sample call recordings in tests/recordings/.
+
+Each recording is a short call placed by the Twilio caller double (bridge.testing.TwilioCaller) through the
+real bridge (create_app, served on a loopback port) to the local Realtime model (bridge.simulator.LocalModel,
+an echo test), with BRIDGE_RECORDINGS_DIR set. The script checks that each scenario really happened, copies
+the recordings under stable names (gzip without a timestamp), parses them back and prints a summary. Run:
+
+    .venv/bin/python scripts/make_recordings.py
+
+Call and stream SIDs are fixed per scenario and the caller's audio comes from tests/fixtures/, so re-running
+gives equivalent calls; exact timings (and so the bytes of the files) vary a little from run to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import hashlib
+import socket
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bridge.app import create_app  # noqa: E402
+from bridge.config import load_settings  # noqa: E402
+from bridge.prompts import Profile  # noqa: E402
+from bridge.recording import Recording, parse_recording  # noqa: E402
+from bridge.simulator import LocalModel  # noqa: E402
+from bridge.testing import TwilioCaller  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+OUT = ROOT / "tests" / "recordings"
+AUTH_TOKEN = "recordings-twilio-auth-token"
+SPEED = 4.0
+GREETING_SECONDS = 1.5
+"""The local model's greeting is 1.5 s of tones whatever the profile's text."""
+PROFILE = Profile(greeting="Hi!")
+LISTEN_STEP = 0.1
+"""While listening the caller sends line silence in steps of this many seconds, as Twilio streams
+continuously."""
+FILE_BUDGET = 150_000
+TOTAL_BUDGET = 600_000
+PLACEHOLDER_TOKEN = "placeholder-stream-token"
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / name).read_bytes()
+
+
+HELLO = fixture("hello.ulaw")
+QUESTION = fixture("question.ulaw")
+INTERRUPT = fixture("interrupt.ulaw")
+
+
+def sid(prefix: str, name: str) -> str:
+    """A stable, Twilio-shaped SID (prefix + 32 hex digits) for a scenario."""
+    return prefix + hashlib.sha256(f"{prefix}:{name}".encode()).hexdigest()[:32]
+
+
+# --- the caller's helpers -----------------------------------------------------------------------------
+
+
+async def listen_until(call: TwilioCaller, done: Callable[[], bool], timeout: float, what: str) -> None:
+    """Send line silence (as Twilio does while the caller is quiet) until ``done()``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not done():
+        if call.closed.is_set():
+            raise AssertionError(f"the stream closed while waiting for {what}")
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await call.silence(LISTEN_STEP)
+
+
+async def hear_to_the_end(call: TwilioCaller, media_before: int, what: str, timeout: float = 15.0) -> None:
+    """Listen until audio sent after ``media_before`` media messages has arrived and all of it played."""
+    loop = asyncio.get_running_loop()
+
+    def finished() -> bool:
+        if len(call.received_media) <= media_before or call.buffered_seconds() > 0:
+            return False
+        return loop.time() - call.received_media[-1][0] >= 0.3  # and nothing more is coming
+
+    await listen_until(call, finished, timeout, what)
+
+
+# --- scenarios -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What a scenario observed on the caller's side, for the checks made on its recording."""
+
+    call: TwilioCaller
+    notes: dict[str, Any]
+
+
+async def greeting_question(call: TwilioCaller) -> dict[str, Any]:
+    await call.dial()
+    await hear_to_the_end(call, 0, "the greeting")
+    assert call.heard_seconds() >= GREETING_SECONDS - 0.02, call.heard_seconds()
+    before = len(call.received_media)
+    await call.speak(QUESTION)
+    await hear_to_the_end(call, before, "the answer")
+    await call.silence(0.2)
+    await call.hang_up()
+    return {}
+
+
+async def barge_in(call: TwilioCaller) -> dict[str, Any]:
+    await call.dial()
+    await listen_until(call, lambda: call.heard_seconds() >= 0.6, 5, "0.6 s of the greeting")
+    heard_at_barge_in = call.heard_seconds()
+    speaking = asyncio.create_task(call.speak(INTERRUPT))
+    await call.wait_for_clear(timeout=5)
+    heard_at_clear = call.heard_seconds()
+    await speaking
+    before = len(call.received_media)
+    await hear_to_the_end(call, before, "the answer")
+    await call.silence(0.2)
+    await call.hang_up()
+    assert heard_at_clear < GREETING_SECONDS - 0.2, "the greeting played out before the clear"
+    return {"heard_at_barge_in": heard_at_barge_in, "heard_at_clear": heard_at_clear}
+
+
+async def dtmf(call: TwilioCaller) -> dict[str, Any]:
+    await call.dial()
+    await hear_to_the_end(call, 0, "the greeting")
+    before = len(call.received_media)
+    await call.speak(HELLO)
+    # The keys are pressed in the pause after the words, before the model's VAD ends the turn (500 ms).
+    await call.silence(0.1)
+    await call.send_dtmf("1")
+    await call.silence(0.1)
+    await call.send_dtmf("#")
+    await hear_to_the_end(call, before, "the answer")
+    await call.silence(0.2)
+    await call.hang_up()
+    return {}
+
+
+async def hangup_mid_answer(call: TwilioCaller) -> dict[str, Any]:
+    await call.dial()
+    await hear_to_the_end(call, 0, "the greeting")
+    heard_before = call.heard_seconds()
+    await call.speak(QUESTION)
+    await listen_until(call, lambda: call.heard_seconds() >= heard_before + 0.5, 10, "0.5 s of the answer")
+    buffered = call.buffered_seconds()
+    await call.hang_up()
+    assert buffered > 0.5, f"only {buffered:.2f} s of the answer was still buffered at the hang-up"
+    return {"buffered_at_stop": buffered}
+
+
+async def preview_g711(call: TwilioCaller) -> dict[str, Any]:
+    await call.dial()
+    await hear_to_the_end(call, 0, "the greeting")
+    before = len(call.received_media)
+    await call.speak(HELLO)
+    await hear_to_the_end(call, before, "the answer")
+    await call.silence(0.2)
+    await call.hang_up()
+    return {}
+
+
+async def capture_call(call: TwilioCaller) -> dict[str, Any]:
+    """A call with no greeting, hung up before the model answers: the caller side only speaks."""
+    await call.dial()
+    await call.silence(0.2)
+    await call.speak(HELLO)
+    await call.silence(0.1)
+    await call.send_dtmf("1")
+    await call.silence(0.1)
+    await call.hang_up()
+    assert call.received_media == [], "the bridge sent audio during the capture call"
+    return {}
+
+
+# --- running a call through the real bridge -----------------------------------------------------------
+
+
+async def run_call(
+    name: str,
+    scenario: Callable[[TwilioCaller], Awaitable[dict[str, Any]]],
+    workdir: Path,
+    *,
+    dialect: str = "ga",
+    audio_path: str = "pcm16",
+    profile: Profile = PROFILE,
+    record: bool = True,
+) -> tuple[Outcome, Path | None]:
+    """Serve a bridge against a fresh local model, place one call, shut both down; return the recording."""
+    recordings = workdir / name / "recordings"
+    recordings.mkdir(parents=True)
+    async with LocalModel(speed=SPEED, seed=0) as model:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        values = {
+            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+            "BRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "BRIDGE_DATA_DIR": str(workdir / name / "data"),
+            "BRIDGE_AUDIO_PATH": audio_path,
+            "AZURE_OPENAI_ENDPOINT": model.endpoint,
+            "AZURE_OPENAI_DEPLOYMENT": "recordings-deployment",
+            "AZURE_OPENAI_API_KEY": "recordings-api-key",
+        }
+        if record:
+            values |= {"BRIDGE_RECORDINGS_DIR": str(recordings), "BRIDGE_RECORDINGS_GZIP": "1"}
+        if dialect == "preview":
+            values["AZURE_OPENAI_API_VERSION"] = "2025-04-01-preview"
+        app = create_app(load_settings(values), profile=profile)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            await web.SockSite(runner, sock).start()
+            call = TwilioCaller(f"http://127.0.0.1:{port}", auth_token=AUTH_TOKEN, call_sid=sid("CA", name))
+            call.stream_sid = sid("MZ", name)
+            async with call:
+                async with asyncio.timeout(40):
+                    notes = await scenario(call)
+                assert call.violations == [], call.violations
+        finally:
+            await runner.cleanup()  # drains the call: its recording is closed after this
+    files = sorted(recordings.iterdir())
+    if not record:
+        return Outcome(call, notes), None
+    assert len(files) == 1, files
+    return Outcome(call, notes), files[0]
+
+
+# --- checks on the recordings ----------------------------------------------------------------------------
+
+
+def read_lines(path: Path) -> list[str]:
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return list(f)
+    return path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+def kinds(rec: Recording, src: str, direction: str) -> list[str]:
+    return [e.kind for e in rec.events if e.src == src and e.dir == direction]
+
+
+def first(rec: Recording, src: str, direction: str, kind: str) -> Any:
+    return next(e for e in rec.events if e.src == src and e.dir == direction and e.kind == kind)
+
+
+def check_common(rec: Recording, outcome: Outcome) -> None:
+    assert not rec.truncated
+    assert rec.header.call_sid == outcome.call.call_sid
+    twilio_in = kinds(rec, "twilio", "in")
+    assert twilio_in[:2] == ["connected", "start"], twilio_in[:3]
+    assert twilio_in[-1] == "stop", twilio_in[-3:]
+    start = first(rec, "twilio", "in", "start")
+    assert start.msg["start"]["customParameters"].get("token") == "[redacted]"
+    model_out = kinds(rec, "model", "out")
+    assert model_out[0] == "session.update", model_out[:3]
+    assert "input_audio_buffer.append" in model_out
+    assert "response.create" in model_out  # the greeting
+    assert kinds(rec, "twilio", "out").count("media") > 0
+
+
+def audio_deltas(rec: Recording) -> list[Any]:
+    names = ("response.output_audio.delta", "response.audio.delta")
+    return [e for e in rec.events if e.src == "model" and e.dir == "in" and e.kind in names]
+
+
+def check_greeting_question(rec: Recording, outcome: Outcome) -> None:
+    check_common(rec, outcome)
+    assert "clear" not in kinds(rec, "twilio", "out")
+    assert "conversation.item.truncate" not in kinds(rec, "model", "out")
+    assert kinds(rec, "model", "in").count("response.done") == 2  # the greeting and the answer
+    assert "input_audio_buffer.speech_stopped" in kinds(rec, "model", "in")
+
+
+def check_barge_in(rec: Recording, outcome: Outcome) -> None:
+    check_common(rec, outcome)
+    assert kinds(rec, "twilio", "out").count("clear") == 1, "no Twilio clear went out"
+    truncate = first(rec, "model", "out", "conversation.item.truncate")
+    clear = first(rec, "twilio", "out", "clear")
+    started = first(rec, "model", "in", "input_audio_buffer.speech_started")
+    assert started.t <= clear.t <= truncate.t + 50
+    end_ms = truncate.msg["audio_end_ms"]
+    heard_ms = outcome.notes["heard_at_clear"] * 1000
+    assert abs(end_ms - heard_ms) <= 60, (end_ms, heard_ms)
+    assert "error" not in kinds(rec, "model", "in")
+    assert kinds(rec, "model", "in").count("response.done") == 2
+
+
+def check_dtmf(rec: Recording, outcome: Outcome) -> None:
+    check_common(rec, outcome)
+    digits = [e.msg["dtmf"]["digit"] for e in rec.events if e.src == "twilio" and e.kind == "dtmf"]
+    assert digits == ["1", "#"], digits
+    assert kinds(rec, "model", "in").count("response.done") == 2
+
+
+def check_hangup_mid_answer(rec: Recording, outcome: Outcome) -> None:
+    check_common(rec, outcome)
+    stop = first(rec, "twilio", "in", "stop")
+    answer_id = [e.msg["response"]["id"] for e in rec.events if e.kind == "response.created"][1]
+    answer = [
+        e
+        for e in rec.events
+        if e.src == "twilio" and e.dir == "out" and e.kind == "media" and e.t > started_at(rec, answer_id)
+    ]
+    sent_ulaw = sum(len(e.msg["media"]["payload"]) * 3 // 4 for e in answer if e.t <= stop.t)
+    played_ulaw = (stop.t - answer[0].t) * 8  # 8 bytes per ms at most since the first frame went out
+    unplayed_s = (sent_ulaw - played_ulaw) / 8000
+    assert unplayed_s > 0.3, f"only {unplayed_s:.2f} s of the answer was unplayed at the stop"
+    outcome.notes["unplayed_at_stop_per_recording"] = round(unplayed_s, 2)
+    dones = [e for e in rec.events if e.kind == "response.done" and e.msg["response"]["id"] == answer_id]
+    outcome.notes["answer_done_before_stop"] = bool(dones and dones[0].t < stop.t)
+
+
+def started_at(rec: Recording, response_id: str) -> float:
+    return next(e.t for e in rec.events if e.kind == "response.created" and e.msg["response"]["id"] == response_id)
+
+
+def check_preview_g711(rec: Recording, outcome: Outcome) -> None:
+    check_common(rec, outcome)
+    assert rec.header.dialect == "preview" and rec.header.audio_path == "g711_ulaw", rec.header
+    session = first(rec, "model", "out", "session.update").msg["session"]
+    assert session.get("input_audio_format") == "g711_ulaw", session
+    assert session.get("output_audio_format") == "g711_ulaw", session
+    assert all(e.kind == "response.audio.delta" for e in audio_deltas(rec))
+    assert "clear" not in kinds(rec, "twilio", "out")
+    assert kinds(rec, "model", "in").count("response.done") == 2
+
+
+def check_capture(rec: Recording, outcome: Outcome) -> None:
+    assert rec.header.caller_only and rec.header.call_sid == outcome.call.call_sid
+    seq = kinds(rec, "twilio", "in")
+    assert seq[:2] == ["connected", "start"] and seq[-1] == "stop", seq
+    assert set(seq[2:-1]) == {"media", "dtmf"}, set(seq)
+    assert "mark" not in seq
+
+
+# --- writing and summarising ------------------------------------------------------------------------------
+
+
+def write_gzip(source: Path, target: Path) -> None:
+    """Copy a recording, re-compressed without the file name and time gzip.open puts in its header."""
+    target.write_bytes(gzip.compress(gzip.decompress(source.read_bytes()), compresslevel=9, mtime=0))
+
+
+def write_capture(call: TwilioCaller, target: Path) -> None:
+    """One Twilio→server JSON message per line, as a plain capture elsewhere would hold them."""
+    lines = []
+    for frame in call.sent:
+        assert isinstance(frame, str)
+        message = orjson.loads(frame)
+        if message.get("event") == "start":
+            params = message["start"]["customParameters"]
+            if "token" in params:
+                params["token"] = PLACEHOLDER_TOKEN
+        lines.append(orjson.dumps(message).decode() + "\n")
+    target.write_text("".join(lines), encoding="utf-8")
+
+
+def summary(name: str, path: Path, rec: Recording, outcome: Outcome) -> str:
+    counts = Counter((e.src, e.dir) for e in rec.events)
+    per_socket = ", ".join(f"{s} {d} {counts[(s, d)]}" for s in ("twilio", "model") for d in ("in", "out"))
+    clears = sum(1 for e in rec.events if e.src == "twilio" and e.dir == "out" and e.kind == "clear")
+    truncates = [e.msg["audio_end_ms"] for e in rec.events if e.kind == "conversation.item.truncate"]
+    digits = "".join(e.msg["dtmf"]["digit"] for e in rec.events if e.kind == "dtmf")
+    lines = [
+        f"{name}: {path.stat().st_size / 1000:.1f} kB, {rec.duration_ms / 1000:.2f} s, "
+        f"{len(rec.events)} events ({per_socket})",
+        f"    header: dialect {rec.header.dialect}, audio {rec.header.audio_path}"
+        + (", caller only" if rec.header.caller_only else "")
+        + f"; clears {clears}, truncates {truncates or 0}, dtmf {digits or '-'}; "
+        f"heard {outcome.call.heard_seconds():.2f} s",
+    ]
+    if outcome.notes:
+        notes = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in outcome.notes.items())
+        lines.append(f"    {notes}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    play: Callable[[TwilioCaller], Awaitable[dict[str, Any]]]
+    check: Callable[[Recording, Outcome], None]
+    options: dict[str, Any]
+
+
+SCENARIOS = (
+    Scenario("greeting-question.jsonl.gz", greeting_question, check_greeting_question, {}),
+    Scenario("barge-in.jsonl.gz", barge_in, check_barge_in, {}),
+    Scenario("dtmf.jsonl.gz", dtmf, check_dtmf, {}),
+    Scenario("hangup-mid-answer.jsonl.gz", hangup_mid_answer, check_hangup_mid_answer, {}),
+    Scenario(
+        "preview-g711.jsonl.gz",
+        preview_g711,
+        check_preview_g711,
+        {"dialect": "preview", "audio_path": "g711_ulaw"},
+    ),
+    Scenario(
+        "twilio-capture.jsonl",
+        capture_call,
+        check_capture,
+        {"profile": Profile(greeting=""), "record": False},
+    ),
+)
+
+
+async def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    total = 0
+    with tempfile.TemporaryDirectory(prefix="bridge-recordings-") as tmp:
+        for scenario in SCENARIOS:
+            outcome, source = await run_call(scenario.name, scenario.play, Path(tmp), **scenario.options)
+            target = OUT / scenario.name
+            if source is None:
+                write_capture(outcome.call, target)
+            else:
+                write_gzip(source, target)
+            rec = parse_recording(read_lines(target), name=scenario.name)
+            scenario.check(rec, outcome)
+            size = target.stat().st_size
+            total += size
+            print(summary(scenario.name, target, rec, outcome))
+            if size > FILE_BUDGET:
+                print(f"    warning: over the {FILE_BUDGET / 1000:.0f} kB budget of one file")
+    print(f"total {total / 1000:.1f} kB")
+    if total > TOTAL_BUDGET:
+        print(f"warning: over the {TOTAL_BUDGET / 1000:.0f} kB budget of all recordings")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(asyncio.run(main()))
