@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +29,34 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1, or BRIDGE_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080, or BRIDGE_PORT)")
+
+    replay = sub.add_parser(
+        "replay",
+        help="replay recorded calls through the bridge and compare what it sends",
+        description="Replays the caller side of each recording into a bridge and reports per call; "
+        "exits 1 when any call diverges from its recording or errs.",
+    )
+    replay.add_argument("recordings", nargs="+", type=Path, metavar="RECORDING")
+    replay.add_argument(
+        "--model",
+        choices=("recorded", "local", "azure"),
+        default="recorded",
+        help="recorded: answer with the recorded model events and compare (default); local: the local "
+        "model; azure: the deployment in AZURE_OPENAI_*",
+    )
+    replay.add_argument(
+        "--speed",
+        choices=("fast", "realtime"),
+        help="fast: a virtual clock (default for recorded/local); realtime: the wall clock (azure, --url)",
+    )
+    replay.add_argument("--url", help="replay into a running bridge at this base URL instead of in-process")
+    replay.add_argument("--auth-token", help="the running bridge's TWILIO_AUTH_TOKEN (with --url)")
+    replay.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
+
+    export = sub.add_parser("export", help="turn a recording into a stereo WAV and a timeline picture")
+    export.add_argument("recording", type=Path, metavar="RECORDING")
+    export.add_argument("--wav", type=Path, help="stereo WAV: left the caller, right what the caller heard")
+    export.add_argument("--timeline", type=Path, help="SVG timeline of the call")
     return parser
 
 
@@ -86,6 +115,14 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bridge`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "replay":
+        from bridge.replay_cli import replay_command
+
+        return replay_command(args)
+    if args.command == "export":
+        from bridge.replay_cli import export_command
+
+        return export_command(args)
     try:
         settings = load_settings(host=args.host, port=args.port)
     except ConfigError as exc:

@@ -52,7 +52,7 @@ ModelChoice = Literal["recorded", "local", "azure"]
 Speed = Literal["fast", "realtime"]
 T = TypeVar("T")
 
-TRUNCATE_TOLERANCE_MS = {"fast": 5, "realtime": 60}
+TRUNCATE_TOLERANCE_MS = {"fast": 25, "realtime": 60}
 """How far a replayed truncation point may be from the recorded one."""
 AUDIO_TOLERANCE_MS = 40
 """How far the total caller audio sent to the model may differ."""
@@ -107,17 +107,28 @@ def run(main: Coroutine[Any, Any, T], *, speed: Speed) -> T:
 # --- the recorded model ----------------------------------------------------------------------------
 
 
+AUDIO_DRIVEN = ("input_audio_buffer.", "conversation.item.input_audio_transcription.")
+"""Server events caused by the caller's audio: they wait for the same amount of it on replay."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Cue:
     event: Event
-    after_clients: int
-    """Send once the bridge has sent this many client events..."""
+    after: int
+    """Send once the bridge has sent this many client events of the kind that causes it..."""
+    audio: bool
+    """...counting ``input_audio_buffer.append`` (audio-driven events) or every other client event..."""
     lag: float
     """...and this many seconds after the last of them arrived (the recorded think time)."""
 
 
 class RecordedModel:
-    """A Realtime server that answers with a recording's model events, causally (see the module doc)."""
+    """A Realtime server that answers with a recording's model events, causally (see the module doc).
+
+    VAD events wait for as much caller audio as they followed in the recording; every other event waits
+    for the bridge's other client events (``session.update``, ``response.create``, ``truncate`` …). Events
+    go out in their recorded order, paced as recorded, so a reply streams as fast as it did.
+    """
 
     def __init__(self, recording: Recording) -> None:
         self.recording = recording
@@ -126,7 +137,7 @@ class RecordedModel:
         self.sent: list[dict[str, Any]] = []
         self.connections = 0
         self._cues = self._script(recording)
-        self._arrivals: list[float] = []
+        self._arrivals: dict[bool, list[float]] = {True: [], False: []}
         self._changed = asyncio.Event()
         self._server: Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -134,16 +145,19 @@ class RecordedModel:
     @staticmethod
     def _script(recording: Recording) -> list[_Cue]:
         cues: list[_Cue] = []
-        clients = 0
-        last_client_t = 0.0
+        counts = {True: 0, False: 0}
+        last_t = {True: 0.0, False: 0.0}
         for event in recording.events:
             if event.src != "model":
                 continue
             if event.dir == "out":
-                clients += 1
-                last_client_t = event.t
+                audio = event.kind == "input_audio_buffer.append"
+                counts[audio] += 1
+                last_t[audio] = event.t
             else:
-                cues.append(_Cue(event, clients, max(0.0, (event.t - last_client_t) / 1000.0)))
+                audio = event.kind.startswith(AUDIO_DRIVEN)
+                lag = max(0.0, (event.t - last_t[audio]) / 1000.0)
+                cues.append(_Cue(event, counts[audio], audio, lag))
         return cues
 
     @property
@@ -178,8 +192,10 @@ class RecordedModel:
                     parsed = orjson.loads(message)
                 except orjson.JSONDecodeError:
                     parsed = None
-                self.received.append(parsed if isinstance(parsed, dict) else {"raw": str(message)})
-                self._arrivals.append(asyncio.get_running_loop().time())
+                event = parsed if isinstance(parsed, dict) else {"raw": str(message)}
+                self.received.append(event)
+                audio = event.get("type") == "input_audio_buffer.append"
+                self._arrivals[audio].append(asyncio.get_running_loop().time())
                 self._changed.set()
         except ConnectionClosed:
             pass
@@ -193,10 +209,11 @@ class RecordedModel:
         connected = loop.time()
         previous: tuple[float, float] | None = None  # (when sent, recorded t) of the previous cue
         for cue in self._cues:
-            while len(self._arrivals) < cue.after_clients:
+            arrivals = self._arrivals[cue.audio]
+            while len(arrivals) < cue.after:
                 self._changed.clear()
                 await self._changed.wait()
-            anchor = self._arrivals[cue.after_clients - 1] if cue.after_clients else connected
+            anchor = arrivals[cue.after - 1] if cue.after else connected
             due = anchor + cue.lag
             if previous is not None:  # keep the recorded pacing of a stream of deltas
                 due = max(due, previous[0] + (cue.event.t - previous[1]) / 1000.0)

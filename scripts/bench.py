@@ -28,6 +28,7 @@ import asyncio
 import base64
 import contextlib
 import ctypes
+import gc
 import hashlib
 import heapq
 import math
@@ -187,6 +188,18 @@ def histogram_quantiles(before: dict[str, float], after: dict[str, float], name:
 
 
 # --- the bridge process ------------------------------------------------------------------------------------
+
+
+def core_busy() -> dict[int, float]:
+    """Busy seconds of each CPU so far (user+nice+system+irq+softirq+steal), from /proc/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            v = [int(x) for x in values]
+            out[int(name[3:])] = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / tick
+    return out
 
 
 def free_port() -> int:
@@ -865,6 +878,9 @@ class Bench:
             # The measurement window.
             live_calls = sum(c.alive for c in self.calls)
             metrics_before = await self.scrape()
+            gc.collect()
+            gc.freeze()  # what exists now lives to the end: keep the collector's full passes short
+            busy0 = core_busy()
             cpu0, ru0, w0 = bridge.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF), perf()
             self.win_start, self.win_end = w0, w0 + opts.duration
             profiler = self.start_profiler(tmp) if opts.profile else None
@@ -874,6 +890,7 @@ class Bench:
                 rss_samples.append(bridge.rss_kib())
                 self.check_bridge()
             cpu1, ru1, w1 = bridge.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF), perf()
+            busy1 = core_busy()
             metrics_after = await self.scrape()
             threads = bridge.status("Threads")
             live_end = sum(c.alive for c in self.calls)
@@ -891,6 +908,7 @@ class Bench:
                 window=w1 - w0,
                 bridge_cpu=cpu1 - cpu0,
                 gen_cpu=(ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
+                cores={c: busy1.get(c, 0.0) - busy0[c] for c in busy0},
                 rss_base=rss_base,
                 rss_live=max(rss_samples) if rss_samples else bridge.rss_kib(),
                 live_calls=min(live_calls, live_end),
@@ -1053,6 +1071,7 @@ class Bench:
         dial_failures: int,
         ramp_took: float,
         threads: int,
+        cores: dict[int, float],
     ) -> dict[str, Any]:
         opts = self.opts
         n = max(1, live_calls)
@@ -1061,6 +1080,9 @@ class Bench:
         lost_out = sum(max(0, c.expected_out - c.rx_bytes) for c in self.calls) // FRAME_BYTES
         extra_out = sum(max(0, c.rx_bytes - c.expected_out) for c in self.calls) // FRAME_BYTES
         before, after = metrics
+        # What ran on the machine besides the bridge and this process (other work skews every figure).
+        ours = bridge_cpu + gen_cpu
+        foreign = max(0.0, sum(cores.values()) - ours)
         delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
         return {
             "calls": opts.calls,
@@ -1070,6 +1092,8 @@ class Bench:
             "dialect": opts.dialect,
             "pinned": opts.pin,
             "window_s": round(window, 2),
+            "cores_busy_percent": {str(c): round(100 * v / window, 1) for c, v in sorted(cores.items())},
+            "other_load_percent_of_a_core": round(100 * foreign / window, 1),
             "ramp_s": round(ramp_took, 2),
             "bridge": {
                 "cpu_percent_of_core": round(100 * bridge_cpu / window, 1),
@@ -1267,9 +1291,34 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {r['inbound']['n']} / {r['outbound']['n']} / {r['clear']['n']} |"
         )
     notes = [f"- {r['live_calls']} calls: {k}: {v}" for r in results for k, v in r["notes"].items()]
+    for r in results:
+        for warning in warnings_for(r):
+            notes.append(f"- {r['live_calls']} calls: **{warning}**")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
+
+
+def warnings_for(r: dict[str, Any]) -> list[str]:
+    """What makes a run's figures less than trustworthy."""
+    out = []
+    if r["other_load_percent_of_a_core"] > 5:
+        out.append(f"other processes used {r['other_load_percent_of_a_core']} % of a core during the window")
+    g = r["generator"]
+    if (
+        g["cpu_percent_of_core"] > 85
+        or (g["probe_in"]["p99_ms"] or 0) > 5
+        or (g["probe_out"]["p99_ms"] or 0) > 5
+    ):
+        out.append(
+            f"the generator is near saturation (CPU {g['cpu_percent_of_core']} %, probe p99 "
+            f"{g['probe_in']['p99_ms']} / {g['probe_out']['p99_ms']} ms): delays include its own lag"
+        )
+    if r["bridge"]["cpu_percent_of_core"] > 90:
+        out.append(f"the bridge is saturated ({r['bridge']['cpu_percent_of_core']} % of its core)")
+    if r["live_calls"] < r["calls"]:
+        out.append(f"only {r['live_calls']} of {r['calls']} calls were live through the window")
+    return out
 
 
 def profile_text(result: dict[str, Any]) -> str:

@@ -1,0 +1,752 @@
+"""Exports of a recorded call: a stereo WAV of what each side heard, an SVG timeline and a summary.
+
+Theory of operation. A recording (:mod:`bridge.recording`) holds every message of both sockets with the
+time it crossed. From it :func:`caller_and_heard` rebuilds two 8 kHz tracks on the call's timeline:
+
+* **left, the caller**: Twilio's inbound ``media`` payloads placed at their arrival time. Frames come
+  every 20 ms give or take network jitter, so each frame goes right after the previous one unless its
+  arrival jumps more than :data:`GAP_MS` ahead of that (a real gap in the stream); jitter does not chop
+  the audio.
+* **right, what the caller heard of the model**: Twilio's playback simulated from the bridge's outbound
+  messages. Twilio queues outbound ``media`` FIFO and plays it at real time (8 bytes a ms) from the
+  moment the queue becomes non-empty; a ``clear`` drops everything not yet played at that moment
+  (protocols.md §1.3). The few tens of ms that may still be in flight after a clear are not modelled.
+
+:func:`timeline_svg` draws the call on one page (see its docstring) and :func:`summary` gives the figures
+it shows. The caller's speech as the model's VAD saw it comes from ``input_audio_buffer.speech_started``
+and ``speech_stopped``, whose ``audio_start_ms``/``audio_end_ms`` count the audio appended to the model;
+they are mapped onto the call's timeline through the caller frames the bridge forwarded (the oldest
+frames queued before the session was live may have been dropped: the difference between the caller
+audio received and the audio appended is taken off the front).
+
+This module is core tier: pure functions, no I/O (the WAV is built in memory), no clock, no event loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import math
+import wave
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+from xml.sax.saxutils import escape
+
+import numpy as np
+import numpy.typing as npt
+import pybase64
+
+from bridge.audio import ulaw_to_pcm16
+from bridge.recording import Event, Recording
+
+__all__ = ["GAP_MS", "RATE", "caller_and_heard", "summary", "timeline_svg", "wav_bytes"]
+
+RATE: Final = 8000
+"""Sample rate of the exported tracks (Twilio's)."""
+GAP_MS: Final = 60.0
+"""An inbound frame arriving this much later than the end of the previous one starts after a gap."""
+
+_SPMS: Final = RATE // 1000  # samples (= μ-law bytes) per ms
+_WINDOW: Final = 160  # 20 ms envelope windows
+_AUDIO_DELTAS: Final = frozenset({"response.output_audio.delta", "response.audio.delta"})
+_MAX_TICKS: Final = 240
+"""At most this many mark ticks of each kind are drawn; beyond that an even subset."""
+
+Track = npt.NDArray[np.int16]
+
+
+# -- analysis: everything the three exports share
+
+
+@dataclass(slots=True)
+class _Played:
+    """One outbound media message: when it was sent, where in playback it starts, how much was played."""
+
+    sent_ms: float
+    start: int
+    data: bytes
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(slots=True)
+class _Speech:
+    """A speech segment of the model's VAD, in call ms."""
+
+    start_ms: float
+    end_ms: float | None = None
+    started_t: float = 0.0
+    stopped_t: float | None = None
+
+
+@dataclass(slots=True)
+class _Response:
+    id: str
+    created_t: float | None = None
+    done_t: float | None = None
+    status: str = ""
+    first_audio_t: float | None = None
+    last_audio_t: float | None = None
+    audio_bytes: int = 0
+
+
+@dataclass(slots=True)
+class _Call:
+    duration_ms: float = 0.0
+    caller: list[tuple[float, int, bytes]] = field(default_factory=list)
+    """Inbound frames: (arrival ms, start sample, μ-law)."""
+    played: list[_Played] = field(default_factory=list)
+    clears: list[float] = field(default_factory=list)
+    marks_sent: list[float] = field(default_factory=list)
+    marks_echoed: list[float] = field(default_factory=list)
+    dtmf: list[tuple[float, str]] = field(default_factory=list)
+    stop_t: float | None = None
+    speech: list[_Speech] = field(default_factory=list)
+    responses: dict[str, _Response] = field(default_factory=dict)
+    truncations: list[tuple[float, str, int]] = field(default_factory=list)
+    """(time sent, item_id, audio_end_ms)."""
+
+    @property
+    def samples(self) -> int:
+        """Length of both tracks: the call, or the audio if it runs on after the last event."""
+        caller_end = max((s + len(d) for _, s, d in self.caller), default=0)
+        heard_end = max((p.end for p in self.played), default=0)
+        return max(caller_end, heard_end, round(self.duration_ms * _SPMS))
+
+    def turns(self) -> list[tuple[float, float | None]]:
+        """Each caller turn: (speech_stopped arrival, first model audio heard after it or None)."""
+        stops = [s.stopped_t for s in self.speech if s.stopped_t is not None]
+        starts = sorted(s.started_t for s in self.speech)
+        out: list[tuple[float, float | None]] = []
+        for stop in stops:
+            nxt = bisect.bisect_right(starts, stop)
+            until = starts[nxt] if nxt < len(starts) else math.inf
+            heard = next(
+                (p.start / _SPMS for p in self.played if p.sent_ms >= stop and p.length > 0),
+                None,
+            )
+            out.append((stop, heard if heard is not None and heard < until else None))
+        return out
+
+
+def _media_payload(msg: Mapping[str, Any]) -> bytes | None:
+    media = msg.get("media")
+    if not isinstance(media, Mapping):
+        return None
+    track = media.get("track")
+    if isinstance(track, str) and track and not track.startswith("inbound"):
+        return None
+    payload = media.get("payload")
+    if not isinstance(payload, str) or not payload:
+        return None
+    try:
+        return pybase64.b64decode(payload, validate=True)
+    except ValueError:
+        return None
+
+
+def _b64_length(text: object) -> int:
+    """Decoded size of a base64 string, without decoding it."""
+    if not isinstance(text, str):
+        return 0
+    text = text.rstrip()
+    return max(0, len(text) * 3 // 4 - (len(text) - len(text.rstrip("="))))
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _response(call: _Call, rid: str) -> _Response:
+    if rid not in call.responses:
+        call.responses[rid] = _Response(rid)
+    return call.responses[rid]
+
+
+def _caller_frame(call: _Call, t: float, data: bytes, cursor: int | None) -> int:
+    at = max(0, round(t * _SPMS))
+    start = at if cursor is None or at > cursor + GAP_MS * _SPMS else cursor
+    call.caller.append((t, start, data))
+    return start + len(data)
+
+
+def _play(call: _Call, t: float, data: bytes, busy: int) -> int:
+    start = max(round(t * _SPMS), busy)
+    call.played.append(_Played(t, start, data, len(data)))
+    return start + len(data)
+
+
+def _clear(call: _Call, t: float, unsettled: int) -> None:
+    """Twilio ``clear`` at ``t``: cut everything queued from ``unsettled`` on at the playback point."""
+    cut = round(t * _SPMS)
+    for p in call.played[unsettled:]:
+        p.length = max(0, min(p.length, cut - p.start))
+
+
+def _model_in(call: _Call, e: Event, msg: Mapping[str, Any], rid_of: dict[str, str]) -> None:
+    kind = e.kind
+    if kind in _AUDIO_DELTAS:
+        rid = _text(msg.get("response_id")) or rid_of.get(_text(msg.get("item_id")), "") or "?"
+        r = _response(call, rid)
+        r.first_audio_t = e.t if r.first_audio_t is None else r.first_audio_t
+        r.last_audio_t = e.t
+        r.audio_bytes += _b64_length(msg.get("delta"))
+    elif kind in ("response.created", "response.done"):
+        body = msg.get("response")
+        body = body if isinstance(body, Mapping) else {}
+        rid = _text(body.get("id"))
+        if not rid:
+            return
+        r = _response(call, rid)
+        if kind == "response.created":
+            r.created_t = e.t
+        else:
+            r.done_t, r.status = e.t, _text(body.get("status"))
+    elif kind == "response.output_item.added":
+        item = msg.get("item")
+        if isinstance(item, Mapping):
+            rid_of[_text(item.get("id"))] = _text(msg.get("response_id"))
+    elif kind == "input_audio_buffer.speech_started":
+        ms = _number(msg.get("audio_start_ms"))
+        call.speech.append(_Speech(ms if ms is not None else -1.0, started_t=e.t))
+    elif kind == "input_audio_buffer.speech_stopped" and call.speech and call.speech[-1].stopped_t is None:
+        ms = _number(msg.get("audio_end_ms"))
+        call.speech[-1].end_ms = ms if ms is not None else -1.0
+        call.speech[-1].stopped_t = e.t
+
+
+def _analyse(rec: Recording) -> _Call:
+    call = _Call(duration_ms=rec.duration_ms)
+    cursor: int | None = None
+    busy = 0
+    unsettled = 0
+    appended_bytes = 0
+    last_append_t: float | None = None
+    rid_of: dict[str, str] = {}
+    for e in rec.events:
+        msg = e.msg
+        if msg is None:
+            continue
+        kind = e.kind
+        if e.src == "twilio" and e.dir == "in":
+            if kind == "media":
+                data = _media_payload(msg)
+                if data:
+                    cursor = _caller_frame(call, e.t, data, cursor)
+            elif kind == "mark":
+                call.marks_echoed.append(e.t)
+            elif kind == "dtmf":
+                dtmf = msg.get("dtmf")
+                digit = _text(dtmf.get("digit")) if isinstance(dtmf, Mapping) else ""
+                call.dtmf.append((e.t, digit or "?"))
+            elif kind == "stop" and call.stop_t is None:
+                call.stop_t = e.t
+                _clear(call, e.t, unsettled)  # the stream is gone: nothing more is played
+                unsettled = len(call.played)
+                busy = min(busy, round(e.t * _SPMS))
+        elif e.src == "twilio":
+            if kind == "media":
+                data = _media_payload(msg)
+                if data:
+                    busy = _play(call, e.t, data, busy)
+            elif kind == "clear":
+                call.clears.append(e.t)
+                _clear(call, e.t, unsettled)
+                unsettled = len(call.played)
+                busy = min(busy, round(e.t * _SPMS))
+            elif kind == "mark":
+                call.marks_sent.append(e.t)
+        elif e.dir == "in":
+            _model_in(call, e, msg, rid_of)
+        elif kind == "input_audio_buffer.append":
+            appended_bytes += _b64_length(msg.get("audio"))
+            last_append_t = e.t
+        elif kind == "conversation.item.truncate":
+            end = _number(msg.get("audio_end_ms"))
+            call.truncations.append((e.t, _text(msg.get("item_id")), int(end) if end is not None else -1))
+    _place_speech(call, rec, appended_bytes, last_append_t)
+    return call
+
+
+def _place_speech(call: _Call, rec: Recording, appended_bytes: int, last_append_t: float | None) -> None:
+    """Map the VAD's input-audio ms onto call ms through the caller frames (see the module doc)."""
+    if not call.caller:
+        for s in call.speech:  # nothing to map through: the events' arrival times
+            s.start_ms = s.started_t
+            s.end_ms = s.stopped_t
+        return
+    in_ms = 8.0 if rec.header.audio_path == "g711_ulaw" else 48.0  # bytes per ms the model was sent
+    received = [len(d) / _SPMS for _, _, d in call.caller]
+    offsets = np.concatenate(([0.0], np.cumsum(received)))
+    dropped = 0.0
+    if last_append_t is not None:
+        arrived = sum(1 for t, _, _ in call.caller if t <= last_append_t)
+        dropped = max(0.0, float(offsets[arrived]) - appended_bytes / in_ms)
+
+    def place(input_ms: float | None, fallback: float | None) -> float | None:
+        if input_ms is None or input_ms < 0:
+            return fallback
+        pos = input_ms + dropped
+        i = min(max(int(np.searchsorted(offsets, pos, side="right")) - 1, 0), len(received) - 1)
+        return call.caller[i][1] / _SPMS + (pos - float(offsets[i]))
+
+    for s in call.speech:
+        s.start_ms = place(s.start_ms, s.started_t) or 0.0
+        s.end_ms = place(s.end_ms, s.stopped_t)
+
+
+def _decode(buffer: bytearray) -> Track:
+    return np.frombuffer(ulaw_to_pcm16(bytes(buffer)), dtype="<i2").astype(np.int16)
+
+
+def _tracks(call: _Call) -> tuple[Track, Track]:
+    n = call.samples
+    left = bytearray(b"\xff" * n)
+    for _, start, data in call.caller:
+        left[start : start + len(data)] = data
+    right = bytearray(b"\xff" * n)
+    for p in call.played:
+        right[p.start : p.end] = p.data[: p.length]
+    return _decode(left), _decode(right)
+
+
+# -- the public exports
+
+
+def caller_and_heard(rec: Recording) -> tuple[Track, Track]:
+    """The caller's audio and what the caller heard of the model: two int16 8 kHz tracks, same length.
+
+    Sample ``i`` of either is at ``i / 8`` ms of the call (module doc). A caller-only recording gives a
+    silent right track; a recording without audio gives two tracks of the call's length in silence.
+    """
+    return _tracks(_analyse(rec))
+
+
+def wav_bytes(left: Track, right: Track, rate: int = RATE) -> bytes:
+    """A stereo 16-bit PCM WAV file of two tracks (the shorter is padded with silence)."""
+    n = max(len(left), len(right))
+    frames = np.zeros((n, 2), dtype="<i2")
+    frames[: len(left), 0] = left
+    frames[: len(right), 1] = right
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(frames.tobytes())
+    return out.getvalue()
+
+
+def summary(rec: Recording) -> dict[str, Any]:
+    """The per-call figures the timeline shows.
+
+    ``turn_latencies_ms``: for each caller turn answered, ms from the VAD's ``speech_stopped`` reaching
+    the bridge to the first model audio the caller heard after it (``unanswered_turns`` counts the
+    turns where the caller spoke again, or the call ended, first). ``truncations``: ``(item_id,
+    audio_end_ms)`` as sent. ``vad_speech_ms``: the VAD's speech segments in call ms (end ``None``
+    while still speaking when the recording ends). Seconds are rounded to ms.
+    """
+    return _summary(rec, _analyse(rec))
+
+
+def _summary(rec: Recording, call: _Call) -> dict[str, Any]:
+    out_ms = 8.0 if rec.header.audio_path == "g711_ulaw" else 48.0
+    turns = call.turns()
+    latencies = [round(heard - stop, 1) for stop, heard in turns if heard is not None]
+    speech_s = sum(
+        max(0.0, (s.end_ms if s.end_ms is not None else call.duration_ms) - s.start_ms) for s in call.speech
+    )
+    responses = sorted(call.responses.values(), key=lambda r: _first_time(r))
+    return {
+        "call_sid": rec.header.call_sid,
+        "dialect": rec.header.dialect,
+        "audio_path": rec.header.audio_path,
+        "caller_only": rec.header.caller_only,
+        "truncated_recording": rec.truncated,
+        "duration_s": round(call.duration_ms / 1000, 3),
+        "caller_audio_s": round(sum(len(d) for _, _, d in call.caller) / RATE, 3),
+        "caller_speech_s": round(speech_s / 1000, 3),
+        "vad_speech_ms": [
+            (round(s.start_ms, 1), round(s.end_ms, 1) if s.end_ms is not None else None) for s in call.speech
+        ],
+        "caller_turns": len(turns),
+        "sent_s": round(sum(len(p.data) for p in call.played) / RATE, 3),
+        "heard_s": round(sum(p.length for p in call.played) / RATE, 3),
+        "barge_ins": len(call.clears),
+        "truncations": [(item, ms) for _, item, ms in call.truncations],
+        "dtmf": "".join(d for _, d in call.dtmf),
+        "responses": len(call.responses),
+        "response_ids": [r.id for r in responses],
+        "generated_s": round(sum(r.audio_bytes for r in responses) / out_ms / 1000, 3),
+        "turn_latencies_ms": latencies,
+        "unanswered_turns": len(turns) - len(latencies),
+        "marks_sent": len(call.marks_sent),
+        "marks_echoed": len(call.marks_echoed),
+        "hung_up": call.stop_t is not None,
+    }
+
+
+def _first_time(r: _Response) -> float:
+    times = [t for t in (r.created_t, r.first_audio_t, r.done_t) if t is not None]
+    return min(times, default=0.0)
+
+
+# -- the timeline
+
+_FONT: Final = "font-family:DejaVu Sans,Verdana,Arial,sans-serif"
+_CALLER: Final = "#1f6fb4"
+_VAD: Final = "#8fbfe6"
+_HEARD: Final = "#2e9a3e"
+_GENERATED: Final = "#f08c1a"
+_BARGE: Final = "#d62728"
+_TRUNCATE: Final = "#8e44ad"
+_DTMF: Final = "#8c564b"
+_MARK: Final = "#5b6ee1"
+_GRID: Final = "#e4e4e4"
+_INK: Final = "#222222"
+_SOFT: Final = "#666666"
+_TICK_STEPS_S: Final = (0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 1200)
+
+
+class _Svg:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def add(self, element: str) -> None:
+        self.parts.append(element)
+
+    def text(
+        self, x: float, y: float, content: str, *, size: float = 11, fill: str = _INK, **attrs: str
+    ) -> None:
+        extra = "".join(f' {k.replace("_", "-")}="{v}"' for k, v in attrs.items())
+        self.add(
+            f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size:g}" fill="{fill}"{extra}>{escape(content)}</text>'
+        )
+
+    def line(
+        self, x1: float, y1: float, x2: float, y2: float, stroke: str, width: float = 1, dash: str = ""
+    ) -> None:
+        d = f' stroke-dasharray="{dash}"' if dash else ""
+        self.add(
+            f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{stroke}" '
+            f'stroke-width="{width:g}"{d}/>'
+        )
+
+    def rect(self, x: float, y: float, w: float, h: float, fill: str, **attrs: str) -> None:
+        extra = "".join(f' {k.replace("_", "-")}="{v}"' for k, v in attrs.items())
+        self.add(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{h:.1f}" fill="{fill}"{extra}/>'
+        )
+
+
+class _Rows:
+    """Greedy placement of labels in a few rows so that they do not overlap."""
+
+    def __init__(self, rows: int) -> None:
+        self.ends = [-math.inf] * rows
+        self.dropped = 0
+
+    def place(self, x: float, width: float) -> int | None:
+        for row, end in enumerate(self.ends):
+            if x >= end + 6:
+                self.ends[row] = x + width
+                return row
+        self.dropped += 1
+        return None
+
+
+def _text_width(text: str, size: float) -> float:
+    return len(text) * size * 0.6
+
+
+def _clock(seconds: float, step: float) -> str:
+    if step < 1:
+        return f"{seconds:.1f} s" if step != 0.25 else f"{seconds:.2f} s"
+    if seconds < 60 and step < 60:
+        return f"{seconds:.0f} s"
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def _envelope(track: Track) -> npt.NDArray[np.float64]:
+    """Loudness per 20 ms window on 0..1: dBFS RMS from -55 dB (0) to -5 dB (1)."""
+    n = len(track) // _WINDOW * _WINDOW
+    if n == 0:
+        return np.zeros(0)
+    windows = track[:n].astype(np.float64).reshape(-1, _WINDOW) / 32768.0
+    rms = np.sqrt(np.mean(windows * windows, axis=1))
+    db = 20 * np.log10(np.maximum(rms, 1e-6))
+    out: npt.NDArray[np.float64] = np.clip((db + 55) / 50, 0.0, 1.0)
+    return out
+
+
+def _band(
+    svg: _Svg, env: npt.NDArray[np.float64], x0: float, px_per_ms: float, mid: float, half: float, fill: str
+) -> None:
+    """The envelope as a band mirrored around ``mid``, one point per pixel column at most."""
+    if env.size == 0 or not env.any():
+        svg.line(x0, mid, x0 + env.size * 20 * px_per_ms, mid, fill, 0.6)
+        return
+    columns = max(1, min(env.size, math.ceil(env.size * 20 * px_per_ms)))
+    edges = np.linspace(0, env.size, columns + 1).astype(int)
+    edges = np.unique(edges)
+    peaks = np.maximum.reduceat(env, edges[:-1])
+    xs = x0 + edges * 20 * px_per_ms
+    top: list[str] = []
+    bottom: list[str] = []
+    for i, v in enumerate(peaks):
+        h = max(float(v) * half, 0.4)
+        top.append(f"{xs[i]:.1f},{mid - h:.1f} {xs[i + 1]:.1f},{mid - h:.1f}")
+        bottom.append(f"{xs[i + 1]:.1f},{mid + h:.1f} {xs[i]:.1f},{mid + h:.1f}")
+    points = " ".join(top + bottom[::-1])
+    svg.add(f'<polygon points="{points}" fill="{fill}" stroke="none"/>')
+
+
+def _subset(times: Sequence[float]) -> tuple[list[float], int]:
+    if len(times) <= _MAX_TICKS:
+        return list(times), 1
+    every = math.ceil(len(times) / _MAX_TICKS)
+    return list(times[::every]), every
+
+
+def _short_id(rid: str) -> str:
+    if rid.startswith("resp_") and len(rid) > 11:
+        return rid[:11] + "…"
+    return rid if len(rid) <= 12 else rid[:11] + "…"
+
+
+def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
+    """An SVG timeline of the call, readable at ``width`` px for calls of seconds to tens of minutes.
+
+    Three lanes on one time axis: the caller's speech (loudness envelope, and the model VAD's speech
+    segments mapped onto call time, DTMF digits), the model speech the caller heard (its envelope, the
+    Twilio marks sent and echoed, and for each caller turn the added latency from ``speech_stopped``
+    to the first audio heard), and the model audio generated (first to last audio delta of each
+    response). Barge-ins (``clear``), truncations and the hang-up are vertical lines across the lanes.
+    """
+    call = _analyse(rec)
+    left, right = _tracks(call)
+    facts = _summary(rec, call)
+    h = rec.header
+
+    width = max(width, 480)
+    label_w = 172.0
+    x0, x1 = label_w + 10, width - 20.0
+    span_ms = max(call.samples / _SPMS, 1000.0)
+    px_per_ms = (x1 - x0) / span_ms
+
+    def x(t_ms: float) -> float:
+        return x0 + min(max(t_ms, 0.0), span_ms) * px_per_ms
+
+    # vertical layout
+    marker_top = 78.0
+    marker_rows = 3
+    lane1 = marker_top + marker_rows * 14 + 6
+    lane_h = 96.0
+    lane2 = lane1 + lane_h + 8
+    lane3 = lane2 + lane_h + 8
+    lane3_h = 70.0
+    axis_y = lane3 + lane3_h + 4
+    legend_y = axis_y + 52
+
+    svg = _Svg()
+    svg.add(f"<title>{escape('Call ' + h.call_sid)}</title>")
+
+    # title
+    duration = facts["duration_s"]
+    kind = "caller-only capture" if h.caller_only else f"dialect {h.dialect} · audio {h.audio_path}"
+    title = f"Call {h.call_sid} — {kind} — {_clock(duration, 1 if duration >= 60 else 0.5)}"
+    if duration < 60:
+        title = f"Call {h.call_sid} — {kind} — {duration:.1f} s"
+    svg.text(12, 26, title, size=17, font_weight="bold")
+    sub = [f"caller audio {facts['caller_audio_s']:.1f} s", f"model heard {facts['heard_s']:.1f} s"]
+    if facts["sent_s"] > facts["heard_s"]:
+        sub.append(f"of {facts['sent_s']:.1f} s sent")
+    sub.append(f"responses {facts['responses']}")
+    sub.append(f"barge-ins {facts['barge_ins']}")
+    sub.append(f"truncations {len(facts['truncations'])}")
+    lat = facts["turn_latencies_ms"]
+    if lat:
+        sub.append(f"latency median {float(np.median(lat)):.0f} ms, max {max(lat):.0f} ms")
+    if facts["dtmf"]:
+        sub.append(f"DTMF {facts['dtmf']}")
+    if h.started_at:
+        sub.append(f"started {h.started_at}")
+    if rec.truncated:
+        sub.append("recording cut short")
+    svg.text(12, 46, " · ".join(sub), size=12, fill=_SOFT)
+
+    # grid and axis
+    step = next((s for s in _TICK_STEPS_S if span_ms / 1000 / s <= (x1 - x0) / 80), _TICK_STEPS_S[-1])
+    svg.line(x0, axis_y, x1, axis_y, _INK)
+    k = 0
+    while k * step * 1000 <= span_ms + 1e-6:
+        tx = x(k * step * 1000)
+        svg.line(tx, marker_top, tx, axis_y, _GRID)
+        svg.line(tx, axis_y, tx, axis_y + 5, _INK)
+        svg.text(tx, axis_y + 18, _clock(k * step, step), size=11, text_anchor="middle")
+        k += 1
+    svg.text(x1, axis_y + 34, "call time (from the webhook)", size=10, fill=_SOFT, text_anchor="end")
+
+    # lanes
+    for top, lh, name, note in (
+        (lane1, lane_h, "caller speech", "Twilio inbound audio"),
+        (lane2, lane_h, "model speech heard", "Twilio playback, clears applied"),
+        (lane3, lane3_h, "model audio generated", "first → last audio delta"),
+    ):
+        svg.rect(x0, top, x1 - x0, lh, "#fafafa", stroke="#d0d0d0", stroke_width="1")
+        svg.text(12, top + lh / 2 - 2, name, size=13, font_weight="bold")
+        if h.caller_only and top != lane1:
+            svg.text(
+                (x0 + x1) / 2,
+                top + lh / 2 + 4,
+                "no model side in a caller-only capture",
+                size=11,
+                fill=_SOFT,
+                text_anchor="middle",
+            )
+        svg.text(12, top + lh / 2 + 14, note, size=10, fill=_SOFT)
+
+    # lane 1: caller envelope, VAD segments, DTMF
+    mid1 = lane1 + 40
+    _band(svg, _envelope(left), x0, px_per_ms, mid1, 30, _CALLER)
+    vad_y = lane1 + lane_h - 18
+    for s in call.speech:
+        end = s.end_ms if s.end_ms is not None else call.duration_ms
+        svg.rect(
+            x(s.start_ms), vad_y, max(x(end) - x(s.start_ms), 2), 10, _VAD, stroke=_CALLER, stroke_width="0.6"
+        )
+    dtmf_rows = _Rows(1)
+    for t, digit in call.dtmf:
+        svg.line(x(t), lane1 + 4, x(t), lane1 + lane_h - 4, _DTMF, 1, "2,2")
+        if dtmf_rows.place(x(t) - 8, 16) is not None:
+            svg.rect(x(t) - 8, lane1 + 3, 16, 15, "#ffffff", stroke=_DTMF, rx="3")
+            svg.text(x(t), lane1 + 14.5, digit, size=11, fill=_DTMF, text_anchor="middle", font_weight="bold")
+
+    # lane 2: heard envelope, marks, latency brackets
+    mid2 = lane2 + 52
+    _band(svg, _envelope(right), x0, px_per_ms, mid2, 30, _HEARD)
+    sent, sent_every = _subset(call.marks_sent)
+    echoed, echo_every = _subset(call.marks_echoed)
+    for t in sent:
+        svg.line(x(t), lane2 + lane_h - 10, x(t), lane2 + lane_h - 5, _MARK, 0.8)
+    for t in echoed:
+        svg.line(x(t), lane2 + lane_h - 5, x(t), lane2 + lane_h, _HEARD, 0.8)
+    lat_rows = _Rows(1)
+    for stop, heard in call.turns():
+        if heard is None:
+            continue
+        a, b = x(stop), x(heard)
+        label = f"+{heard - stop:.0f} ms"
+        y = lane2 + 12
+        svg.line(a, y, b, y, _INK, 1)
+        svg.line(a, y - 4, a, y + 4, _INK, 1)
+        svg.line(b, y - 4, b, y + 4, _INK, 1)
+        lw = _text_width(label, 10)
+        lx = (a + b) / 2 - lw / 2 if b - a > lw + 4 else b + 3
+        if lat_rows.place(lx, lw) is not None:
+            svg.text(lx, y + 14, label, size=10, fill=_INK)
+
+    # lane 3: responses
+    resp_rows = _Rows(2)
+    bar_y = lane3 + 30
+    for r in sorted(call.responses.values(), key=_first_time):
+        begin = r.created_t if r.created_t is not None else r.first_audio_t
+        finish = r.done_t if r.done_t is not None else (r.last_audio_t or begin)
+        if begin is not None and finish is not None:
+            svg.line(x(begin), bar_y + 5, x(finish), bar_y + 5, "#b0b0b0", 1.5)
+        if r.first_audio_t is not None and r.last_audio_t is not None:
+            svg.rect(
+                x(r.first_audio_t),
+                bar_y,
+                max(x(r.last_audio_t) - x(r.first_audio_t), 2),
+                10,
+                _GENERATED,
+                rx="2",
+            )
+        label = _short_id(r.id)
+        if r.status and r.status != "completed":
+            label += f" ({r.status})"
+        lx = x(begin if begin is not None else 0.0)
+        row = resp_rows.place(lx, _text_width(label, 10))
+        if row is not None:  # row 0 above the bar, row 1 below it
+            svg.text(lx, lane3 + 22 if row == 0 else bar_y + 24, label, size=10, fill=_SOFT)
+
+    # markers across the lanes
+    marker_rows_used = _Rows(marker_rows)
+
+    def marker(t: float, color: str, label: str, top: float, dash: str = "") -> None:
+        mx = x(t)
+        svg.line(mx, top, mx, axis_y, color, 1.6, dash)
+        lw = _text_width(label, 10)
+        flip = mx + lw + 4 > width - 4  # near the right edge: the label goes left of the line
+        row = marker_rows_used.place(mx - lw - 4 if flip else mx - 2, lw + 6)
+        if row is not None:
+            ly = marker_top + row * 14 + 11
+            svg.line(mx, ly - 2, mx, lane1, color, 0.8, "1,2")
+            svg.text(
+                mx - 3 if flip else mx + 3,
+                ly,
+                label,
+                size=10,
+                fill=color,
+                font_weight="bold",
+                text_anchor="end" if flip else "start",
+            )
+
+    for t, item, ms in call.truncations:
+        del item
+        marker(t, _TRUNCATE, f"truncate @ {ms} ms", lane2, "4,3")
+    for t in call.clears:
+        marker(t, _BARGE, "barge-in (clear)", marker_top)
+    if call.stop_t is not None:
+        marker(call.stop_t, _INK, "hang-up (stop)", marker_top)
+
+    # legend
+    candidates: list[tuple[bool, str, str]] = [
+        (True, _CALLER, "caller loudness (RMS per 20 ms, -55 to -5 dBFS)"),
+        (True, _HEARD, "model speech heard (simulated Twilio playback)"),
+        (bool(call.responses), _GENERATED, "audio deltas of a response (grey: created → done)"),
+        (bool(call.speech), _VAD, "model VAD speech (input ms mapped onto caller audio)"),
+        (bool(call.clears), _BARGE, "barge-in: Twilio clear sent"),
+        (bool(call.truncations), _TRUNCATE, "item truncate sent (ms of the item heard)"),
+        (
+            bool(call.marks_sent),
+            _MARK,
+            "ticks: marks sent" + (f" (1 in {sent_every} drawn)" if sent_every > 1 else ""),
+        ),
+        (
+            bool(call.marks_echoed),
+            _HEARD,
+            "ticks: marks echoed" + (f" (1 in {echo_every} drawn)" if echo_every > 1 else ""),
+        ),
+        (any(h is not None for _, h in call.turns()), _INK, "+N ms: speech_stopped received → model heard"),
+        (bool(call.dtmf), _DTMF, "DTMF digit pressed"),
+        (call.stop_t is not None, _INK, "hang-up: Twilio stop received"),
+    ]
+    items = [(color, text) for shown, color, text in candidates if shown]
+    if marker_rows_used.dropped:
+        items.append((_SOFT, f"{marker_rows_used.dropped} marker labels left out (too close)"))
+    columns = 3 if width >= 1000 else 2
+    col_w = (width - 24) / columns
+    for i, (color, text) in enumerate(items):
+        lx = 12 + (i % columns) * col_w
+        ly = legend_y + (i // columns) * 18
+        svg.rect(lx, ly - 9, 14, 10, color, rx="2")
+        svg.text(lx + 20, ly, text, size=10.5, fill=_INK)
+    height = legend_y + math.ceil(len(items) / columns) * 18
+    head = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height:.0f}" '
+        f'viewBox="0 0 {width} {height:.0f}" style="{_FONT}">\n'
+        f'<rect x="0" y="0" width="{width}" height="{height:.0f}" fill="#ffffff"/>\n'
+    )
+    return head + "\n".join(svg.parts) + "\n</svg>\n"
