@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 1.0
 """How long to wait for a peer's close frame before dropping the TCP connection."""
+MODEL_READY_TIMEOUT = 10.0
+"""A stream whose model has not confirmed the session by then is ended (it would stay silent)."""
+TWILIO_IDLE_TIMEOUT = 15.0
+"""Twilio streams 50 frames a second for the whole call: this long without a message is a dead socket."""
+GOODBYE_TIMEOUT = 10.0
+"""At shutdown, how long the goodbye may take before calls are ended regardless."""
 GZIP_FLUSH_SECONDS = 1.0
 """A gzip recording is sync-flushed this often: a crash loses at most this much of it."""
 
@@ -179,8 +185,18 @@ class Call:
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A bug, not a peer's fault: say so with the call id, and end the call rather than leave it mute.
+            log.error("call %s: internal error in %s", self.call_sid, task.get_coro(), exc_info=exc)
+            self._finish(f"internal error: {exc!r}")
 
     async def _open_model(self) -> None:
         began = perf_counter()
@@ -190,6 +206,11 @@ class Call:
             self.metrics.upstream_errors.inc(label="connect")
             self._log(logging.ERROR, "cannot open the Realtime session: %s", exc)
             self._finish(f"the model could not be reached: {exc}")
+            return
+        except Exception as exc:  # an unexpected failure must end the call, not leave it mute
+            self.metrics.upstream_errors.inc(label="connect")
+            self._log(logging.ERROR, "cannot open the Realtime session: %r", exc)
+            self._finish(f"the model could not be reached: {exc!r}")
             return
         if self.finished.is_set():
             await self._model.close()
@@ -257,19 +278,35 @@ class Call:
         self._twilio = ws
         self.open_model()
         self.metrics.live_calls.inc()
+        ready_timer = asyncio.get_running_loop().call_later(MODEL_READY_TIMEOUT, self._check_ready)
         try:
             for event in events:
                 await self._dispatch(self.session.receive_twilio(event))
             self._spawn(self._read_twilio(ws))
             await self.finished.wait()
         finally:
+            ready_timer.cancel()
             self.metrics.live_calls.dec()
             await self.teardown()
 
+    def _check_ready(self) -> None:
+        if not self.session.live and not self.finished.is_set():
+            self._log(
+                logging.ERROR, "the model did not confirm the session within %.0f s", MODEL_READY_TIMEOUT
+            )
+            self._finish(f"the model did not confirm the session within {MODEL_READY_TIMEOUT:.0f} s")
+
     async def _read_twilio(self, ws: web.WebSocketResponse) -> None:
         session, metrics = self.session, self.metrics
+        reason = "the Twilio stream closed"
         try:
-            async for msg in ws:
+            while True:
+                try:
+                    msg = await ws.receive(timeout=TWILIO_IDLE_TIMEOUT)
+                except TimeoutError:
+                    reason = f"nothing from Twilio for {TWILIO_IDLE_TIMEOUT:.0f} s: a dead connection"
+                    self._log(logging.WARNING, "%s", reason)
+                    break
                 received = perf_counter()
                 if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                     if self._recorder is not None:
@@ -280,7 +317,7 @@ class Call:
                         self._skip("twilio", exc.reason)
                         continue
                 else:
-                    break
+                    break  # close, closing, closed or error
                 if isinstance(event, tw.UnknownEvent):
                     self._once(event.event, "ignoring unknown Twilio event %r")
                     continue
@@ -291,13 +328,16 @@ class Call:
                     metrics.frames_in.inc()
                     metrics.inbound_delay.observe(perf_counter() - received)
         finally:
-            self._finish("the Twilio stream closed")
+            self._finish(reason)
 
     # -- one write path per socket
 
     async def _dispatch(self, outputs: list[Output], received: float | None = None) -> None:
+        generation = self.session.generation
         for out in outputs:
             kind = type(out)
+            if (kind is PlayAudio or kind is PlaceMark) and self.session.generation != generation:
+                continue  # a barge-in (from another task) happened while we were sending: drop the rest
             if kind is PlayAudio:
                 assert isinstance(out, PlayAudio)
                 await self._to_twilio(tw.serialize_media(self._sid(), out.payload))
@@ -456,7 +496,12 @@ class CallRegistry:
         if entry is None:
             return None
         entry[1].cancel()
-        return entry[0]
+        call = entry[0]
+        if call.finished.is_set():
+            # Its Realtime session failed or closed while waiting: better to connect afresh now.
+            self._track(call.abandon("pre-warmed session failed"))
+            return None
+        return call
 
     def _expire(self, call_sid: str) -> None:
         entry = self._prewarmed.pop(call_sid, None)
@@ -473,26 +518,25 @@ class CallRegistry:
         task.add_done_callback(self._cleanup.discard)
 
     async def drain(self, deadline: float, goodbye: str) -> None:
-        """Shutdown: refuse new calls, let live ones finish until ``deadline`` s, then say goodbye."""
+        """Shutdown: refuse new calls, let live ones (and answered ones still to connect) finish until
+        ``deadline`` s, then have the model say ``goodbye`` and end them."""
         self.draining = True
+        loop = asyncio.get_running_loop()
+        until = loop.time() + deadline
+        if self.live or self._prewarmed:
+            log.info("draining: up to %.0f s for %d live calls", deadline, len(self.live))
+        while (self.live or self._prewarmed) and loop.time() < until:  # noqa: ASYNC110 - polling two sets
+            await asyncio.sleep(0.05)
         for call, handle in self._prewarmed.values():
             handle.cancel()
             self._track(call.abandon("shutting down"))
         self._prewarmed.clear()
-        live = [c.finished.wait() for c in self.live]
-        if live:
-            log.info("draining: waiting up to %.0f s for %d live calls", deadline, len(live))
-            _, pending = await asyncio.wait([asyncio.ensure_future(w) for w in live], timeout=deadline)
-            for waiter in pending:
-                waiter.cancel()
         remaining = [c for c in self.live if not c.finished.is_set()]
-        for call in remaining:
-            await call.goodbye(goodbye)
         if remaining:
-            waits = [asyncio.ensure_future(c.finished.wait()) for c in remaining]
-            _, pending = await asyncio.wait(waits, timeout=10.0)
-            for waiter in pending:
-                waiter.cancel()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(GOODBYE_TIMEOUT):
+                    await asyncio.gather(*(c.goodbye(goodbye) for c in remaining), return_exceptions=True)
+                    await asyncio.gather(*(c.finished.wait() for c in remaining))
         for call in list(self.live):
             await call.teardown()
         if self._cleanup:

@@ -114,7 +114,7 @@ class _Call:
     def samples(self) -> int:
         """Length of both tracks: the call, or the audio if it runs on after the last event."""
         caller_end = max((s + len(d) for _, s, d in self.caller), default=0)
-        heard_end = max((p.end for p in self.played), default=0)
+        heard_end = max((p.end for p in self.played if p.length), default=0)
         return max(caller_end, heard_end, round(self.duration_ms * _SPMS))
 
     def turns(self) -> list[tuple[float, float | None]]:
@@ -218,6 +218,8 @@ def _model_in(call: _Call, e: Event, msg: Mapping[str, Any], rid_of: dict[str, s
             rid_of[_text(item.get("id"))] = _text(msg.get("response_id"))
     elif kind == "input_audio_buffer.speech_started":
         ms = _number(msg.get("audio_start_ms"))
+        if call.speech and call.speech[-1].stopped_t is None:  # a stop went missing: end it here
+            call.speech[-1].end_ms, call.speech[-1].stopped_t = ms, e.t
         call.speech.append(_Speech(ms if ms is not None else -1.0, started_t=e.t))
     elif kind == "input_audio_buffer.speech_stopped" and call.speech and call.speech[-1].stopped_t is None:
         ms = _number(msg.get("audio_end_ms"))
@@ -429,9 +431,8 @@ class _Svg:
         self, x: float, y: float, content: str, *, size: float = 11, fill: str = _INK, **attrs: str
     ) -> None:
         extra = "".join(f' {k.replace("_", "-")}="{v}"' for k, v in attrs.items())
-        self.add(
-            f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size:g}" fill="{fill}"{extra}>{escape(content)}</text>'
-        )
+        head = f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size:g}" fill="{fill}"{extra}>'
+        self.add(f"{head}{escape(content)}</text>")
 
     def line(
         self, x1: float, y1: float, x2: float, y2: float, stroke: str, width: float = 1, dash: str = ""
@@ -539,7 +540,7 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
     h = rec.header
 
     width = max(width, 480)
-    label_w = 172.0
+    label_w = 180.0
     x0, x1 = label_w + 10, width - 20.0
     span_ms = max(call.samples / _SPMS, 1000.0)
     px_per_ms = (x1 - x0) / span_ms
@@ -548,7 +549,7 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
         return x0 + min(max(t_ms, 0.0), span_ms) * px_per_ms
 
     # vertical layout
-    marker_top = 78.0
+    marker_top = 80.0
     marker_rows = 3
     lane1 = marker_top + marker_rows * 14 + 6
     lane_h = 96.0
@@ -564,26 +565,30 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
     # title
     duration = facts["duration_s"]
     kind = "caller-only capture" if h.caller_only else f"dialect {h.dialect} · audio {h.audio_path}"
-    title = f"Call {h.call_sid} — {kind} — {_clock(duration, 1 if duration >= 60 else 0.5)}"
-    if duration < 60:
-        title = f"Call {h.call_sid} — {kind} — {duration:.1f} s"
+    length = _clock(duration, 1) if duration >= 60 else f"{duration:.1f} s"
+    title = f"Call {h.call_sid} — {kind} — {length}"
     svg.text(12, 26, title, size=17, font_weight="bold")
-    sub = [f"caller audio {facts['caller_audio_s']:.1f} s", f"model heard {facts['heard_s']:.1f} s"]
-    if facts["sent_s"] > facts["heard_s"]:
-        sub.append(f"of {facts['sent_s']:.1f} s sent")
-    sub.append(f"responses {facts['responses']}")
-    sub.append(f"barge-ins {facts['barge_ins']}")
-    sub.append(f"truncations {len(facts['truncations'])}")
+    sub = [f"caller audio {facts['caller_audio_s']:.1f} s"]
+    if not h.caller_only:
+        sub.append(f"model heard {facts['heard_s']:.1f} s")
+        if facts["sent_s"] > facts["heard_s"]:
+            sub.append(f"of {facts['sent_s']:.1f} s sent")
+        sub.append(f"responses {facts['responses']}")
+        sub.append(f"barge-ins {facts['barge_ins']}")
+        sub.append(f"truncations {len(facts['truncations'])}")
     lat = facts["turn_latencies_ms"]
     if lat:
         sub.append(f"latency median {float(np.median(lat)):.0f} ms, max {max(lat):.0f} ms")
     if facts["dtmf"]:
-        sub.append(f"DTMF {facts['dtmf']}")
-    if h.started_at:
-        sub.append(f"started {h.started_at}")
-    if rec.truncated:
-        sub.append("recording cut short")
+        digits = facts["dtmf"]
+        sub.append(f"DTMF {digits if len(digits) <= 12 else digits[:11] + '…'}")
     svg.text(12, 46, " · ".join(sub), size=12, fill=_SOFT)
+    more = [f"started {h.started_at}"] if h.started_at else []
+    if h.bridge_version:
+        more.append(f"bridge {h.bridge_version}")
+    if rec.truncated:
+        more.append("recording cut short (the last line was incomplete)")
+    svg.text(12, 62, " · ".join(more), size=11, fill=_SOFT)
 
     # grid and axis
     step = next((s for s in _TICK_STEPS_S if span_ms / 1000 / s <= (x1 - x0) / 80), _TICK_STEPS_S[-1])
@@ -608,7 +613,7 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
         if h.caller_only and top != lane1:
             svg.text(
                 (x0 + x1) / 2,
-                top + lh / 2 + 4,
+                top + 22,
                 "no model side in a caller-only capture",
                 size=11,
                 fill=_SOFT,
@@ -625,12 +630,20 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
         svg.rect(
             x(s.start_ms), vad_y, max(x(end) - x(s.start_ms), 2), 10, _VAD, stroke=_CALLER, stroke_width="0.6"
         )
-    dtmf_rows = _Rows(1)
+    groups: list[tuple[float, str]] = []  # digits pressed within a few pixels share one label
     for t, digit in call.dtmf:
         svg.line(x(t), lane1 + 4, x(t), lane1 + lane_h - 4, _DTMF, 1, "2,2")
-        if dtmf_rows.place(x(t) - 8, 16) is not None:
-            svg.rect(x(t) - 8, lane1 + 3, 16, 15, "#ffffff", stroke=_DTMF, rx="3")
-            svg.text(x(t), lane1 + 14.5, digit, size=11, fill=_DTMF, text_anchor="middle", font_weight="bold")
+        if groups and x(t) - groups[-1][0] < 7 * len(groups[-1][1]) + 12:
+            groups[-1] = (groups[-1][0], groups[-1][1] + digit)
+        else:
+            groups.append((x(t), digit))
+    dtmf_rows = _Rows(1)
+    for gx, digits in groups:
+        shown = digits if len(digits) <= 8 else digits[:7] + "…"
+        bw = 7 * len(shown) + 9
+        if dtmf_rows.place(gx - 8, bw) is not None:
+            svg.rect(gx - 8, lane1 + 3, bw, 15, "#ffffff", stroke=_DTMF, rx="3")
+            svg.text(gx - 3.5, lane1 + 14.5, shown, size=11, fill=_DTMF, font_weight="bold")
 
     # lane 2: heard envelope, marks, latency brackets
     mid2 = lane2 + 52
@@ -676,40 +689,47 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
         label = _short_id(r.id)
         if r.status and r.status != "completed":
             label += f" ({r.status})"
-        lx = x(begin if begin is not None else 0.0)
+        lx = min(x(begin if begin is not None else 0.0), x1 - _text_width(label, 10) - 2)
         row = resp_rows.place(lx, _text_width(label, 10))
         if row is not None:  # row 0 above the bar, row 1 below it
             svg.text(lx, lane3 + 22 if row == 0 else bar_y + 24, label, size=10, fill=_SOFT)
 
-    # markers across the lanes
+    # markers across the lanes: lines always, labels where there is room (hang-up first, then barge-ins
+    # with the truncate that follows each, then lone truncates)
     marker_rows_used = _Rows(marker_rows)
 
-    def marker(t: float, color: str, label: str, top: float, dash: str = "") -> None:
+    def marker(t: float, pieces: list[tuple[str, str]]) -> None:
         mx = x(t)
-        svg.line(mx, top, mx, axis_y, color, 1.6, dash)
-        lw = _text_width(label, 10)
-        flip = mx + lw + 4 > width - 4  # near the right edge: the label goes left of the line
-        row = marker_rows_used.place(mx - lw - 4 if flip else mx - 2, lw + 6)
-        if row is not None:
-            ly = marker_top + row * 14 + 11
-            svg.line(mx, ly - 2, mx, lane1, color, 0.8, "1,2")
-            svg.text(
-                mx - 3 if flip else mx + 3,
-                ly,
-                label,
-                size=10,
-                fill=color,
-                font_weight="bold",
-                text_anchor="end" if flip else "start",
-            )
+        widths = [_text_width(text, 10) + 6 for text, _ in pieces]
+        total = sum(widths)
+        flip = mx + total > width - 4  # near the right edge: the label goes left of the line
+        lx = mx - total if flip else mx
+        row = marker_rows_used.place(lx - 2, total)
+        if row is None:
+            return
+        ly = marker_top + row * 14 + 11
+        svg.line(mx, ly - 2, mx, lane1, pieces[0][1], 0.8, "1,2")
+        for (text, color), w in zip(pieces, widths, strict=True):
+            svg.text(lx + 3, ly, text, size=10, fill=color, font_weight="bold")
+            lx += w
 
-    for t, item, ms in call.truncations:
-        del item
-        marker(t, _TRUNCATE, f"truncate @ {ms} ms", lane2, "4,3")
+    for t, _, _ in call.truncations:
+        svg.line(x(t), lane2, x(t), axis_y, _TRUNCATE, 1.6, "4,3")
     for t in call.clears:
-        marker(t, _BARGE, "barge-in (clear)", marker_top)
+        svg.line(x(t), marker_top, x(t), axis_y, _BARGE, 1.6)
     if call.stop_t is not None:
-        marker(call.stop_t, _INK, "hang-up (stop)", marker_top)
+        svg.line(x(call.stop_t), marker_top, x(call.stop_t), axis_y, _INK, 1.6)
+        marker(call.stop_t, [("hang-up (stop)", _INK)])
+    pending = list(call.truncations)
+    for t in call.clears:
+        pieces = [("barge-in", _BARGE)]
+        follow = next((tr for tr in pending if t <= tr[0] <= t + 250), None)
+        if follow is not None:
+            pending.remove(follow)
+            pieces.append((f"truncate @ {follow[2]} ms", _TRUNCATE))
+        marker(t, pieces)
+    for t, _, ms in pending:
+        marker(t, [(f"truncate @ {ms} ms", _TRUNCATE)])
 
     # legend
     candidates: list[tuple[bool, str, str]] = [

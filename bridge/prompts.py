@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bridge.config import AudioPath, Dialect
@@ -24,7 +24,7 @@ PREVIEW_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", 
 GA_VOICES = (*PREVIEW_VOICES, "marin", "cedar")
 NOISE_REDUCTION = ("near_field", "far_field")
 EAGERNESS = ("low", "medium", "high", "auto")
-TurnType = Literal["server_vad", "semantic_vad", "none"]
+TurnType = Literal["server_vad", "semantic_vad"]
 
 
 def voices_for(dialect: Dialect) -> tuple[str, ...]:
@@ -174,7 +174,10 @@ def profile_from_mapping(data: Mapping[str, Any], *, dialect: Dialect = Dialect.
     if "turn_detection" in data:
         raw = data["turn_detection"]
         if raw in (None, "none", "off", False):
-            turn = replace(turn, type="none")
+            problems["turn_detection"] = (
+                "none is not supported: the bridge relies on the model's turn detection to answer; "
+                "use server_vad or semantic_vad"
+            )
         elif isinstance(raw, Mapping):
             turn = _turn_detection(raw, problems)
         else:
@@ -216,6 +219,10 @@ def _turn_detection(raw: Mapping[str, Any], problems: dict[str, str]) -> TurnDet
     create = _bool(raw.get("create_response", True))
     if create is None:
         problems["turn_detection.create_response"] = "must be true or false"
+    elif not create:
+        problems["turn_detection.create_response"] = (
+            "false is not supported: the model would never answer (the bridge does not create responses)"
+        )
     interrupt = _bool(raw.get("interrupt_response", True))
     if interrupt is None:
         problems["turn_detection.interrupt_response"] = "must be true or false"

@@ -218,6 +218,13 @@ class TruncateItem:
 
 
 @dataclass(frozen=True, slots=True)
+class DeleteItem:
+    """``conversation.item.delete``: an assistant item the caller never heard."""
+
+    item_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class AddTextItem:
     """``conversation.item.create`` with a text message (a DTMF digit, a note for the model)."""
 
@@ -225,7 +232,9 @@ class AddTextItem:
     text: str
 
 
-ClientCommand = UpdateSession | AppendAudio | CreateResponse | CancelResponse | TruncateItem | AddTextItem
+ClientCommand = (
+    UpdateSession | AppendAudio | CreateResponse | CancelResponse | TruncateItem | DeleteItem | AddTextItem
+)
 
 
 # --- shared helpers -------------------------------------------------------------------------------
@@ -252,11 +261,9 @@ def _obj(d: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def turn_detection_wire(profile: Profile) -> dict[str, Any] | None:
+def turn_detection_wire(profile: Profile) -> dict[str, Any]:
     """The ``turn_detection`` object, the same in both dialects (only its place differs)."""
     td = profile.turn_detection
-    if td.type == "none":
-        return None
     if td.type == "semantic_vad":
         return {
             "type": "semantic_vad",
@@ -331,6 +338,8 @@ class Adapter(ABC):
                 "content_index": 0,
                 "audio_end_ms": command.audio_end_ms,
             }
+        elif isinstance(command, DeleteItem):
+            event = {"type": "conversation.item.delete", "item_id": command.item_id}
         else:
             event = {"type": "conversation.item.create", "item": self._text_item(command.role, command.text)}
         event["event_id"] = self._event_id()

@@ -358,12 +358,7 @@ class ReplayResult:
 def profile_of(recording: Recording) -> Profile:
     """The prompt profile the recorded call ran with (defaults for a caller-only capture)."""
     data = dict(recording.header.profile)
-    if not data:
-        return Profile()
-    turn = data.get("turn_detection")
-    if isinstance(turn, Mapping) and turn.get("type") == "none":
-        data["turn_detection"] = None
-    return profile_from_mapping(data)
+    return profile_from_mapping(data) if data else Profile()
 
 
 def _free_socket() -> socket.socket:

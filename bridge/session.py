@@ -136,7 +136,7 @@ class _Item:
 class _Mark:
     """A mark in flight: when it echoes, ``item`` was played up to ``position`` μ-law bytes."""
 
-    name: str
+    seq: int
     item: _Item
     position: int
     segment_sent_at: float
@@ -190,6 +190,8 @@ class CallSession:
         self._queue: deque[bytes] = deque()
         self._prestart: list[tuple[_Item, bytes]] = []
         self._greeted = False
+        self.generation = 0
+        """Bumped at every barge-in: frames computed before it must not be sent after it."""
         self._goodbye = False
         self._goodbye_response: str | None = None
         self._goodbye_done = False
@@ -264,7 +266,8 @@ class CallSession:
             return []
         if isinstance(event, rt.OutputItemAdded):
             if event.response_id not in self._dropped and event.item_type == "message":
-                self._current = self._items[event.item_id] = _Item(event.item_id, event.response_id)
+                # A delta may have come first (and marks may point at the item): never replace it.
+                self._current = self._items.setdefault(event.item_id, _Item(event.item_id, event.response_id))
             return []
         if isinstance(event, rt.AudioDone):
             return [] if event.response_id in self._dropped else self._flush_outbound()
@@ -338,7 +341,7 @@ class CallSession:
     def _mark(self, item: _Item) -> PlaceMark:
         self._mark_seq += 1
         name = f"m{self._mark_seq}"
-        self._ledger.append(_Mark(name, item, item.sent_bytes, self._unmarked_since))
+        self._ledger.append(_Mark(self._mark_seq, item, item.sent_bytes, self._unmarked_since))
         self._unmarked_frames = 0
         self.stats.marks_sent += 1
         return PlaceMark(name)
@@ -400,24 +403,46 @@ class CallSession:
 
     def _on_speech_started(self) -> list[Output]:
         if not self.live or not self.profile.turn_detection.interrupt_response:
-            return []
+            return []  # interrupt_response false: the caller's speech does not interrupt the model
+        return self._barge_in()
+
+    def _barge_in(self) -> list[Output]:
+        """Stop the model's audio: clear, truncate at what was heard, cancel, drop what comes late."""
         out: list[Output] = []
-        if self.hearing_model():
-            position = self.heard_position()
+        hearing = self.hearing_model()
+        position = self.heard_position()
+        active = self._active_response
+        current = self._current
+        if position is None and active is not None and current is not None and current.response_id == active:
+            # Everything sent was proved heard, but the model is still generating: cut the rest.
+            heard_ms = model_bytes_to_ms(current.heard_bytes, AudioPath.G711_ULAW) - self._outbound.delay_ms
+            generated_ms = model_bytes_to_ms(current.model_bytes, self.audio_path)
+            if current.model_bytes:
+                position = current, int(max(0.0, min(heard_ms, generated_ms)) + 1e-6)
+        if hearing:
             out.append(ClearAudio())
             self.stats.barge_ins += 1
-            if position is not None:
-                item, heard_ms = position
-                out.append(rt.TruncateItem(item.item_id, heard_ms))
-                self.stats.truncations.append((item.item_id, heard_ms))
-            self._ledger.clear()
-            self._unmarked_frames = 0
-            self._framer.clear()
-            self._outbound.reset()
-        if self._active_response is not None:
-            out.append(rt.CancelResponse(self._active_response))
+        if position is not None:
+            item, heard_ms = position
+            out.append(rt.TruncateItem(item.item_id, heard_ms))
+            self.stats.truncations.append((item.item_id, heard_ms))
+            # Later items of the same response were never heard: remove them from the conversation.
+            later = False
+            for other in self._items.values():
+                if other is item:
+                    later = True
+                elif later and other.response_id == item.response_id and other.model_bytes:
+                    out.append(rt.DeleteItem(other.item_id))
+        self._ledger.clear()
+        self._unmarked_frames = 0
+        self._framer.clear()
+        self._outbound.reset()
+        self._prestart.clear()
+        self.generation += 1
+        if active is not None:
+            out.append(rt.CancelResponse(active))
             self.stats.cancels += 1
-            self._dropped.add(self._active_response)
+            self._dropped.add(active)
             self._active_response = None
         return out
 
@@ -464,17 +489,17 @@ class CallSession:
         return out
 
     def _on_mark(self, name: str) -> list[Output]:
-        if not any(m.name == name for m in self._ledger):
+        seq = int(name[1:]) if name[:1] == "m" and name[1:].isdigit() else -1
+        ledger = self._ledger
+        if not ledger or not ledger[0].seq <= seq <= ledger[-1].seq:
             # Flushed by a clear, or from before it: not proof of playback (design.md §4).
             self.stats.marks_ignored += 1
             return []
         now = self.clock.now()
-        while self._ledger:
-            mark = self._ledger.popleft()
+        while ledger and ledger[0].seq <= seq:
+            mark = ledger.popleft()
             mark.item.heard_bytes = mark.position
             self.stats.marks_played += 1
-            if mark.name == name:
-                break
         self._last_echo_at = now
         return self._end_if_goodbye_heard()
 
@@ -487,6 +512,6 @@ class CallSession:
         if self.state is not CallState.LIVE:
             return self.end("shutting down")
         self._goodbye = True
-        out = self._on_speech_started()
+        out = self._barge_in()
         out.append(rt.CreateResponse(f"Say exactly this to the caller, then stop: {text}"))
         return out

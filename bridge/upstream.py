@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidStatus
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 
 from bridge.config import AzureSettings, Dialect
 from bridge.errors import UpstreamRejected, UpstreamUnavailable
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
 
 log = logging.getLogger(__name__)
+_WS_LOG = logging.getLogger("bridge.upstream.websockets")
+_WS_LOG.setLevel(logging.WARNING)  # at DEBUG websockets logs handshake headers: the api-key among them
 
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -35,12 +37,8 @@ RETRY_DELAYS = (0.25, 0.75, 1.5)
 
 def realtime_url(endpoint: str, deployment: str, dialect: Dialect, api_version: str | None) -> str:
     """The ``wss://`` (or loopback ``ws://``) URL of a deployment in one dialect (protocols.md §2.1)."""
-    base = endpoint.rstrip("/")
-    base = (
-        "wss://" + base[len("https://") :]
-        if base.startswith("https://")
-        else "ws://" + base[len("http://") :]
-    )
+    parts = urlsplit(endpoint.rstrip("/"))
+    base = ("wss" if parts.scheme.lower() == "https" else "ws") + "://" + parts.netloc
     if dialect is Dialect.GA:
         return f"{base}/openai/v1/realtime?model={quote(deployment, safe='')}"
     query = urlencode({"api-version": api_version or "", "deployment": deployment})
@@ -55,7 +53,7 @@ class Target:
     deployment: str
     dialect: Dialect
     api_version: str | None
-    api_key: str | None
+    api_key: str | None = field(repr=False)
 
     @classmethod
     def from_azure(cls, azure: AzureSettings) -> Target:
@@ -121,6 +119,7 @@ class Upstream:
                 ping_timeout=20,
                 close_timeout=2,
                 compression=None,
+                logger=_WS_LOG,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code
@@ -137,6 +136,10 @@ class Upstream:
             if status == 429 or status >= 500:
                 raise UpstreamUnavailable(f"the Realtime service answered HTTP {status}") from exc
             raise UpstreamRejected(f"the Realtime service refused the connection (HTTP {status})") from exc
+        except InvalidURI as exc:
+            raise UpstreamRejected(
+                f"bad Realtime URL {url.split('?')[0]}: check AZURE_OPENAI_ENDPOINT"
+            ) from exc
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             raise UpstreamUnavailable(
                 f"cannot reach the Realtime service: {type(exc).__name__}: {exc}"

@@ -14,7 +14,9 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
@@ -62,7 +64,7 @@ TOKENS = web.AppKey("tokens", StreamTokens)
 CLOCK = web.AppKey("clock", Clock)
 
 
-def _signature_ok(request: web.Request, url: str, params: dict[str, str]) -> bool:
+def _signature_ok(request: web.Request, url: str, params: Mapping[str, Any]) -> bool:
     token = request.app[SETTINGS].twilio_auth_token
     if token is None:
         return True  # BRIDGE_INSECURE_DEV on loopback, warned about at start-up
@@ -77,9 +79,10 @@ async def voice(request: web.Request) -> web.Response:
     """``POST /twilio/voice``: answer with ``<Connect><Stream>`` and pre-warm the Realtime session."""
     app = request.app
     settings, metrics, registry = app[SETTINGS], app[METRICS], app[REGISTRY]
-    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
-    url = settings.public_url + request.path_qs
-    if not _signature_ok(request, url, form):
+    post = await request.post()  # a MultiDict: repeated fields count in the signature
+    form = {k: v for k, v in post.items() if isinstance(v, str)}
+    url = settings.public_url + request.raw_path  # exactly as Twilio requested it, still percent-encoded
+    if not _signature_ok(request, url, post):
         metrics.refused.inc(label="bad_signature")
         log.warning("refused %s: X-Twilio-Signature does not match %s", VOICE_PATH, url)
         raise web.HTTPForbidden(text="invalid Twilio signature\n")
@@ -197,8 +200,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def status(request: web.Request) -> web.Response:
     """``POST /twilio/status``: stream status callbacks, the only place Twilio reports handshake errors."""
     settings = request.app[SETTINGS]
-    form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
-    if not _signature_ok(request, settings.public_url + request.path_qs, form):
+    post = await request.post()
+    form = {k: v for k, v in post.items() if isinstance(v, str)}
+    if not _signature_ok(request, settings.public_url + request.raw_path, post):
         request.app[METRICS].refused.inc(label="bad_signature")
         raise web.HTTPForbidden(text="invalid Twilio signature\n")
     event = form.get("StreamEvent", "")

@@ -444,9 +444,11 @@ async def main() -> int:
     made: list[tuple[Path, Path]] = []
     reports: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bridge-recordings-") as tmp:
+        calls, stage = Path(tmp) / "calls", Path(tmp) / "staged"
+        stage.mkdir()
         for scenario in SCENARIOS:
-            outcome, source = await run_call(scenario.name, scenario.play, Path(tmp), **scenario.options)
-            staged = Path(tmp) / scenario.name
+            outcome, source = await run_call(scenario.name, scenario.play, calls, **scenario.options)
+            staged = stage / scenario.name
             if source is None:
                 write_capture(outcome.call, staged)
             else:

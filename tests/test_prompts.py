@@ -39,11 +39,18 @@ def test_toml_profile() -> None:
     assert "Welcome to support." in (p.greeting_instructions() or "")
 
 
-def test_json_profile_and_turn_detection_off() -> None:
-    p = parse_profile(
-        '{"voice": "sage", "turn_detection": null, "noise_reduction": "off"}', filename="p.json"
-    )
-    assert p.voice == "sage" and p.turn_detection.type == "none" and p.noise_reduction is None
+def test_json_profile() -> None:
+    p = parse_profile('{"voice": "sage", "noise_reduction": "off"}', filename="p.json")
+    assert p.voice == "sage" and p.noise_reduction is None
+
+
+def test_settings_that_would_leave_the_model_mute_are_refused() -> None:
+    with pytest.raises(ProfileError) as info:
+        profile_from_mapping({"turn_detection": None})
+    assert "server_vad" in info.value.problems["turn_detection"]
+    with pytest.raises(ProfileError) as info:
+        profile_from_mapping({"turn_detection": {"create_response": False}})
+    assert "never answer" in info.value.problems["turn_detection.create_response"]
 
 
 def test_every_bad_field_is_reported_at_once() -> None:

@@ -21,7 +21,6 @@ PROFILES = [
         transcription=Transcription("whisper-1", "en"),
         turn_detection=TurnDetection(type="semantic_vad", eagerness="low", interrupt_response=False),
     ),
-    Profile(turn_detection=TurnDetection(type="none")),
 ]
 COMMANDS: list[rt.ClientCommand] = [
     rt.AppendAudio(b"\x01\x02" * 80),
@@ -29,6 +28,7 @@ COMMANDS: list[rt.ClientCommand] = [
     rt.CreateResponse("Say hello."),
     rt.CancelResponse("resp_1"),
     rt.TruncateItem("item_1", 1234),
+    rt.DeleteItem("item_2"),
     rt.AddTextItem("user", "[The caller pressed 5 on the keypad.]"),
 ]
 
@@ -53,11 +53,8 @@ def test_session_update_is_valid_in_each_dialect(dialect: Dialect, path: AudioPa
         assert "type" not in session and "audio" not in session
         assert session["input_audio_format"] == session["output_audio_format"] == path.value
         td = session["turn_detection"]
-    if profile.turn_detection.type == "none":
-        assert td is None
-    else:
-        assert td["type"] == profile.turn_detection.type
-        assert td["interrupt_response"] is profile.turn_detection.interrupt_response
+    assert td["type"] == profile.turn_detection.type
+    assert td["interrupt_response"] is profile.turn_detection.interrupt_response
 
 
 @pytest.mark.parametrize("dialect", list(Dialect))

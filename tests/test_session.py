@@ -309,3 +309,52 @@ def test_goodbye_stops_playback_speaks_and_ends_once_heard() -> None:
     clock.advance(0.1)
     (end,) = session.receive_twilio(mark("m3"))
     assert isinstance(end, EndCall) and end.reason == "said goodbye"
+
+
+def test_a_delta_before_output_item_added_keeps_the_items_counts() -> None:
+    session, clock = live()
+    session.receive_realtime(rt.ResponseCreated("r1"))
+    session.receive_realtime(rt.AudioDelta("r1", "i1", b"\x30" * 1600))  # m1, m2
+    session.receive_realtime(rt.OutputItemAdded("r1", "i1", "message"))  # must not reset i1
+    clock.advance(0.2)
+    session.receive_twilio(mark("m2"))
+    outs = session.receive_realtime(rt.SpeechStarted(900, "u1"))
+    assert rt.TruncateItem("i1", 200) in outs
+
+
+def test_everything_sent_was_heard_but_the_model_still_talks_truncates_at_the_heard_end() -> None:
+    session, clock = live()
+    respond(session, "r1", "i1", b"\x30" * 800)  # m1 after 5 frames: all of it sent
+    clock.advance(0.1)
+    session.receive_twilio(mark("m1"))  # all heard; the response is still active (model is slow)
+    outs = session.receive_realtime(rt.SpeechStarted(900, "u1"))
+    assert outs == [rt.TruncateItem("i1", 100), rt.CancelResponse("r1")]
+
+
+def test_later_items_of_the_interrupted_response_are_deleted() -> None:
+    session, clock = live()
+    respond(session, "r1", "i1", b"\x30" * 800)
+    session.receive_realtime(rt.OutputItemAdded("r1", "i2", "message"))
+    session.receive_realtime(rt.AudioDelta("r1", "i2", b"\x31" * 800))
+    clock.advance(0.03)
+    outs = session.receive_realtime(rt.SpeechStarted(900, "u1"))
+    assert outs == [ClearAudio(), rt.TruncateItem("i1", 30), rt.DeleteItem("i2"), rt.CancelResponse("r1")]
+
+
+def test_goodbye_stops_the_model_even_when_speech_may_not_interrupt_it() -> None:
+    session, _ = live(interrupt=False)
+    respond(session, "r1", "i1", b"\x30" * 800)
+    outs = session.say_goodbye("Bye")
+    assert outs[0] == ClearAudio()
+    assert rt.CancelResponse("r1") in outs
+    assert session.generation == 1
+
+
+def test_unknown_and_stale_mark_names_are_ignored() -> None:
+    session, _ = live()
+    respond(session, "r1", "i1", b"\x30" * 1600)
+    assert session.receive_twilio(mark("bogus")) == []
+    assert session.receive_twilio(mark("m99")) == []
+    session.receive_twilio(mark("m2"))  # m1 implicitly played before m2
+    assert session.stats.marks_played == 2 and session.stats.marks_ignored == 2
+    assert session.receive_twilio(mark("m1")) == []  # echoed again: stale

@@ -200,11 +200,6 @@ def test_deployment_names_are_quoted(name: str, dialect: Dialect) -> None:
     assert set(query) == ({"model"} if dialect is Dialect.GA else {"api-version", "deployment"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bridge bug: config accepts an upper-case scheme (urlsplit lower-cases it) but realtime_url "
-    "matches 'https://' case-sensitively and builds 'ws:///x…'",
-)
 def test_upper_case_scheme_is_still_wss() -> None:
     url = realtime_url("HTTPS://x.openai.azure.com", "DEP", Dialect.GA, None)
     assert url == "wss://x.openai.azure.com/openai/v1/realtime?model=DEP"
