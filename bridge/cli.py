@@ -53,6 +53,27 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--auth-token", help="the running bridge's TWILIO_AUTH_TOKEN (with --url)")
     replay.add_argument("--json", action="store_true", help="print the reports as JSON on stdout")
 
+    call = sub.add_parser(
+        "call",
+        help="place a simulated phone call into a running bridge (a Twilio double), e.g. to record one",
+        description="Dials the bridge like Twilio would, says each --say file in turn, listens to the "
+        "answers as a caller would hear them, then hangs up.",
+    )
+    call.add_argument("--url", default="http://127.0.0.1:8080", help="the bridge's base URL")
+    call.add_argument(
+        "--auth-token", help="its TWILIO_AUTH_TOKEN (default: the environment's; none in dev mode)"
+    )
+    call.add_argument(
+        "--say",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="speech to say: raw 8 kHz μ-law (.ulaw) or an 8 kHz mono 16-bit WAV; repeatable",
+    )
+    call.add_argument("--listen", type=float, default=15.0, help="at most this long for each answer (s)")
+    call.add_argument("--heard", type=Path, help="write what the caller heard to this WAV file")
+
     export = sub.add_parser("export", help="turn a recording into a stereo WAV and a timeline picture")
     export.add_argument("recording", type=Path, metavar="RECORDING")
     export.add_argument("--wav", type=Path, help="stereo WAV: left the caller, right what the caller heard")
@@ -123,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bridge.replay_cli import export_command
 
         return export_command(args)
+    if args.command == "call":
+        from bridge.replay_cli import call_command
+
+        return call_command(args)
     try:
         settings = load_settings(host=args.host, port=args.port)
     except ConfigError as exc:

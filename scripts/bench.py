@@ -406,9 +406,9 @@ class Response:
     """One model response of one call, as the model sent it."""
 
     samples: int = 0
-    """Output-rate (8 kHz) samples of eligible audio: deltas sent before any speech_started cut it."""
+    """Samples of audio in its deltas (24 kHz PCM16 or 8 kHz μ-law) sent before any speech_started."""
     base: int | None = None
-    """The double's received μ-law byte count when the response's first delta was sent."""
+    """Where its audio starts in the μ-law the double receives (bytes since the call began)."""
     stopped: bool = False
     """A speech_started came while it ran: the model cancels it, the bridge drops its later deltas."""
 
@@ -446,7 +446,8 @@ class Call:
     pending_marks: deque[str] = field(default_factory=deque)
     generation: int = 0
     clears: int = 0
-    targets: deque[tuple[int, float]] = field(default_factory=deque)
+    targets: deque[tuple[int, float, Response]] = field(default_factory=deque)
+    """Outbound probes: (μ-law byte position, time the model sent the delta that starts there, reply)."""
     # Outbound: what the model sent.
     responses: list[Response] = field(default_factory=list)
     current: Response | None = None
@@ -547,17 +548,15 @@ class Bench:
             n = b64_len(event["delta"])
             samples = n // 2 if self.pcm16 else n
             if r.base is None:
-                r.base = call.rx_bytes
-                if call.rx_bytes != call.expected_out:
-                    self.counts["outbound alignment mismatches"] += 1
-                if call.targets:
-                    self.counts["outbound targets never received"] += len(call.targets)
-                    call.targets.clear()
+                # Where this reply starts in what the double receives: after every earlier reply's audio
+                # as the bridge frames it (see response.done). Exact while no frame is lost, and right
+                # even when earlier frames are still on their way.
+                r.base = call.expected_out
             before = -(-r.samples // 3) if self.pcm16 else r.samples
             r.samples += samples
             after = -(-r.samples // 3) if self.pcm16 else r.samples
             if after - before >= FRAME_BYTES and self.win_start <= now < self.win_end:
-                call.targets.append((r.base + before, now))
+                call.targets.append((r.base + before, now, r))
         elif kind == "input_audio_buffer.speech_started":
             call.speech_started_at = perf()
             if call.current is not None:
@@ -577,6 +576,10 @@ class Bench:
                 else:
                     frames = 0
                 call.expected_out += frames * FRAME_BYTES
+                if r.stopped and r.base is not None:
+                    # The bridge sends no partial frame of a cut reply: forget positions it never reaches.
+                    end = r.base + frames * FRAME_BYTES
+                    call.targets = deque(t for t in call.targets if t[2] is not r or t[0] < end)
 
     # -- what the doubles receive --
 
@@ -626,7 +629,6 @@ class Bench:
             call.speech_started_at = None
         else:
             self.counts["clears without a speech_started"] += 1
-        call.targets.clear()  # frames not received by now were never sent (flushed in the bridge)
         call.play_end = now
         call.generation += 1
         for name in call.pending_marks:  # Twilio echoes every pending mark at once on clear
@@ -685,6 +687,9 @@ class Bench:
     def send_frame(self, call: Call, now: float) -> None:
         ws = call.ws
         assert ws is not None
+        if ws.closed:
+            call.alive = False
+            return
         payload = self.next_frame(call, now)
         call.seq += 1
         call.chunk += 1
@@ -898,12 +903,9 @@ class Bench:
             # Wind down: no new turns; let replies finish and play; then stop the audio and count.
             self.log("window over; winding down")
             self.winding_down = True
-            await self.settle(20.0)
-            self.sending = False
-            deadline = perf() + 5.0
-            while perf() < deadline and any(c.appends < c.frames_sent for c in self.calls if c.conn):  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.3)
+            drained_in = perf()
+            await self.drain()
+            self.log(f"drained in {perf() - drained_in:.1f} s")
             result = self.report(
                 window=w1 - w0,
                 bridge_cpu=cpu1 - cpu0,
@@ -971,27 +973,42 @@ class Bench:
         async with self.session.get(self.base_url + "/metrics") as resp:
             return parse_prometheus(await resp.text())
 
-    async def settle(self, limit: float) -> None:
-        """Wait until no call speaks, no reply runs or plays and no mark is pending (or ``limit`` s)."""
-        deadline = perf() + limit
-        while perf() < deadline:
+    async def drain(self) -> None:
+        """After the window: let the callers finish their sentences and the VAD close their turns, stop the
+        caller audio, then wait until every frame sent has reached the model and every reply the model
+        finished has reached the callers -- as long as anything still moves (at most 5 s without progress,
+        90 s in all), so that a frame still queued in an overloaded bridge is not called lost too early."""
+        live = [c for c in self.calls if c.conn is not None]
+
+        def turns_over(now: float) -> bool:
+            return all(c.utterance is None and now - c.speech_end > 1.0 for c in live if c.alive)
+
+        def inbound_done(now: float) -> bool:
+            return all(c.appends >= c.frames_sent for c in live)
+
+        def outbound_done(now: float) -> bool:
+            return all(c.current is None and c.rx_bytes >= c.expected_out for c in live)
+
+        await self.wait_until(turns_over, "caller turns still open")
+        self.sending = False
+        await self.wait_until(inbound_done, "inbound frames still in flight")
+        await self.wait_until(outbound_done, "outbound replies still in flight")
+
+    async def wait_until(self, done: Callable[[float], bool], what: str) -> None:
+        def progress() -> tuple[int, int, int]:
+            calls = self.calls
+            return sum(c.appends for c in calls), sum(c.rx_bytes for c in calls), sum(c.seq for c in calls)
+
+        deadline = perf() + 90.0
+        last, still = progress(), perf()
+        while not done(perf()):
+            await asyncio.sleep(0.05)
             now = perf()
-            busy = [
-                c
-                for c in self.calls
-                if c.alive
-                and (
-                    c.utterance is not None
-                    or now - c.speech_end < 1.5
-                    or c.current is not None
-                    or c.play_end > now
-                    or c.pending_marks
-                )
-            ]
-            if not busy:
+            if progress() != last:
+                last, still = progress(), now
+            elif now - still > 5.0 or now > deadline:
+                self.counts[f"gave up waiting: {what}"] += 1
                 return
-            await asyncio.sleep(0.1)
-        self.counts["calls still busy at the end (accounting may be off)"] += len(busy)
 
     async def hang_up(self) -> None:
         """Every caller hangs up as Twilio does: ``stop``, then the socket closes."""
@@ -1136,7 +1153,8 @@ class Bench:
             "barge_ins": len(self.clear),
             "barge_ins_total": sum(c.clears for c in self.calls),
             "responses": sum(len(c.responses) for c in self.calls),
-            "notes": dict(self.counts),
+            "notes": dict(self.counts)
+            | {"outbound probes never matched": sum(len(c.targets) for c in self.calls)},
         }
 
 

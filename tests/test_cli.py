@@ -110,3 +110,36 @@ async def test_serve_runs_with_the_local_model_and_drains_on_sigterm(tmp_path: P
     assert proc.returncode == 0, text
     assert "built-in local model" in text and "BRIDGE_INSECURE_DEV=1" in text and "shutting down" in text
     assert "never-logged" not in text
+
+
+async def test_a_newcomer_records_a_call_replays_it_and_exports_it(tmp_path: Path) -> None:
+    """The README's walk-through: serve with recording on, place a call, replay it, export it."""
+    port = free_port()
+    recordings = tmp_path / "recordings"
+    env = clean_env(tmp_path, BRIDGE_INSECURE_DEV="1", BRIDGE_RECORDINGS_DIR=str(recordings))
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "serve",
+        "--port",
+        str(port),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        code, err = await run_cli(
+            env, "call", "--url", f"http://127.0.0.1:{port}", "--say", str(ROOT / "tests/fixtures/hello.ulaw")
+        )
+        assert code == 0, err
+    finally:
+        server.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(server.wait(), 20)
+    (recording,) = recordings.iterdir()
+    code, err = await run_cli(env, "replay", str(recording))
+    assert code == 0, err
+    wav, svg = tmp_path / "call.wav", tmp_path / "call.svg"
+    code, err = await run_cli(env, "export", str(recording), "--wav", str(wav), "--timeline", str(svg))
+    assert code == 0, err
+    assert wav.stat().st_size > 8000 and "<svg" in svg.read_text()
