@@ -1,9 +1,11 @@
 """The prompt profile: what the assistant says and how it behaves on a call.
 
-A profile is plain data, validated once, frozen. Until the profile store arrives (issue #4) the bridge
-has one profile, read from the file named by ``BRIDGE_PROFILE`` (TOML or JSON) or taken from
-:data:`DEFAULT_PROFILE`. This module does no I/O: callers read the file and hand its text to
-:func:`parse_profile`.
+A profile is plain data, validated once, frozen: the instructions, voice and greeting, turn detection,
+noise reduction, transcription, response and call limits, the fallback message Twilio speaks when the
+model cannot be reached, recording with its consent announcement, and the phone numbers routed to it.
+Profiles are kept, versioned, in the store (``store.py``); ``BRIDGE_PROFILE`` (TOML or JSON) seeds the
+default profile. This module does no I/O: callers hand it data (:func:`profile_from_mapping`) or a
+file's text (:func:`parse_profile`); :func:`profile_to_mapping` is the inverse.
 
 Validation collects every problem, one message per field, so that a person fixing a file sees all of
 them at once (:class:`ProfileError`).
@@ -12,9 +14,10 @@ them at once (:class:`ProfileError`).
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from bridge.config import AudioPath, Dialect
@@ -69,6 +72,29 @@ class Profile:
     transcription: Transcription | None = None
     audio_path: AudioPath | None = None
     """``None``: use the bridge's ``BRIDGE_AUDIO_PATH``."""
+    language: str | None = None
+    """The language the assistant speaks (ISO-639-1), told to the model with the instructions."""
+    max_response_tokens: int | None = None
+    """Output token limit per response; ``None``: the model's maximum."""
+    max_call_seconds: int = 1800
+    """The call is ended politely after this long."""
+    fallback_message: str = "Sorry, our assistant is not available right now. Please call again later."
+    """Spoken by Twilio when the model cannot be reached."""
+    record_calls: bool = False
+    """Record calls of this profile (as ``BRIDGE_RECORDINGS_DIR`` does for every call)."""
+    consent_message: str = "This call may be recorded."
+    """Spoken by Twilio before the call is connected, when calls are recorded."""
+    numbers: tuple[str, ...] = ()
+    """E.164 numbers routed to this profile."""
+
+    def effective_instructions(self) -> str:
+        """The instructions as sent to the model (with the language, when one is set)."""
+        if self.language:
+            return (
+                f"{self.instructions}\n\nSpeak the language with ISO-639-1 code {self.language}, "
+                "unless the caller asks for another."
+            )
+        return self.instructions
 
     def greeting_instructions(self) -> str | None:
         """The ``response.create`` instructions that make the model say the greeting, or ``None``."""
@@ -104,15 +130,10 @@ def profile_from_mapping(data: Mapping[str, Any], *, dialect: Dialect = Dialect.
     problems: dict[str, str] = {}
     base = DEFAULT_PROFILE
     known = {
-        "name",
-        "instructions",
-        "voice",
-        "greeting",
-        "turn_detection",
-        "noise_reduction",
-        "transcription",
-        "audio_path",
-    }
+        "name", "instructions", "voice", "greeting", "turn_detection", "noise_reduction", "transcription",
+        "audio_path", "language", "max_response_tokens", "max_call_seconds", "fallback_message",
+        "record_calls", "consent_message", "numbers",
+    }  # fmt: skip
     for key in data:
         if key not in known:
             problems[key] = f"unknown field (known: {', '.join(sorted(known))})"
@@ -183,9 +204,42 @@ def profile_from_mapping(data: Mapping[str, Any], *, dialect: Dialect = Dialect.
         else:
             problems["turn_detection"] = "must be a table (type server_vad or semantic_vad) or none"
 
+    language = data.get("language", base.language)
+    if language in ("", None):
+        language = None
+    elif not (isinstance(language, str) and re.fullmatch(r"[a-z]{2,3}", language)):
+        problems["language"] = "must be an ISO-639-1 code such as en or de (or empty)"
+        language = None
+    max_tokens = data.get("max_response_tokens", base.max_response_tokens)
+    if max_tokens in ("", "inf", None):
+        max_tokens = None
+    elif _int(max_tokens, 1, 4096) is None:
+        problems["max_response_tokens"] = "must be a whole number from 1 to 4096 (or empty for no limit)"
+        max_tokens = None
+    max_call = _int(data.get("max_call_seconds", base.max_call_seconds), 10, 4 * 3600)
+    if max_call is None:
+        problems["max_call_seconds"] = "must be whole seconds from 10 to 14400"
+        max_call = base.max_call_seconds
+    fallback = text("fallback_message", base.fallback_message, required=True, limit=500)
+    consent = text("consent_message", base.consent_message, limit=500)
+    record = _bool(data.get("record_calls", base.record_calls))
+    if record is None:
+        problems["record_calls"] = "must be true or false"
+        record = False
+    if record and not consent.strip():
+        problems["consent_message"] = "must not be empty when calls are recorded: callers must be told"
+    numbers = _numbers(data.get("numbers", base.numbers), problems)
+
     if problems:
         raise ProfileError(problems, f"profile {name!r}" if isinstance(name, str) else "profile")
     return Profile(
+        language=language,
+        max_response_tokens=max_tokens,
+        max_call_seconds=max_call,
+        fallback_message=fallback,
+        record_calls=record,
+        consent_message=consent,
+        numbers=numbers,
         name=name,
         instructions=instructions,
         voice=voice,
@@ -195,6 +249,38 @@ def profile_from_mapping(data: Mapping[str, Any], *, dialect: Dialect = Dialect.
         transcription=transcription,
         audio_path=audio_path,
     )
+
+
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
+
+
+def _numbers(raw: Any, problems: dict[str, str]) -> tuple[str, ...]:
+    if isinstance(raw, str):
+        raw = [part for part in re.split(r"[,;\n]+", raw) if part.strip()]
+    if not isinstance(raw, list | tuple) or not all(isinstance(n, str) for n in raw):
+        problems["numbers"] = "must be a list of phone numbers in E.164 form, e.g. +14155550123"
+        return ()
+    cleaned = [re.sub(r"[\s().-]", "", n) for n in raw]
+    bad = [n for n in cleaned if not E164.fullmatch(n)]
+    if bad:
+        problems["numbers"] = (
+            f"not in E.164 form (+ country code and number, e.g. +14155550123): {', '.join(bad)}"
+        )
+        return ()
+    if len(set(cleaned)) != len(cleaned):
+        problems["numbers"] = "lists the same number twice"
+        return ()
+    return tuple(cleaned)
+
+
+def profile_to_mapping(profile: Profile) -> dict[str, Any]:
+    """A JSON/TOML-ready mapping that :func:`profile_from_mapping` turns back into ``profile``."""
+    data = asdict(profile)
+    data["audio_path"] = profile.audio_path.value if profile.audio_path else None
+    data["numbers"] = list(profile.numbers)
+    data["transcription"] = asdict(profile.transcription) if profile.transcription else None
+    data["noise_reduction"] = profile.noise_reduction or "off"
+    return data
 
 
 def _turn_detection(raw: Mapping[str, Any], problems: dict[str, str]) -> TurnDetection:

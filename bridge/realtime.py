@@ -478,7 +478,8 @@ class GAAdapter(Adapter):
         fmt = GA_FORMATS[audio_path]
         return {
             "type": "realtime",
-            "instructions": profile.instructions,
+            "instructions": profile.effective_instructions(),
+            "max_output_tokens": profile.max_response_tokens or "inf",
             "output_modalities": ["audio"],
             "audio": {
                 "input": {
@@ -532,7 +533,8 @@ class PreviewAdapter(Adapter):
         fmt = PREVIEW_FORMATS[audio_path]
         return {
             "modalities": ["text", "audio"],
-            "instructions": profile.instructions,
+            "instructions": profile.effective_instructions(),
+            "max_response_output_tokens": profile.max_response_tokens or "inf",
             "voice": profile.voice,
             "input_audio_format": fmt,
             "output_audio_format": fmt,

@@ -27,6 +27,8 @@ from bridge.config import STATUS_PATH, STREAM_PATH, VOICE_PATH, Settings
 from bridge.errors import AuthenticationFailed, MalformedMessage
 from bridge.metrics import Metrics
 from bridge.prompts import Profile
+from bridge.greeting import Greetings
+from bridge.store import Store
 from bridge.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 PROFILE = web.AppKey("profile", Profile)
 TOKENS = web.AppKey("tokens", StreamTokens)
 CLOCK = web.AppKey("clock", Clock)
+STORE = web.AppKey("store", Store)
+GREETINGS = web.AppKey("greetings", Greetings)
 
 
 def _signature_ok(request: web.Request, url: str, params: Mapping[str, Any]) -> bool:

@@ -190,16 +190,12 @@ def histogram_quantiles(before: dict[str, float], after: dict[str, float], name:
 # --- the bridge process ------------------------------------------------------------------------------------
 
 
-def core_busy() -> dict[int, float]:
-    """Busy seconds of each CPU so far (user+nice+system+irq+softirq+steal), from /proc/stat."""
+def cpu_times() -> dict[str, float]:
+    """Seconds so far of all CPUs together, from /proc/stat: process time (user, nice, system), interrupt
+    handling (irq, softirq: mostly the loopback network here) and steal (the hypervisor's)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, float] = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *values = line.split()
-        if name.startswith("cpu") and name[3:].isdigit():
-            v = [int(x) for x in values]
-            out[int(name[3:])] = (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / tick
-    return out
+    return {"process": (v[0] + v[1] + v[2]) / tick, "irq": (v[5] + v[6]) / tick, "steal": v[7] / tick}
 
 
 def free_port() -> int:
@@ -885,7 +881,7 @@ class Bench:
             metrics_before = await self.scrape()
             gc.collect()
             gc.freeze()  # what exists now lives to the end: keep the collector's full passes short
-            busy0 = core_busy()
+            busy0 = cpu_times()
             cpu0, ru0, w0 = bridge.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF), perf()
             self.win_start, self.win_end = w0, w0 + opts.duration
             profiler = self.start_profiler(tmp) if opts.profile else None
@@ -895,7 +891,7 @@ class Bench:
                 rss_samples.append(bridge.rss_kib())
                 self.check_bridge()
             cpu1, ru1, w1 = bridge.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF), perf()
-            busy1 = core_busy()
+            busy1 = cpu_times()
             metrics_after = await self.scrape()
             threads = bridge.status("Threads")
             live_end = sum(c.alive for c in self.calls)
@@ -910,7 +906,7 @@ class Bench:
                 window=w1 - w0,
                 bridge_cpu=cpu1 - cpu0,
                 gen_cpu=(ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
-                cores={c: busy1.get(c, 0.0) - busy0[c] for c in busy0},
+                machine={k: busy1[k] - busy0[k] for k in busy0},
                 rss_base=rss_base,
                 rss_live=max(rss_samples) if rss_samples else bridge.rss_kib(),
                 live_calls=min(live_calls, live_end),
@@ -1088,7 +1084,7 @@ class Bench:
         dial_failures: int,
         ramp_took: float,
         threads: int,
-        cores: dict[int, float],
+        machine: dict[str, float],
     ) -> dict[str, Any]:
         opts = self.opts
         n = max(1, live_calls)
@@ -1098,8 +1094,7 @@ class Bench:
         extra_out = sum(max(0, c.rx_bytes - c.expected_out) for c in self.calls) // FRAME_BYTES
         before, after = metrics
         # What ran on the machine besides the bridge and this process (other work skews every figure).
-        ours = bridge_cpu + gen_cpu
-        foreign = max(0.0, sum(cores.values()) - ours)
+        foreign = max(0.0, machine["process"] - bridge_cpu - gen_cpu)
         delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
         return {
             "calls": opts.calls,
@@ -1109,8 +1104,9 @@ class Bench:
             "dialect": opts.dialect,
             "pinned": opts.pin,
             "window_s": round(window, 2),
-            "cores_busy_percent": {str(c): round(100 * v / window, 1) for c, v in sorted(cores.items())},
             "other_load_percent_of_a_core": round(100 * foreign / window, 1),
+            "irq_percent_of_a_core": round(100 * machine["irq"] / window, 1),
+            "steal_percent_of_a_core": round(100 * machine["steal"] / window, 1),
             "ramp_s": round(ramp_took, 2),
             "bridge": {
                 "cpu_percent_of_core": round(100 * bridge_cpu / window, 1),
@@ -1308,7 +1304,13 @@ def markdown(results: list[dict[str, Any]]) -> str:
             f"| {pair(g['probe_in'])} | {pair(g['probe_out'])} | {pair(g['tick_lag'])} "
             f"| {r['inbound']['n']} / {r['outbound']['n']} / {r['clear']['n']} |"
         )
-    notes = [f"- {r['live_calls']} calls: {k}: {v}" for r in results for k, v in r["notes"].items()]
+    notes = [f"- {r['live_calls']} calls: {k}: {v}" for r in results for k, v in r["notes"].items() if v]
+    for r in results:
+        notes.append(
+            f"- {r['live_calls']} calls: machine in the window: irq {r['irq_percent_of_a_core']} %, "
+            f"steal {r['steal_percent_of_a_core']} %, other processes {r['other_load_percent_of_a_core']} % "
+            f"of a core; bridge RSS {r['bridge']['rss_base_mib']} → {r['bridge']['rss_live_mib']} MiB"
+        )
     for r in results:
         for warning in warnings_for(r):
             notes.append(f"- {r['live_calls']} calls: **{warning}**")
@@ -1322,6 +1324,8 @@ def warnings_for(r: dict[str, Any]) -> list[str]:
     out = []
     if r["other_load_percent_of_a_core"] > 5:
         out.append(f"other processes used {r['other_load_percent_of_a_core']} % of a core during the window")
+    if r["steal_percent_of_a_core"] > 10:
+        out.append(f"the hypervisor stole {r['steal_percent_of_a_core']} % of a core (CPU time is noisier)")
     g = r["generator"]
     if (
         g["cpu_percent_of_core"] > 85

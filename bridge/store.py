@@ -1,0 +1,170 @@
+"""Persistence of prompt profiles, their versions, pre-rendered greetings and call records.
+
+The :class:`Store` protocol is what the rest of the bridge uses; :class:`SQLiteStore` is the default
+backend (one file, created on first start, schema migrations). A PostgreSQL backend for multi-instance
+deployments can implement the same protocol.
+
+Versions are immutable: every save writes a new version with its author, time and comment; a rollback
+writes a new version whose content is an old one's. Saves carry the version the editor started from
+(optimistic concurrency): if someone saved in between, :class:`StaleVersion` is raised and nothing is
+lost. A call uses the version that was latest when it was answered, to its end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from bridge.errors import BridgeError
+from bridge.prompts import Profile
+
+
+class StoreError(BridgeError):
+    """A store operation failed."""
+
+
+class NotFound(StoreError):
+    """No such profile, version or call."""
+
+
+class StaleVersion(StoreError):
+    """Someone saved a newer version since the editor loaded theirs; reload and re-apply."""
+
+    def __init__(self, profile_id: int, expected: int, current: int) -> None:
+        super().__init__(
+            f"profile {profile_id} was changed by someone else (now version {current}, you edited {expected})"
+        )
+        self.profile_id, self.expected, self.current = profile_id, expected, current
+
+
+class Conflict(StoreError):
+    """The save would break a rule across profiles (a name or number already in use)."""
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        self.problems = dict(problems)
+        super().__init__("; ".join(f"{k}: {v}" for k, v in self.problems.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileVersion:
+    """One immutable version of a profile."""
+
+    profile_id: int
+    version: int
+    profile: Profile
+    author: str
+    created_at: datetime
+    comment: str = ""
+    rolled_back_from: int | None = None
+    """For a rollback: the version whose content this one copies."""
+    has_greeting_audio: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileSummary:
+    """A profile in the list: its latest version and whether it is the default."""
+
+    profile_id: int
+    latest: ProfileVersion
+    is_default: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """What happened on one call (written when it ends)."""
+
+    call_sid: str
+    started_at: datetime
+    ended_at: datetime
+    from_number: str = ""
+    to_number: str = ""
+    profile_id: int | None = None
+    profile_version: int | None = None
+    end_reason: str = ""
+    transcript: tuple[tuple[str, str], ...] = ()
+    """``(role, text)`` pairs, role ``caller`` or ``assistant``, in order."""
+    barge_ins: int = 0
+    truncations: tuple[tuple[str, int], ...] = ()
+    latency_ms: Mapping[str, float] = field(default_factory=dict)
+    """E.g. ``{"turn_p50": …, "turn_max": …, "inbound_mean": …, "outbound_mean": …}``."""
+    upstream_errors: int = 0
+    recording_path: str | None = None
+    test_call: bool = False
+    """Placed from the admin page, not by a real caller."""
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds from answer to hang-up."""
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+class Store(Protocol):
+    """What the bridge needs from persistence."""
+
+    async def list_profiles(self) -> list[ProfileSummary]:
+        """Every profile's latest version, by name."""
+        ...
+
+    async def get(self, profile_id: int, version: int | None = None) -> ProfileVersion:
+        """One version (default: the latest); raises :class:`NotFound`."""
+        ...
+
+    async def history(self, profile_id: int) -> list[ProfileVersion]:
+        """Every version of a profile, newest first; raises :class:`NotFound`."""
+        ...
+
+    async def create(self, profile: Profile, *, author: str, comment: str = "") -> ProfileVersion:
+        """A new profile at version 1; raises :class:`Conflict` (name or a number in use)."""
+        ...
+
+    async def save(
+        self, profile_id: int, profile: Profile, *, expected_version: int, author: str, comment: str = ""
+    ) -> ProfileVersion:
+        """A new version; raises :class:`StaleVersion`, :class:`Conflict`, :class:`NotFound`."""
+        ...
+
+    async def rollback(
+        self, profile_id: int, to_version: int, *, expected_version: int, author: str, comment: str = ""
+    ) -> ProfileVersion:
+        """A new version with the content of ``to_version``; raises like :meth:`save`."""
+        ...
+
+    async def set_default(self, profile_id: int) -> None:
+        """Make this the profile for numbers no profile claims; raises :class:`NotFound`."""
+        ...
+
+    async def default_profile(self) -> ProfileVersion | None:
+        """The default profile's latest version (``None`` in an empty store)."""
+        ...
+
+    async def for_number(self, number: str) -> ProfileVersion | None:
+        """The latest version of the profile routing ``number`` (E.164), else the default's."""
+        ...
+
+    async def set_greeting_audio(self, profile_id: int, version: int, audio: bytes) -> None:
+        """Store a version's pre-rendered greeting (raw μ-law, 8 kHz)."""
+        ...
+
+    async def greeting_audio(self, profile_id: int, version: int) -> bytes | None:
+        """A version's pre-rendered greeting, or ``None``."""
+        ...
+
+    async def add_call(self, record: CallRecord) -> None:
+        """Store a call record (replacing one with the same CallSid)."""
+        ...
+
+    async def calls(
+        self, *, limit: int = 50, before: datetime | None = None, profile_id: int | None = None
+    ) -> list[CallRecord]:
+        """Call records, newest first."""
+        ...
+
+    async def call(self, call_sid: str) -> CallRecord:
+        """One call record; raises :class:`NotFound`."""
+        ...
+
+    async def close(self) -> None:
+        """Release the database."""
+        ...
