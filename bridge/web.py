@@ -25,9 +25,9 @@ from bridge.call import Call, CallRegistry
 from bridge.clock import Clock
 from bridge.config import STATUS_PATH, STREAM_PATH, VOICE_PATH, Settings
 from bridge.errors import AuthenticationFailed, MalformedMessage
+from bridge.greeting import Greetings
 from bridge.metrics import Metrics
 from bridge.prompts import Profile
-from bridge.greeting import Greetings
 from bridge.store import Store
 from bridge.upstream import Upstream
 
