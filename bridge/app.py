@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 from aiohttp import web
 
 from bridge.call import CallRegistry
 from bridge.clock import Clock, MonotonicClock
 from bridge.config import Settings
+from bridge.greeting import Greetings
 from bridge.metrics import Metrics
 from bridge.prompts import DEFAULT_PROFILE, Profile, parse_profile, voices_for
 from bridge.simulator import LocalModel
+from bridge.store import Store, open_store
 from bridge.upstream import Target, Upstream
 from bridge.web import (
     CLOCK,
     GOODBYE,
+    GREETINGS,
     METRICS,
     PROFILE,
     REGISTRY,
     SETTINGS,
+    STORE,
     TOKENS,
     UPSTREAM,
     StreamTokens,
@@ -42,6 +47,21 @@ def load_profile(settings: Settings) -> Profile:
     return parse_profile(text, filename=str(settings.profile_path), dialect=settings.dialect)
 
 
+class StoreSlot:
+    """Stands in for the store from app creation until start-up has opened it (the app is frozen by then).
+
+    Every attribute is the opened store's; before start-up there is none to use.
+    """
+
+    def __init__(self) -> None:
+        self.inner: Store | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self.inner is None:
+            raise RuntimeError("the store is used before the app started")
+        return getattr(self.inner, name)
+
+
 def create_app(
     settings: Settings, *, profile: Profile | None = None, clock: Clock | None = None
 ) -> web.Application:
@@ -49,7 +69,10 @@ def create_app(
     app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[REGISTRY] = CallRegistry(settings.prewarm_timeout)
+    slot = StoreSlot()
+    store = cast(Store, slot)
+    app[STORE] = store
+    app[REGISTRY] = CallRegistry(settings.prewarm_timeout, store)
     app[PROFILE] = profile if profile is not None else load_profile(settings)
     app[TOKENS] = StreamTokens.for_settings(settings)
     app[CLOCK] = clock or MonotonicClock()
@@ -60,10 +83,38 @@ def create_app(
         app[UPSTREAM] = Upstream(
             Target("http://127.0.0.1:0", LOCAL_DEPLOYMENT, settings.dialect, None, "local")
         )
+    app[GREETINGS] = Greetings(app[UPSTREAM], store, settings.audio_path)
     app.cleanup_ctx.append(_local_model)
+    app.cleanup_ctx.append(_store(slot))
     app.cleanup_ctx.append(_calls)
     add_routes(app)
+    from bridge import admin
+
+    if settings.admin_token is not None:
+        admin.setup(app)
+    else:
+        admin.closed(app)
     return app
+
+
+def _store(slot: StoreSlot) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        """Open the store (created and migrated on first start) and seed the first profile."""
+        settings = app[SETTINGS]
+        store = await open_store(settings.database)
+        slot.inner = store
+        try:
+            if not await store.list_profiles():
+                first = await store.create(app[PROFILE], author="bridge", comment="first start")
+                log.info("created the first prompt profile %r in %s", first.profile.name, settings.database)
+                app[GREETINGS].prepare(first)
+            yield
+        finally:
+            await app[GREETINGS].close()
+            await store.close()
+            slot.inner = None
+
+    return ctx
 
 
 async def _local_model(app: web.Application) -> AsyncIterator[None]:

@@ -18,8 +18,9 @@ import asyncio
 import contextlib
 import gzip
 import logging
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from time import monotonic, perf_counter
@@ -39,6 +40,7 @@ from bridge.metrics import Metrics
 from bridge.prompts import Profile
 from bridge.recording import Direction, Header, RecordingWriter, Source
 from bridge.session import CallSession, ClearAudio, EndCall, Output, PlaceMark, PlayAudio
+from bridge.store import CallRecord, Store, StoreError
 from bridge.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,14 @@ TWILIO_IDLE_TIMEOUT = 15.0
 GOODBYE_TIMEOUT = 10.0
 """At shutdown, how long the goodbye may take before calls are ended regardless."""
 GZIP_FLUSH_SECONDS = 1.0
+TIME_LIMIT_GOODBYE = (
+    "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
+)
+TIME_LIMIT_GRACE = 20.0
+"""After the time-limit goodbye starts, the call ends at the latest this much later."""
+
+TranscriptListener = Callable[[str, str], Awaitable[None]]
+"""Told ``(role, text)`` as each caller or assistant turn is transcribed (the admin page's test call)."""
 """A gzip recording is sync-flushed this often: a crash loses at most this much of it."""
 
 
@@ -95,9 +105,29 @@ class Call:
         to_number: str = "",
         recordings_dir: Path | None = None,
         recording_suffix: str = ".jsonl",
+        profile_id: int | None = None,
+        profile_version: int | None = None,
+        greeting_audio: bytes | None = None,
+        test_call: bool = False,
+        on_transcript: TranscriptListener | None = None,
+        on_end: Callable[[Call], Awaitable[None]] | None = None,
     ) -> None:
         self.call_sid = call_sid
-        self.session = CallSession(call_id=call_sid, profile=profile, audio_path=audio_path, clock=clock)
+        self.session = CallSession(
+            call_id=call_sid,
+            profile=profile,
+            audio_path=audio_path,
+            clock=clock,
+            greeting_audio=greeting_audio,
+        )
+        self.profile_id, self.profile_version = profile_id, profile_version
+        self.from_number, self.to_number = from_number, to_number
+        self.test_call = test_call
+        self.model_failed = False
+        """The model could not be reached or dropped the call: Twilio then speaks the fallback message."""
+        self.started_wall = datetime.now(UTC)
+        self._on_transcript = on_transcript
+        self._on_end = on_end
         self.upstream = upstream
         self.metrics = metrics
         self.clock = clock
@@ -203,11 +233,13 @@ class Call:
         try:
             self._model, self._adapter = await self.upstream.connect()
         except UpstreamError as exc:
+            self.model_failed = True
             self.metrics.upstream_errors.inc(label="connect")
             self._log(logging.ERROR, "cannot open the Realtime session: %s", exc)
             self._finish(f"the model could not be reached: {exc}")
             return
         except Exception as exc:  # an unexpected failure must end the call, not leave it mute
+            self.model_failed = True
             self.metrics.upstream_errors.inc(label="connect")
             self._log(logging.ERROR, "cannot open the Realtime session: %r", exc)
             self._finish(f"the model could not be reached: {exc!r}")
@@ -246,11 +278,19 @@ class Call:
                 outputs = self.session.receive_realtime(event)
                 if outputs:
                     await self._dispatch(outputs, received)
+                if self._on_transcript is not None and isinstance(
+                    event, rt.AssistantTranscript | rt.CallerTranscript
+                ):
+                    role = "assistant" if isinstance(event, rt.AssistantTranscript) else "caller"
+                    with contextlib.suppress(Exception):  # a listener's failure is not the call's
+                        await self._on_transcript(role, event.transcript)
         except ConnectionClosed as exc:
             reason = f"the model connection dropped ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
         finally:
             if model.close_code not in (None, 1000) and "dropped" not in reason:
                 reason = f"the model closed the connection ({model.close_code} {model.close_reason})"
+            if not self.finished.is_set():
+                self.model_failed = True  # the model left a live call: the caller gets the fallback
             self._finish(reason)
 
     def _on_model_error(self, event: rt.ErrorEvent) -> None:
@@ -278,7 +318,9 @@ class Call:
         self._twilio = ws
         self.open_model()
         self.metrics.live_calls.inc()
-        ready_timer = asyncio.get_running_loop().call_later(MODEL_READY_TIMEOUT, self._check_ready)
+        loop = asyncio.get_running_loop()
+        ready_timer = loop.call_later(MODEL_READY_TIMEOUT, self._check_ready)
+        limit_timer = loop.call_later(self.session.profile.max_call_seconds, self._time_limit)
         try:
             for event in events:
                 await self._dispatch(self.session.receive_twilio(event))
@@ -286,8 +328,19 @@ class Call:
             await self.finished.wait()
         finally:
             ready_timer.cancel()
+            limit_timer.cancel()
             self.metrics.live_calls.dec()
             await self.teardown()
+
+    def _time_limit(self) -> None:
+        """The profile's maximum call duration: say goodbye, and end the call soon after regardless."""
+        if self.finished.is_set():
+            return
+        self._log(logging.INFO, "time limit of %d s reached", self.session.profile.max_call_seconds)
+        self._spawn(self.goodbye(TIME_LIMIT_GOODBYE))
+        asyncio.get_running_loop().call_later(
+            TIME_LIMIT_GRACE, self._finish, "the call reached its time limit"
+        )
 
     def _check_ready(self) -> None:
         if not self.session.live and not self.finished.is_set():
@@ -457,6 +510,11 @@ class Call:
         stats = self.session.stats
         outcome = "completed" if self.end_reason in ("the caller hung up", "said goodbye") else "ended"
         self.metrics.calls.inc(label=outcome)
+        if self._on_end is not None:
+            try:
+                await self._on_end(self)
+            except Exception:  # the record is not worth a crash at the end of a call
+                log.exception("call %s: could not store its record", self.call_sid)
         self._log(
             logging.INFO,
             "ended after %.1f s (%s): %d frames in, %d out, %d barge-ins, truncations %s, %d upstream errors",
@@ -469,16 +527,71 @@ class Call:
             stats.upstream_errors,
         )
 
+    def record(self) -> CallRecord:
+        """What happened on the call, for the call log."""
+        stats = self.session.stats
+        turns = sorted(stats.turn_latencies_ms)
+        latency: dict[str, float] = {}
+        if turns:
+            latency = {
+                "turn_p50": round(turns[len(turns) // 2], 1),
+                "turn_max": round(turns[-1], 1),
+                "turns": float(len(turns)),
+            }
+        return CallRecord(
+            call_sid=self.call_sid,
+            started_at=self.started_wall,
+            ended_at=datetime.now(UTC),
+            from_number=self.from_number,
+            to_number=self.to_number,
+            profile_id=self.profile_id,
+            profile_version=self.profile_version,
+            end_reason=self.end_reason or "",
+            transcript=tuple(stats.transcript),
+            barge_ins=stats.barge_ins,
+            truncations=tuple(stats.truncations),
+            latency_ms=latency,
+            upstream_errors=stats.upstream_errors,
+            recording_path=str(self.recording_path) if self.recording_path else None,
+            test_call=self.test_call,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a call ended, kept briefly for Twilio's ``<Connect action>`` request."""
+
+    reason: str
+    model_failed: bool
+    fallback_message: str
+
 
 class CallRegistry:
-    """Pre-warmed calls waiting for their stream, and live calls; one per app."""
+    """Pre-warmed calls waiting for their stream, live calls, and recent outcomes; one per app."""
 
-    def __init__(self, prewarm_timeout: float) -> None:
+    OUTCOMES_KEPT = 1000
+
+    def __init__(self, prewarm_timeout: float, store: Store | None = None) -> None:
         self.prewarm_timeout = prewarm_timeout
+        self.store = store
+        self.outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self.draining = False
         self.live: set[Call] = set()
         self._prewarmed: dict[str, tuple[Call, asyncio.TimerHandle]] = {}
         self._cleanup: set[asyncio.Task[None]] = set()
+
+    async def ended(self, call: Call) -> None:
+        """A call has ended: remember how (for ``<Connect action>``) and store its record."""
+        self.outcomes[call.call_sid] = Outcome(
+            call.end_reason or "", call.model_failed, call.session.profile.fallback_message
+        )
+        while len(self.outcomes) > self.OUTCOMES_KEPT:
+            self.outcomes.popitem(last=False)
+        if self.store is not None and call.session.start is not None:
+            try:
+                await self.store.add_call(call.record())
+            except StoreError as exc:
+                log.error("call %s: the call record was not stored: %s", call.call_sid, exc)
 
     def prewarm(self, call: Call) -> None:
         """Start ``call``'s Realtime connection and keep it for its stream, for a while."""

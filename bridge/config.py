@@ -135,6 +135,7 @@ class Settings:
 STREAM_PATH = "/twilio/stream"
 VOICE_PATH = "/twilio/voice"
 STATUS_PATH = "/twilio/status"
+AFTER_STREAM_PATH = "/twilio/after-stream"
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

@@ -345,8 +345,10 @@ class Adapter(ABC):
         event["event_id"] = self._event_id()
         return event
 
+    _assistant_text = "text"
+
     def _text_item(self, role: str, text: str) -> dict[str, Any]:
-        kind = "input_text" if role in ("user", "system") else "text"
+        kind = "input_text" if role in ("user", "system") else self._assistant_text
         return {"type": "message", "role": role, "content": [{"type": kind, "text": text}]}
 
     @abstractmethod
@@ -458,6 +460,7 @@ class GAAdapter(Adapter):
     """The GA dialect (``/openai/v1/realtime``), the default."""
 
     dialect = Dialect.GA
+    _assistant_text = "output_text"  # GA renamed assistant content parts (protocols.md §2.7)
     _audio_delta = "response.output_audio.delta"
     _audio_done = "response.output_audio.done"
     _transcript_done = "response.output_audio_transcript.done"

@@ -130,6 +130,8 @@ class _Item:
     """μ-law bytes sent to Twilio for this item."""
     heard_bytes: int = 0
     """μ-law bytes proved played: the position of this item's last echoed mark."""
+    local: bool = False
+    """Audio the bridge played itself (a pre-rendered greeting): not the model's to truncate."""
 
 
 @dataclass(slots=True)
@@ -160,6 +162,8 @@ class Stats:
     upstream_errors: int = 0
     dtmf: list[str] = field(default_factory=list)
     transcript: list[tuple[str, str]] = field(default_factory=list)
+    turn_latencies_ms: list[float] = field(default_factory=list)
+    """End of the caller's turn (``speech_stopped``) to the first frame of the answer sent."""
 
 
 class CallSession:
@@ -173,6 +177,7 @@ class CallSession:
         audio_path: AudioPath,
         clock: Clock,
         mark_every_frames: int = MARK_EVERY_FRAMES,
+        greeting_audio: bytes | None = None,
     ) -> None:
         self.call_id = call_id
         self.profile = profile
@@ -190,6 +195,9 @@ class CallSession:
         self._queue: deque[bytes] = deque()
         self._prestart: list[tuple[_Item, bytes]] = []
         self._greeted = False
+        self._greeting_audio = greeting_audio or None
+        """A pre-rendered greeting (μ-law 8 kHz), played the instant the stream starts."""
+        self._turn_ended_at: float | None = None
         self.generation = 0
         """Bumped at every barge-in: frames computed before it must not be sent after it."""
         self._goodbye = False
@@ -242,7 +250,11 @@ class CallSession:
         instructions = self.profile.greeting_instructions()
         if instructions and not self._greeted:
             self._greeted = True
-            out.append(rt.CreateResponse(instructions))
+            if self._greeting_audio is not None:
+                # The caller is already hearing it: the model only needs to know it was said.
+                out.append(rt.AddTextItem("assistant", self.profile.greeting.strip()))
+            else:
+                out.append(rt.CreateResponse(instructions))
         return out
 
     # -- the Realtime side
@@ -259,6 +271,9 @@ class CallSession:
             return self._on_delta(event)
         if isinstance(event, rt.SpeechStarted):
             return self._on_speech_started()
+        if isinstance(event, rt.SpeechStopped):
+            self._turn_ended_at = self.clock.now()
+            return []
         if isinstance(event, rt.ResponseCreated):
             self._active_response = event.response_id
             if self._goodbye and self._goodbye_response is None:
@@ -325,6 +340,9 @@ class CallSession:
     def _emit(self, frames: list[bytes], item: _Item, *, final: bool) -> list[Output]:
         out: list[Output] = []
         now = self.clock.now()
+        if frames and self._turn_ended_at is not None and not item.local:
+            self.stats.turn_latencies_ms.append((now - self._turn_ended_at) * 1000.0)
+            self._turn_ended_at = None
         for frame in frames:
             if self._unmarked_frames == 0:
                 self._unmarked_since = now
@@ -422,6 +440,8 @@ class CallSession:
         if hearing:
             out.append(ClearAudio())
             self.stats.barge_ins += 1
+        if position is not None and position[0].local:
+            position = None  # the bridge's own audio: the model holds the greeting as text, nothing to cut
         if position is not None:
             item, heard_ms = position
             out.append(rt.TruncateItem(item.item_id, heard_ms))
@@ -484,9 +504,22 @@ class CallSession:
         for item, frame in self._prestart:
             out.extend(self._emit([frame], item, final=False))
         self._prestart.clear()
+        if self._greeting_audio is not None and self.profile.greeting_instructions():
+            out.extend(self._play_local("greeting", self._greeting_audio))
         if self._move(Trigger.STREAM_STARTED) is CallState.LIVE:
             out.extend(self._went_live())
         return out
+
+    def _play_local(self, name: str, ulaw: bytes) -> list[Output]:
+        """Play μ-law the bridge holds itself, framed and marked like the model's audio."""
+        item = self._items[f"local:{name}"] = _Item(f"local:{name}", "", model_bytes=len(ulaw), local=True)
+        self._current = item
+        framer = Framer()
+        frames = framer.push(ulaw)
+        tail = framer.flush()
+        if tail is not None:
+            frames.append(tail)
+        return self._emit(frames, item, final=True)
 
     def _on_mark(self, name: str) -> list[Output]:
         seq = int(name[1:]) if name[:1] == "m" and name[1:].isdigit() else -1

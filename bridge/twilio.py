@@ -470,13 +470,19 @@ def serialize_clear(stream_sid: str) -> str:
 
 
 def connect_twiml(
-    stream_url: str, parameters: Mapping[str, str], *, status_callback: str | None = None
+    stream_url: str,
+    parameters: Mapping[str, str],
+    *,
+    status_callback: str | None = None,
+    action: str | None = None,
+    say_first: str | None = None,
 ) -> str:
     """``<Response><Connect><Stream url=…><Parameter …/>…</Stream></Connect></Response>``.
 
     ``stream_url`` must be an absolute ``ws(s)://`` URL without a query string (a query string can fail
-    Twilio's handshake, error 31920); per-call values go in ``parameters``. Nothing follows ``</Connect>``,
-    so the call hangs up when the bridge closes the stream socket.
+    Twilio's handshake, error 31920); per-call values go in ``parameters``. When the bridge closes the
+    stream socket, Twilio requests ``action`` (if given) for what to do next, else hangs up.
+    ``say_first`` is spoken by Twilio before the stream connects (e.g. a recording notice).
     """
     parts = urlsplit(stream_url)
     if parts.scheme not in ("ws", "wss") or not parts.netloc:
@@ -487,10 +493,13 @@ def connect_twiml(
         if len(name) + len(value) >= MAX_PARAMETER_CHARS:
             raise LocalError(f"TwiML parameter {name!r} is too long for Twilio ({MAX_PARAMETER_CHARS} chars)")
     response = VoiceResponse()
+    if say_first:
+        response.say(say_first)
+    connect = response.connect() if action is None else response.connect(action=action, method="POST")
     if status_callback is None:
-        stream = response.connect().stream(url=stream_url)
+        stream = connect.stream(url=stream_url)
     else:
-        stream = response.connect().stream(url=stream_url, status_callback=status_callback)
+        stream = connect.stream(url=stream_url, status_callback=status_callback)
     for name, value in parameters.items():
         stream.parameter(name=name, value=value)
     return str(response)
@@ -499,7 +508,8 @@ def connect_twiml(
 def reject_twiml(message: str) -> str:
     """``<Response><Say>message</Say><Hangup/></Response>``: refuse a call politely (draining, full)."""
     response = VoiceResponse()
-    response.say(message)
+    if message:
+        response.say(message)
     response.hangup()
     return str(response)
 

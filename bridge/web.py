@@ -21,14 +21,14 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from bridge import twilio as tw
-from bridge.call import Call, CallRegistry
+from bridge.call import Call, CallRegistry, TranscriptListener
 from bridge.clock import Clock
-from bridge.config import STATUS_PATH, STREAM_PATH, VOICE_PATH, Settings
+from bridge.config import AFTER_STREAM_PATH, STATUS_PATH, STREAM_PATH, VOICE_PATH, Settings
 from bridge.errors import AuthenticationFailed, MalformedMessage
 from bridge.greeting import Greetings
 from bridge.metrics import Metrics
 from bridge.prompts import Profile
-from bridge.store import Store
+from bridge.store import ProfileVersion, Store, StoreError
 from bridge.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -97,34 +97,98 @@ async def voice(request: web.Request) -> web.Response:
         metrics.refused.inc(label="draining")
         log.info("call %s: refused politely, the bridge is shutting down", call_sid)
         return _twiml(tw.reject_twiml(REFUSAL))
+    from_number, to_number = form.get("From", ""), form.get("To", "")
+    call = await new_call(app, call_sid, from_number, to_number)
     tokens = app[TOKENS]
     token = tw.make_stream_token(tokens.secret, call_sid, now=time.time(), ttl=settings.stream_token_ttl)
     parameters = {
         tw.PARAM_CALL_SID: call_sid,
-        tw.PARAM_FROM: form.get("From", ""),
-        tw.PARAM_TO: form.get("To", ""),
+        tw.PARAM_FROM: from_number,
+        tw.PARAM_TO: to_number,
         tw.PARAM_TOKEN: token,
     }
-    registry.prewarm(_new_call(app, call_sid, form.get("From", ""), form.get("To", "")))
-    log.info("call %s: answering, stream %s", call_sid, settings.stream_url)
+    registry.prewarm(call)
+    profile = call.session.profile
+    log.info("call %s: answering with profile %r, stream %s", call_sid, profile.name, settings.stream_url)
     return _twiml(
-        tw.connect_twiml(settings.stream_url, parameters, status_callback=settings.public_url + STATUS_PATH)
+        tw.connect_twiml(
+            settings.stream_url,
+            parameters,
+            status_callback=settings.public_url + STATUS_PATH,
+            action=settings.public_url + AFTER_STREAM_PATH,
+            say_first=profile.consent_message if profile.record_calls else None,
+        )
     )
 
 
-def _new_call(app: web.Application, call_sid: str, from_number: str = "", to_number: str = "") -> Call:
-    settings, profile = app[SETTINGS], app[PROFILE]
+async def after_stream(request: web.Request) -> web.Response:
+    """``<Connect action>``: the stream has ended; speak the profile's fallback if the model failed."""
+    app = request.app
+    post = await request.post()
+    if not _signature_ok(request, app[SETTINGS].public_url + request.raw_path, post):
+        app[METRICS].refused.inc(label="bad_signature")
+        raise web.HTTPForbidden(text="invalid Twilio signature\n")
+    call_sid = str(post.get("CallSid", ""))
+    outcome = app[REGISTRY].outcomes.get(call_sid)
+    if outcome is not None and outcome.model_failed:
+        log.info(
+            "call %s: the model failed (%s); Twilio speaks the fallback message", call_sid, outcome.reason
+        )
+        return _twiml(tw.reject_twiml(outcome.fallback_message))
+    return _twiml(tw.reject_twiml(""))
+
+
+async def _profile_for(app: web.Application, to_number: str) -> ProfileVersion | None:
+    try:
+        return await app[STORE].for_number(to_number)
+    except StoreError as exc:  # a broken store must not stop calls: fall back to the configured profile
+        log.error("profile store failed (%s); using the configured default profile", exc)
+        return None
+
+
+async def new_call(
+    app: web.Application,
+    call_sid: str,
+    from_number: str = "",
+    to_number: str = "",
+    *,
+    version: ProfileVersion | None = None,
+    test_call: bool = False,
+    on_transcript: TranscriptListener | None = None,
+) -> Call:
+    """A call with the profile version routed to ``to_number`` (or ``version``), ready to pre-warm."""
+    settings = app[SETTINGS]
+    if version is None:
+        version = await _profile_for(app, to_number)
+    profile = version.profile if version is not None else app[PROFILE]
+    greeting: bytes | None = None
+    if version is not None and version.has_greeting_audio:
+        try:
+            greeting = await app[STORE].greeting_audio(version.profile_id, version.version)
+        except StoreError as exc:
+            log.warning("call %s: pre-rendered greeting unavailable: %s", call_sid, exc)
+    recordings = settings.recordings_dir
+    if recordings is None and profile.record_calls:
+        recordings = settings.data_dir / "recordings"
+        recordings.mkdir(parents=True, exist_ok=True)
+    registry = app[REGISTRY]
     return Call(
-        from_number=from_number,
-        to_number=to_number,
-        recordings_dir=settings.recordings_dir,
-        recording_suffix=".jsonl.gz" if settings.recordings_gzip else ".jsonl",
         call_sid=call_sid,
         profile=profile,
         audio_path=profile.audio_path or settings.audio_path,
         upstream=app[UPSTREAM],
         metrics=app[METRICS],
         clock=app[CLOCK],
+        from_number=from_number,
+        to_number=to_number,
+        recordings_dir=recordings,
+        recording_suffix=".jsonl.gz" if settings.recordings_gzip else ".jsonl",
+        profile_id=version.profile_id if version is not None else None,
+        profile_version=version.version if version is not None else None,
+        greeting_audio=greeting,
+        test_call=test_call,
+        on_transcript=on_transcript,
+        on_end=registry.ended,
     )
 
 
@@ -140,7 +204,7 @@ async def _refuse(
 async def stream(request: web.Request) -> web.StreamResponse:
     """The media stream socket: check the upgrade's signature and the ``start`` token, then run the call."""
     app = request.app
-    settings, metrics, registry = app[SETTINGS], app[METRICS], app[REGISTRY]
+    settings, metrics = app[SETTINGS], app[METRICS]
     ws = web.WebSocketResponse(max_msg_size=WS_MAX_MESSAGE, timeout=1.0, autoping=True)
     await ws.prepare(request)
     signature = request.headers.get("X-Twilio-Signature")
@@ -150,7 +214,26 @@ async def stream(request: web.Request) -> web.StreamResponse:
     ):
         why = "missing X-Twilio-Signature" if not signature else "X-Twilio-Signature does not match"
         return await _refuse(ws, metrics, "bad_signature", f"{why} {settings.stream_url}")
+    await run_media_stream(app, ws, check_token=True)
+    return ws
 
+
+async def run_media_stream(
+    app: web.Application,
+    ws: web.WebSocketResponse,
+    *,
+    check_token: bool,
+    version: ProfileVersion | None = None,
+    test_call: bool = False,
+    on_transcript: TranscriptListener | None = None,
+) -> None:
+    """Serve a prepared Media Streams socket as a call: read up to ``start``, then run the call.
+
+    The Twilio stream checks the one-time token (``check_token``); the admin page's test call is
+    authorised by the signed-in session instead and runs ``version`` of a profile. Both take the same
+    path from here on, so staff hear exactly what a caller would.
+    """
+    metrics, registry = app[METRICS], app[REGISTRY]
     before: list[tw.TwilioEvent] = []
     raw: list[tuple[float, str | bytes]] = []
     clock = app[CLOCK]
@@ -172,33 +255,45 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     start = event
                     break
     except TimeoutError:
-        return await _refuse(ws, metrics, "no_start", f"no start event within {START_TIMEOUT:.0f} s")
+        await _refuse(ws, metrics, "no_start", f"no start event within {START_TIMEOUT:.0f} s")
+        return
     if start is None:
         log.info("a media stream closed before its start event")
-        return ws
+        return
 
-    token = start.custom_parameters.get(tw.PARAM_TOKEN, "")
-    tokens = app[TOKENS]
-    now = time.time()
-    try:
-        nonce, expiry = tw.verify_stream_token(tokens.secret, start.call_sid, token, now=now)
-    except AuthenticationFailed as exc:
-        return await _refuse(ws, metrics, "bad_token", f"call {start.call_sid}: {exc}")
-    if not tokens.ledger.use(nonce, expiry, now=now):
-        return await _refuse(ws, metrics, "token_reused", f"call {start.call_sid}: stream token already used")
+    if check_token:
+        token = start.custom_parameters.get(tw.PARAM_TOKEN, "")
+        tokens = app[TOKENS]
+        now = time.time()
+        try:
+            nonce, expiry = tw.verify_stream_token(tokens.secret, start.call_sid, token, now=now)
+        except AuthenticationFailed as exc:
+            await _refuse(ws, metrics, "bad_token", f"call {start.call_sid}: {exc}")
+            return
+        if not tokens.ledger.use(nonce, expiry, now=now):
+            await _refuse(ws, metrics, "token_reused", f"call {start.call_sid}: stream token already used")
+            return
 
-    call = registry.claim(start.call_sid)
+    call = None if test_call else registry.claim(start.call_sid)
     if call is None:
-        # The webhook reached another instance (or the pre-warm expired): connect now (design.md §4).
-        log.info("call %s: no pre-warmed session here; connecting now", start.call_sid)
+        # The webhook reached another instance (or the pre-warm expired), or a test call: connect now.
+        if not test_call:
+            log.info("call %s: no pre-warmed session here; connecting now", start.call_sid)
         params = start.custom_parameters
-        call = _new_call(app, start.call_sid, params.get(tw.PARAM_FROM, ""), params.get(tw.PARAM_TO, ""))
+        call = await new_call(
+            app,
+            start.call_sid,
+            params.get(tw.PARAM_FROM, ""),
+            params.get(tw.PARAM_TO, ""),
+            version=version,
+            test_call=test_call,
+            on_transcript=on_transcript,
+        )
     registry.live.add(call)
     try:
         await call.run(ws, before, raw)
     finally:
         registry.live.discard(call)
-    return ws
 
 
 async def status(request: web.Request) -> web.Response:
@@ -237,6 +332,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post(VOICE_PATH, voice)
     app.router.add_get(STREAM_PATH, stream)
     app.router.add_post(STATUS_PATH, status)
+    app.router.add_post(AFTER_STREAM_PATH, after_stream)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

@@ -30,6 +30,7 @@ COMMANDS: list[rt.ClientCommand] = [
     rt.TruncateItem("item_1", 1234),
     rt.DeleteItem("item_2"),
     rt.AddTextItem("user", "[The caller pressed 5 on the keypad.]"),
+    rt.AddTextItem("assistant", "Hello! How can I help you today?"),
 ]
 
 

@@ -358,3 +358,31 @@ def test_unknown_and_stale_mark_names_are_ignored() -> None:
     session.receive_twilio(mark("m2"))  # m1 implicitly played before m2
     assert session.stats.marks_played == 2 and session.stats.marks_ignored == 2
     assert session.receive_twilio(mark("m1")) == []  # echoed again: stale
+
+
+def test_a_prerendered_greeting_plays_at_stream_start_and_the_model_is_told() -> None:
+    clock = ManualClock(100.0)
+    session = CallSession(
+        call_id="CA",
+        profile=Profile(greeting="Hi there"),
+        audio_path=AudioPath.PCM16,
+        clock=clock,
+        greeting_audio=b"\x11" * 1000,
+    )
+    outs = session.receive_twilio(start_event())  # the model is not even ready yet
+    plays = [o for o in outs if isinstance(o, PlayAudio)]
+    assert b"".join(p.payload for p in plays).startswith(b"\x11" * 1000) and len(plays) == 7
+    live_outs = session.receive_realtime(updated("pcm16"))
+    assert rt.AddTextItem("assistant", "Hi there") in live_outs
+    assert not any(isinstance(o, rt.CreateResponse) for o in live_outs)
+    # Barge-in during it: clear, but nothing of the model's to truncate or cancel.
+    clock.advance(0.05)
+    assert session.receive_realtime(rt.SpeechStarted(900, "u1")) == [ClearAudio()]
+
+
+def test_turn_latency_is_measured_from_the_end_of_the_callers_turn() -> None:
+    session, clock = live()
+    session.receive_realtime(rt.SpeechStopped(2000, "u1"))
+    clock.advance(0.42)
+    respond(session, "r1", "i1", b"\x30" * 800)
+    assert session.stats.turn_latencies_ms == [pytest.approx(420)]
