@@ -63,7 +63,11 @@ class StoreSlot:
 
 
 def create_app(
-    settings: Settings, *, profile: Profile | None = None, clock: Clock | None = None
+    settings: Settings,
+    *,
+    profile: Profile | None = None,
+    clock: Clock | None = None,
+    render_greetings: bool = True,
 ) -> web.Application:
     """Build the app: routes, shared objects under typed keys, their lifetimes in ``cleanup_ctx``."""
     app = web.Application()
@@ -85,7 +89,7 @@ def create_app(
         )
     app[GREETINGS] = Greetings(app[UPSTREAM], store, settings.audio_path)
     app.cleanup_ctx.append(_local_model)
-    app.cleanup_ctx.append(_store(slot))
+    app.cleanup_ctx.append(_store(slot, render_greetings))
     app.cleanup_ctx.append(_calls)
     add_routes(app)
     from bridge import admin
@@ -97,7 +101,7 @@ def create_app(
     return app
 
 
-def _store(slot: StoreSlot) -> Any:
+def _store(slot: StoreSlot, render_greetings: bool) -> Any:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         """Open the store (created and migrated on first start) and seed the first profile."""
         settings = app[SETTINGS]
@@ -107,7 +111,8 @@ def _store(slot: StoreSlot) -> Any:
             if not await store.list_profiles():
                 first = await store.create(app[PROFILE], author="bridge", comment="first start")
                 log.info("created the first prompt profile %r in %s", first.profile.name, settings.database)
-                app[GREETINGS].prepare(first)
+                if render_greetings:
+                    app[GREETINGS].prepare(first)
             yield
         finally:
             await app[GREETINGS].close()

@@ -20,7 +20,7 @@ import gzip
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from time import monotonic, perf_counter
@@ -37,7 +37,7 @@ from bridge.clock import Clock
 from bridge.config import AudioPath
 from bridge.errors import MalformedMessage, UpstreamError
 from bridge.metrics import Metrics
-from bridge.prompts import Profile
+from bridge.prompts import Profile, profile_to_mapping
 from bridge.recording import Direction, Header, RecordingWriter, Source
 from bridge.session import CallSession, ClearAudio, EndCall, Output, PlaceMark, PlayAudio
 from bridge.store import CallRecord, Store, StoreError
@@ -172,7 +172,8 @@ class Call:
             dialect=dialect.value,
             audio_path=path.value,
             session=rt.adapter_for(dialect).session_config(profile, path),
-            profile=asdict(profile),
+            profile=profile_to_mapping(profile),
+            greeting_audio=self.session.greeting_audio or b"",
         )
         self.recording_path = directory / f"{started:%Y%m%dT%H%M%S}-{self.call_sid}{suffix}"
         try:

@@ -74,6 +74,18 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--listen", type=float, default=15.0, help="at most this long for each answer (s)")
     call.add_argument("--heard", type=Path, help="write what the caller heard to this WAV file")
 
+    prompts = sub.add_parser("prompts", help="export or import the prompt profiles as one JSON or TOML file")
+    prompts_sub = prompts.add_subparsers(dest="prompts_command", required=True)
+    for name, text in (
+        ("export", "write every profile's latest version and the default to FILE (.json, or .toml)"),
+        ("import", "create or update profiles (matched by name) from FILE; nothing is written if invalid"),
+    ):
+        cmd = prompts_sub.add_parser(name, help=text)
+        cmd.add_argument("file", type=Path, metavar="FILE")
+        cmd.add_argument("--database", help="default: BRIDGE_DATABASE, else BRIDGE_DATA_DIR/bridge.sqlite3")
+        if name == "import":
+            cmd.add_argument("--author", default="cli", help="recorded as the new versions' author")
+
     export = sub.add_parser("export", help="turn a recording into a stereo WAV and a timeline picture")
     export.add_argument("recording", type=Path, metavar="RECORDING")
     export.add_argument("--wav", type=Path, help="stereo WAV: left the caller, right what the caller heard")
@@ -144,6 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bridge.replay_cli import export_command
 
         return export_command(args)
+    if args.command == "prompts":
+        from bridge import prompts_cli
+
+        command = (
+            prompts_cli.export_command if args.prompts_command == "export" else prompts_cli.import_command
+        )
+        return command(args)
     if args.command == "call":
         from bridge.replay_cli import call_command
 

@@ -216,9 +216,9 @@ def profile_from_mapping(data: Mapping[str, Any], *, dialect: Dialect = Dialect.
     elif _int(max_tokens, 1, 4096) is None:
         problems["max_response_tokens"] = "must be a whole number from 1 to 4096 (or empty for no limit)"
         max_tokens = None
-    max_call = _int(data.get("max_call_seconds", base.max_call_seconds), 10, 4 * 3600)
+    max_call = _int(data.get("max_call_seconds", base.max_call_seconds), 5, 4 * 3600)
     if max_call is None:
-        problems["max_call_seconds"] = "must be whole seconds from 10 to 14400"
+        problems["max_call_seconds"] = "must be whole seconds from 5 to 14400"
         max_call = base.max_call_seconds
     fallback = text("fallback_message", base.fallback_message, required=True, limit=500)
     consent = text("consent_message", base.consent_message, limit=500)

@@ -58,6 +58,8 @@ class Header:
     profile: Mapping[str, Any] = field(default_factory=dict)
     caller_only: bool = False
     """True for a plain Twilio capture: there is no model side to compare with."""
+    greeting_audio: bytes = b""
+    """The pre-rendered greeting the call played (μ-law 8 kHz), so a replay can play it too."""
 
     def to_json(self) -> dict[str, Any]:
         """The header line's object."""
@@ -73,6 +75,11 @@ class Header:
             "audio_path": self.audio_path,
             "session": dict(self.session),
             "profile": dict(self.profile),
+            **(
+                {"greeting_audio": pybase64.b64encode(self.greeting_audio).decode()}
+                if self.greeting_audio
+                else {}
+            ),
         }
 
 
@@ -184,7 +191,13 @@ def _header(obj: dict[str, Any]) -> Header:
         )
     session = obj.get("session")
     profile = obj.get("profile")
+    greeting = obj.get("greeting_audio")
+    try:
+        greeting_audio = pybase64.b64decode(greeting, validate=True) if isinstance(greeting, str) else b""
+    except ValueError:
+        raise MalformedMessage("the recording header's greeting_audio is not valid base64") from None
     return Header(
+        greeting_audio=greeting_audio,
         call_sid=str(obj.get("call_sid", "")),
         version=version,
         bridge_version=str(obj.get("bridge_version", "")),

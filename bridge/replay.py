@@ -46,7 +46,7 @@ from bridge.prompts import Profile, profile_from_mapping
 from bridge.recording import Event, Recording
 from bridge.simulator import LocalModel
 from bridge.testing import TwilioCaller
-from bridge.web import METRICS
+from bridge.web import METRICS, STORE
 
 ModelChoice = Literal["recorded", "local", "azure"]
 Speed = Literal["fast", "realtime"]
@@ -73,13 +73,17 @@ class _JumpingSelector(selectors.DefaultSelector):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
+        self.threads_busy = 0
+        """Work handed to threads (the store's SQLite calls): its end wakes the loop through I/O."""
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         ready: list[tuple[selectors.SelectorKey, int]] = super().select(0)
         if ready or timeout == 0:
             return ready
-        if timeout is None:  # no timer at all: only outside I/O can wake us
-            result: list[tuple[selectors.SelectorKey, int]] = super().select(None)
+        if timeout is None or self.threads_busy:
+            # Only outside work can wake us (a thread, or no timer at all): wait for it for real,
+            # without moving the virtual clock.
+            result: list[tuple[selectors.SelectorKey, int]] = super().select(timeout)
             return result
         self.now += timeout
         return []
@@ -95,6 +99,19 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         """Virtual seconds since the loop was made."""
         return float(self._jumping.now)
+
+    def run_in_executor(  # type: ignore[override]
+        self, executor: Any, func: Callable[..., T], *args: Any
+    ) -> asyncio.Future[T]:
+        """As usual, but the clock must not jump while a thread works: its result is the next event."""
+        future = super().run_in_executor(executor, func, *args)
+        self._jumping.threads_busy += 1
+
+        def done(_: asyncio.Future[T]) -> None:
+            self._jumping.threads_busy -= 1
+
+        future.add_done_callback(done)
+        return future
 
 
 def run(main: Coroutine[Any, Any, T], *, speed: Speed) -> T:
@@ -415,10 +432,18 @@ async def replay_recording(
                 "BRIDGE_AUDIO_PATH": header.audio_path,
             }
             settings = load_settings(env)
-            app = create_app(settings, profile=profile_of(recording), clock=LoopClock())
+            app = create_app(
+                settings, profile=profile_of(recording), clock=LoopClock(), render_greetings=False
+            )
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
             await runner.setup()
             await web.SockSite(runner, sock).start()
+            if header.greeting_audio:  # the call played a pre-rendered greeting: so does its replay
+                default = await app[STORE].default_profile()
+                if default is not None:
+                    await app[STORE].set_greeting_audio(
+                        default.profile_id, default.version, header.greeting_audio
+                    )
             base_url = f"http://127.0.0.1:{port}"
         await _play_caller(recording, base_url, token, result)
         if recorded_model is not None:

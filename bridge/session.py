@@ -195,7 +195,7 @@ class CallSession:
         self._queue: deque[bytes] = deque()
         self._prestart: list[tuple[_Item, bytes]] = []
         self._greeted = False
-        self._greeting_audio = greeting_audio or None
+        self.greeting_audio = greeting_audio or None
         """A pre-rendered greeting (μ-law 8 kHz), played the instant the stream starts."""
         self._turn_ended_at: float | None = None
         self.generation = 0
@@ -250,7 +250,7 @@ class CallSession:
         instructions = self.profile.greeting_instructions()
         if instructions and not self._greeted:
             self._greeted = True
-            if self._greeting_audio is not None:
+            if self.greeting_audio is not None:
                 # The caller is already hearing it: the model only needs to know it was said.
                 out.append(rt.AddTextItem("assistant", self.profile.greeting.strip()))
             else:
@@ -504,8 +504,8 @@ class CallSession:
         for item, frame in self._prestart:
             out.extend(self._emit([frame], item, final=False))
         self._prestart.clear()
-        if self._greeting_audio is not None and self.profile.greeting_instructions():
-            out.extend(self._play_local("greeting", self._greeting_audio))
+        if self.greeting_audio is not None and self.profile.greeting_instructions():
+            out.extend(self._play_local("greeting", self.greeting_audio))
         if self._move(Trigger.STREAM_STARTED) is CallState.LIVE:
             out.extend(self._went_live())
         return out

@@ -221,7 +221,7 @@ async def run_call(
             values |= {"BRIDGE_RECORDINGS_DIR": str(recordings), "BRIDGE_RECORDINGS_GZIP": "1"}
         if dialect == "preview":
             values["AZURE_OPENAI_API_VERSION"] = "2025-04-01-preview"
-        app = create_app(load_settings(values), profile=profile)
+        app = create_app(load_settings(values), profile=profile, render_greetings=False)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         try:

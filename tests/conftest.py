@@ -59,6 +59,7 @@ async def start_bridge(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
         dialect: str = "ga",
         audio_path: str = "pcm16",
         profile: Profile | None = None,
+        render_greetings: bool = False,
         **env: str,
     ) -> Bridge:
         sock = socket.socket()
@@ -80,7 +81,7 @@ async def start_bridge(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
             if dialect == "preview":
                 values["AZURE_OPENAI_API_VERSION"] = "2025-04-01-preview"
         settings = load_settings(values)
-        app = create_app(settings, profile=profile)
+        app = create_app(settings, profile=profile, render_greetings=render_greetings)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         runners.append(runner)

@@ -26,6 +26,19 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**env, "BRIDGE_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT), **extra}
 
 
+async def wait_ready(port: int) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(300):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)
+    pytest.fail("the server did not start")
+
+
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -129,6 +142,7 @@ async def test_a_newcomer_records_a_call_replays_it_and_exports_it(tmp_path: Pat
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
+        await wait_ready(port)
         code, err = await run_cli(
             env, "call", "--url", f"http://127.0.0.1:{port}", "--say", str(ROOT / "tests/fixtures/hello.ulaw")
         )

@@ -1,0 +1,159 @@
+"""The call log: the list of calls, one call's record, its recording and its timeline picture.
+
+Recordings are served only from the configured recording directories: a record's ``recording_path`` is
+resolved (symlinks and ``..`` included) and must lie inside one of them, so a tampered or stale record
+cannot make the admin UI hand out arbitrary files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from bridge.admin.render import page
+from bridge.config import Settings
+from bridge.errors import BridgeError
+from bridge.export import timeline_svg
+from bridge.recording import Recording, parse_recording
+from bridge.store import CallRecord, NotFound
+from bridge.web import STORE
+
+PAGE_SIZE = 50
+RECORDING_ROOTS = web.AppKey("bridge_admin_recording_roots", tuple[Path, ...])
+
+
+def recording_roots(settings: Settings) -> tuple[Path, ...]:
+    """Where recordings may be served from: ``BRIDGE_RECORDINGS_DIR`` and the data directory's own."""
+    roots = [settings.recordings_dir] if settings.recordings_dir is not None else []
+    roots.append(settings.data_dir / "recordings")
+    return tuple(roots)
+
+
+def recording_file(record: CallRecord, roots: tuple[Path, ...]) -> Path | None:
+    """The record's recording file, if it exists inside one of ``roots`` (path traversal refused)."""
+    if not record.recording_path:
+        return None
+    try:
+        path = Path(record.recording_path).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    for root in roots:
+        try:
+            inside = path.is_relative_to(root.resolve())
+        except (OSError, RuntimeError):
+            continue
+        if inside and path.is_file():
+            return path
+    return None
+
+
+def parse_before(raw: str | None) -> datetime | None:
+    """The ``before`` query parameter: an ISO 8601 time (naive means UTC); raises HTTPBadRequest."""
+    if not raw:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace(" ", "+"))  # a "+" not %-encoded arrives as a space
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text="before must be an ISO 8601 time, e.g. 2025-01-31T14:05:00+00:00\n"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def parse_profile_filter(raw: str | None) -> int | None:
+    """The ``profile`` query parameter: a profile id; raises HTTPBadRequest."""
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise web.HTTPBadRequest(text="profile must be a profile id\n")
+    return int(raw)
+
+
+async def call_list(request: web.Request) -> web.Response:
+    """``GET /admin/calls``: calls, newest first, :data:`PAGE_SIZE` a page (``?before=…``, ``?profile=…``)."""
+    store = request.app[STORE]
+    before = parse_before(request.query.get("before"))
+    only = parse_profile_filter(request.query.get("profile"))
+    records = await store.calls(limit=PAGE_SIZE, before=before, profile_id=only)
+    names = {s.profile_id: s.latest.profile.name for s in await store.list_profiles()}
+    older = None
+    if len(records) == PAGE_SIZE:
+        query: dict[str, Any] = {"before": records[-1].started_at.isoformat()}
+        if only is not None:
+            query["profile"] = only
+        older = "/admin/calls?" + urlencode(query)
+    context = {"records": records, "names": names, "older": older, "filtered": only is not None}
+    return page(request, "calls.html", context, title="Calls")
+
+
+async def call_detail(request: web.Request) -> web.Response:
+    """``GET /admin/calls/{sid}``: one call's transcript, barge-ins, latency, errors and recording."""
+    store = request.app[STORE]
+    try:
+        record = await store.call(request.match_info["sid"])
+    except NotFound:
+        return page(
+            request, "error.html", {"message": "This call is not in the log."}, status=404, title="Not found"
+        )
+    names = {s.profile_id: s.latest.profile.name for s in await store.list_profiles()}
+    recorded = recording_file(record, request.app[RECORDING_ROOTS]) is not None
+    context = {"record": record, "names": names, "recorded": recorded}
+    return page(request, "call.html", context, title=f"Call {record.call_sid}")
+
+
+async def _recorded(request: web.Request) -> tuple[CallRecord, Path]:
+    try:
+        record = await request.app[STORE].call(request.match_info["sid"])
+    except NotFound:
+        raise web.HTTPNotFound(text="This call is not in the log.\n") from None
+    path = recording_file(record, request.app[RECORDING_ROOTS])
+    if path is None:
+        raise web.HTTPNotFound(text="This call has no recording here.\n")
+    return record, path
+
+
+async def recording(request: web.Request) -> web.FileResponse:
+    """``GET /admin/calls/{sid}/recording``: the recording file, as a download."""
+    _, path = await _recorded(request)
+    kind = "application/gzip" if path.name.endswith(".gz") else "application/x-ndjson"
+    disposition = f'attachment; filename="{_ascii(path.name)}"'
+    return web.FileResponse(path, headers={"Content-Type": kind, "Content-Disposition": disposition})
+
+
+def _ascii(name: str) -> str:
+    return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
+
+
+def load_recording(path: Path) -> Recording:
+    """Read a recording file, plain or gzip-compressed (blocking: run it in a thread)."""
+    with path.open("rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    if compressed:
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as text:
+            return parse_recording(text, name=path.name)
+    with path.open(encoding="utf-8", errors="replace") as text:
+        return parse_recording(text, name=path.name)
+
+
+def _timeline(path: Path) -> str:
+    return timeline_svg(load_recording(path))
+
+
+async def timeline(request: web.Request) -> web.Response:
+    """``GET /admin/calls/{sid}/timeline.svg``: the call drawn from its recording."""
+    _, path = await _recorded(request)
+    try:
+        # Parsing and drawing a long call takes a while; keep the event loop (and live calls) free.
+        svg = await asyncio.to_thread(_timeline, path)
+    except (BridgeError, OSError, EOFError, ValueError) as exc:
+        raise web.HTTPUnprocessableEntity(text=f"The recording cannot be read: {exc}\n") from None
+    response = web.Response(text=svg, content_type="image/svg+xml")
+    # Opened on its own, an SVG is a document: let it run nothing.
+    response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'"
+    return response

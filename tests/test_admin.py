@@ -1,0 +1,630 @@
+"""The admin UI: sign-in and sessions, CSRF, the profile form, history and rollback, calls, the JSON API."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import re
+import shutil
+import wave
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from bridge.admin.auth import COOKIE, GUARD, SessionSigner, safe_next
+from bridge.admin.forms import values_from_profile
+from bridge.app import create_app
+from bridge.config import load_settings
+from bridge.prompts import Profile
+from bridge.store import CallRecord, Store
+from bridge.web import GREETINGS, STORE
+
+TOKEN = "admin-token-for-tests-0123456789"
+RECORDINGS = Path(__file__).parent / "recordings"
+
+Client = TestClient[web.Request, web.Application]
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "TWILIO_AUTH_TOKEN": "test-twilio-auth-token",
+        "BRIDGE_PUBLIC_URL": "http://bridge.example.test",
+        "BRIDGE_DATA_DIR": str(tmp_path / "data"),
+        "BRIDGE_RECORDINGS_DIR": str(tmp_path / "recordings"),
+        "BRIDGE_ADMIN_TOKEN": TOKEN,
+        **extra,
+    }
+
+
+def build_app(tmp_path: Path, **extra: str) -> web.Application:
+    # The real app: its store, the local model rendering greetings, the first profile seeded ("default").
+    return create_app(load_settings(env_for(tmp_path, **extra)))
+
+
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def make_client(tmp_path: Path) -> AsyncIterator[ClientFactory]:
+    clients: list[Client] = []
+
+    async def make(**extra: str) -> Client:
+        client = TestClient(TestServer(build_app(tmp_path, **extra)))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> Client:
+    return await make_client()
+
+
+def store_of(client: Client) -> Store:
+    return client.app[STORE]
+
+
+async def sign_in(client: Client, name: str = "Ada") -> str:
+    """Sign in and return the CSRF token of the session."""
+    resp = await client.post(
+        "/admin/sign-in", data={"token": TOKEN, "name": name, "next": "/admin"}, allow_redirects=False
+    )
+    assert resp.status == 303, await resp.text()
+    return await csrf_of(client)
+
+
+async def csrf_of(client: Client, path: str = "/admin") -> str:
+    resp = await client.get(path)
+    assert resp.status == 200
+    match = re.search(r'name="csrf" value="([^"]+)"', await resp.text())
+    assert match is not None
+    return match.group(1)
+
+
+def form_of(profile: Profile, **changes: str | bool) -> dict[str, str]:
+    """The edit form as a browser would post it (checkboxes only when ticked)."""
+    values = values_from_profile(profile) | changes
+    return {k: ("on" if v is True else v) for k, v in values.items() if v is not False}
+
+
+async def create(client: Client, csrf: str, profile: Profile) -> int:
+    resp = await client.post(
+        "/admin/profiles/new", data=form_of(profile) | {"csrf": csrf}, allow_redirects=False
+    )
+    assert resp.status == 303, await resp.text()
+    match = re.fullmatch(r"/admin/profiles/(\d+)", resp.headers["Location"])
+    assert match is not None
+    return int(match.group(1))
+
+
+# -- closed, sign-in, sessions
+
+
+async def test_closed_admin_says_how_to_open_it(tmp_path: Path) -> None:
+    env = env_for(tmp_path) | {"BRIDGE_ADMIN_TOKEN": ""}
+    async with TestClient(TestServer(create_app(load_settings(env)))) as http:
+        for path in ("/admin", "/admin/profiles/1", "/admin/api/profiles"):
+            resp = await http.get(path)
+            assert resp.status == 404
+            assert "BRIDGE_ADMIN_TOKEN" in await resp.text()
+
+
+def _example_path(canonical: str) -> str:
+    return canonical.replace("{id}", "1").replace("{v}", "1").replace("{sid}", "CA1").replace("{tail}", "x")
+
+
+async def test_nothing_under_admin_is_reachable_without_signing_in(client: Client) -> None:
+    checked = 0
+    for resource in client.app.router.resources():
+        path = _example_path(resource.canonical)
+        if not path.startswith("/admin") or path.startswith(("/admin/static", "/admin/sign-in")):
+            continue
+        for route in resource:
+            if route.method == "HEAD":
+                continue
+            resp = await client.request(route.method, path, allow_redirects=False)
+            if path.startswith("/admin/api/"):
+                assert resp.status == 401, (route.method, path)
+                assert (await resp.json())["error"] == "unauthorized"
+            else:
+                assert resp.status == 303, (route.method, path)
+                assert resp.headers["Location"].startswith("/admin/sign-in")
+            checked += 1
+    assert checked >= 25
+    # Unknown paths too, and a forged cookie is no session.
+    resp = await client.get("/admin/nothing-here", allow_redirects=False)
+    assert resp.status == 303
+    client.session.cookie_jar.update_cookies({COOKIE: "eyJzaWQiOiJ4In0.AAAA"})
+    resp = await client.get("/admin", allow_redirects=False)
+    assert resp.status == 303
+    # The public parts stay public.
+    assert (await client.get("/admin/sign-in")).status == 200
+    assert (await client.get("/admin/static/admin.css")).status == 200
+
+
+async def test_sign_in_redirects_back_and_shows_the_name(client: Client) -> None:
+    resp = await client.get("/admin/calls", allow_redirects=False)
+    assert resp.headers["Location"] == "/admin/sign-in?next=/admin/calls"
+    resp = await client.post(
+        "/admin/sign-in", data={"token": TOKEN, "name": " Grace  Hopper ", "next": "/admin/calls"},
+        allow_redirects=False,
+    )  # fmt: skip
+    assert resp.status == 303 and resp.headers["Location"] == "/admin/calls"
+    page = await (await client.get("/admin/calls")).text()
+    assert "Signed in as <strong>Grace Hopper</strong>" in page
+
+
+async def test_wrong_token_is_refused_with_backoff_and_never_logged(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    wrong = "not-the-token-0123456789"
+    for _ in range(4):
+        resp = await client.post("/admin/sign-in", data={"token": wrong}, allow_redirects=False)
+        assert resp.status == 401
+        assert "not the admin token" in await resp.text()
+    # Backing off now: even the right token must wait.
+    resp = await client.post("/admin/sign-in", data={"token": TOKEN}, allow_redirects=False)
+    assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+    assert (await client.get("/admin", allow_redirects=False)).status == 303
+    assert wrong not in caplog.text and TOKEN not in caplog.text
+    # Once the wait is over, the right token works.
+    guard = client.app[GUARD]
+    real_now = guard.signer.now
+    guard.signer.now = lambda: real_now() + 10
+    resp = await client.post("/admin/sign-in", data={"token": TOKEN}, allow_redirects=False)
+    assert resp.status == 303
+
+
+async def test_session_cookie_attributes(make_client: ClientFactory) -> None:
+    for public_url, secure in (("http://bridge.example.test", False), ("https://bridge.example.test", True)):
+        client = await make_client(BRIDGE_PUBLIC_URL=public_url)
+        resp = await client.post("/admin/sign-in", data={"token": TOKEN}, allow_redirects=False)
+        cookie = resp.cookies[COOKIE]
+        assert cookie["httponly"] is True
+        assert cookie["samesite"] == "Strict"
+        assert cookie["path"] == "/admin"
+        assert int(cookie["max-age"]) == 8 * 3600
+        assert bool(cookie["secure"]) is secure
+
+
+def test_sessions_expire_and_a_new_token_signs_everyone_out() -> None:
+    now = [1_000_000.0]
+    signer = SessionSigner(TOKEN, now=lambda: now[0])
+    value, session = signer.issue("Ada")
+    assert signer.verify(value) == session
+    assert SessionSigner(TOKEN + "-rotated").verify(value) is None
+    assert signer.verify(value[:-2] + "AA") is None
+    body, mac = value.split(".")
+    assert signer.verify(body[:-1] + ("A" if body[-1] != "A" else "B") + "." + mac) is None
+    now[0] += 8 * 3600 + 1
+    assert signer.verify(value) is None
+    # The CSRF token belongs to one session only.
+    other = signer.issue("Ada")[1]
+    assert signer.csrf(session) != signer.csrf(other)
+
+
+def test_sign_in_goes_back_only_inside_the_admin_ui() -> None:
+    assert safe_next("/admin/calls?before=x") == "/admin/calls?before=x"
+    for bad in (
+        "//evil.example/admin",
+        "https://evil.example/admin",
+        "/\\evil.example",
+        "/twilio/voice",
+        None,
+    ):
+        assert safe_next(bad) == "/admin"
+
+
+async def test_sign_out_revokes_the_session(client: Client) -> None:
+    csrf = await sign_in(client)
+    cookie = client.session.cookie_jar.filter_cookies(client.make_url("/admin"))[COOKIE].value
+    resp = await client.post("/admin/sign-out", data={"csrf": csrf}, allow_redirects=False)
+    assert resp.status == 303 and resp.headers["Location"] == "/admin/sign-in"
+    assert "You are signed out." in await (await client.get("/admin/sign-in")).text()
+    client.session.cookie_jar.update_cookies({COOKIE: cookie})  # a copy of the old cookie
+    assert (await client.get("/admin", allow_redirects=False)).status == 303
+
+
+async def test_pages_carry_security_headers(client: Client) -> None:
+    await sign_in(client)
+    resp = await client.get("/admin")
+    assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+# -- CSRF
+
+
+async def test_forms_need_the_csrf_token_and_this_origin(client: Client) -> None:
+    csrf = await sign_in(client)
+    form = form_of(Profile(name="Sales"))
+    for extra in ({}, {"csrf": "forged"}):
+        resp = await client.post("/admin/profiles/new", data=form | extra, allow_redirects=False)
+        assert resp.status == 403
+    resp = await client.post(
+        "/admin/profiles/new", data=form | {"csrf": csrf}, headers={"Origin": "https://evil.example"}
+    )
+    assert resp.status == 403
+    assert [s.latest.profile.name for s in await store_of(client).list_profiles()] == ["default"]
+    resp = await client.post(
+        "/admin/profiles/new", data=form | {"csrf": csrf}, headers={"Origin": "http://bridge.example.test"},
+        allow_redirects=False,
+    )  # fmt: skip
+    assert resp.status == 303
+    # Sign-in itself refuses a cross-site post (login CSRF).
+    resp = await client.post(
+        "/admin/sign-in", data={"token": TOKEN}, headers={"Referer": "https://evil.example/x"}
+    )
+    assert resp.status == 403
+
+
+async def test_api_writes_with_the_cookie_need_the_csrf_header(client: Client) -> None:
+    csrf = await sign_in(client)
+    body = {"name": "Support"}
+    resp = await client.post("/admin/api/profiles", json=body)
+    assert resp.status == 403 and (await resp.json())["error"] == "forbidden"
+    resp = await client.post("/admin/api/profiles", json=body, headers={"X-CSRF-Token": "nope"})
+    assert resp.status == 403
+    resp = await client.post("/admin/api/profiles", json=body, headers={"X-CSRF-Token": csrf})
+    assert resp.status == 201
+    data = await resp.json()
+    assert data["name"] == "Support" and data["version"] == 1 and data["author"] == "Ada"
+    assert data["is_default"] is False  # the seeded first profile is the default
+
+
+async def test_the_test_call_socket_needs_a_session_and_this_origin(client: Client) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect("/admin/test-call?profile=1")
+    assert refused.value.status == 401
+    csrf = await sign_in(client)
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(
+            f"/admin/test-call?profile=1&csrf={csrf}", headers={"Origin": "https://evil.example"}
+        )
+    assert refused.value.status == 403
+
+
+# -- the profile form
+
+
+async def test_create_profile_with_the_form(client: Client) -> None:
+    csrf = await sign_in(client)
+    profile = Profile(name="Front desk", voice="sage", numbers=("+14155550100", "+14155550101"))
+    resp = await client.post(
+        "/admin/profiles/new",
+        data=form_of(
+            profile,
+            comment="first try",
+            make_default=True,
+            max_call_minutes="5",
+            max_call_seconds="30",
+            language="EN",
+        )
+        | {"csrf": csrf},
+    )
+    assert resp.status == 200  # followed the 303
+    page = await resp.text()
+    assert "Created Front desk: version 1." in page
+    pid = int(resp.url.path.rsplit("/", 1)[1])
+    section = f'<section id="test-call" data-profile-id="{pid}" data-csrf="{csrf}"'
+    assert section + f' data-ws-url="/admin/test-call?profile={pid}">' in page
+    assert '<script src="/admin/static/testcall.js" defer></script>' in page
+    default = await store_of(client).default_profile()
+    assert default is not None and default.profile_id == pid
+    saved = await store_of(client).get(pid)
+    assert saved.profile.name == "Front desk" and saved.profile.voice == "sage"
+    assert saved.profile.numbers == ("+14155550100", "+14155550101")
+    assert saved.profile.max_call_seconds == 330 and saved.profile.language == "en"
+    assert saved.author == "Ada" and saved.comment == "first try"
+    listing = await (await client.get("/admin")).text()
+    assert (
+        "Front desk" in listing and "+14155550101" in listing and "sage" in listing and "default" in listing
+    )
+
+
+async def test_invalid_input_is_kept_and_each_field_says_what_is_wrong(client: Client) -> None:
+    csrf = await sign_in(client)
+    form = form_of(
+        Profile(name="Sales"),
+        name="",
+        threshold="loud",
+        numbers="+14155550100\n555-0101",
+        language="English",
+        max_call_minutes="ten",
+        instructions="Be <b>nice</b>",
+    )
+    resp = await client.post("/admin/profiles/new", data=form | {"csrf": csrf})
+    assert resp.status == 422
+    page = await resp.text()
+    for field in ("name", "threshold", "numbers", "language", "max_call"):
+        assert f'id="{field}-error"' in page, field
+    assert re.search(r'id="threshold-error">must be a number from 0 to 1<', page)
+    assert re.search(r'id="numbers-error">not in E.164 form[^<]*5550101<', page)
+    assert 'value="loud"' in page and 'value="English"' in page and 'value="ten"' in page
+    assert "+14155550100\n555-0101</textarea>" in page
+    assert "Be &lt;b&gt;nice&lt;/b&gt;" in page  # kept, and escaped
+    assert 'aria-invalid="true"' in page
+    assert len(await store_of(client).list_profiles()) == 1  # only the seeded one
+
+
+async def test_save_a_new_version(client: Client) -> None:
+    csrf = await sign_in(client)
+    pid = await create(client, csrf, Profile(name="Sales"))
+    form = form_of(Profile(name="Sales", greeting="Hi there!"), comment="friendlier")
+    resp = await client.post(f"/admin/profiles/{pid}", data=form | {"csrf": csrf, "expected_version": "1"})
+    assert resp.status == 200 and "Saved version 2." in await resp.text()
+    latest = await store_of(client).get(pid)
+    assert latest.version == 2 and latest.profile.greeting == "Hi there!" and latest.comment == "friendlier"
+    # Saving the unchanged form makes no new version.
+    resp = await client.post(
+        f"/admin/profiles/{pid}", data=form_of(latest.profile) | {"csrf": csrf, "expected_version": "2"}
+    )
+    assert "Nothing changed" in await resp.text()
+    assert (await store_of(client).get(pid)).version == 2
+
+
+async def test_a_stale_save_keeps_the_input_and_says_who_saved(client: Client) -> None:
+    csrf = await sign_in(client)
+    pid = await create(client, csrf, Profile(name="Sales"))
+    await store_of(client).save(pid, Profile(name="Sales", voice="ash"), expected_version=1, author="Bob")
+    mine = form_of(Profile(name="Sales", instructions="My long careful edit."))
+    resp = await client.post(f"/admin/profiles/{pid}", data=mine | {"csrf": csrf, "expected_version": "1"})
+    assert resp.status == 409
+    page = await resp.text()
+    assert "Someone saved version 2 while you were editing" in page
+    assert f'href="/admin/profiles/{pid}/history#v2"' in page
+    assert "My long careful edit.</textarea>" in page
+    assert 'name="expected_version" value="2"' in page
+    # Saving again after the review goes through.
+    resp = await client.post(f"/admin/profiles/{pid}", data=mine | {"csrf": csrf, "expected_version": "2"})
+    assert "Saved version 3." in await resp.text()
+
+
+async def test_a_number_of_another_profile_is_a_field_error(client: Client) -> None:
+    csrf = await sign_in(client)
+    await create(client, csrf, Profile(name="Sales", numbers=("+14155550100",)))
+    form = form_of(Profile(name="Support", numbers=("+14155550100",)))
+    resp = await client.post("/admin/profiles/new", data=form | {"csrf": csrf})
+    assert resp.status == 422
+    page = await resp.text()
+    assert re.search(r'id="numbers-error">\+14155550100 is already routed to profile &#39;Sales&#39;<', page)
+    resp = await client.post("/admin/profiles/new", data=form_of(Profile(name="Sales")) | {"csrf": csrf})
+    assert resp.status == 422 and 'id="name-error"' in await resp.text()
+
+
+# -- history and rollback
+
+
+async def test_history_shows_what_changed_and_rollback_restores_it(client: Client) -> None:
+    csrf = await sign_in(client)
+    first = Profile(name="Sales", instructions="Line one.\nLine two.\nLine three.")
+    pid = await create(client, csrf, first)
+    second = Profile(name="Sales", instructions="Line one.\nLine 2, changed.\nLine three.", voice="coral")
+    form = form_of(second, comment="new wording")
+    await client.post(f"/admin/profiles/{pid}", data=form | {"csrf": csrf, "expected_version": "1"})
+    page = await (await client.get(f"/admin/profiles/{pid}/history")).text()
+    assert "Changed: Instructions, Voice." in page
+    assert re.search(r"<del>.*Line two\.</del>", page) and re.search(r"<ins>.*Line 2, changed\.</ins>", page)
+    assert re.search(r"<del>.*alloy</del>.*<ins>.*coral</ins>", page, re.S)
+    assert "new wording" in page and "First version." in page
+    resp = await client.post(
+        f"/admin/profiles/{pid}/rollback",
+        data={"csrf": csrf, "to_version": "1", "expected_version": "2"},
+    )
+    page = await resp.text()
+    assert "Rolled back: version 3 has the content of version 1." in page
+    assert "Rolled back from v1" in page
+    latest = await store_of(client).get(pid)
+    assert latest.version == 3 and latest.profile == first and latest.rolled_back_from == 1
+    # A rollback from a stale page changes nothing.
+    resp = await client.post(
+        f"/admin/profiles/{pid}/rollback", data={"csrf": csrf, "to_version": "2", "expected_version": "2"}
+    )
+    assert "Nothing was rolled back: someone saved version 3 meanwhile" in await resp.text()
+    assert (await store_of(client).get(pid)).version == 3
+
+
+# -- calls
+
+
+def call(sid: str, started: datetime, **kwargs: Any) -> CallRecord:
+    return CallRecord(call_sid=sid, started_at=started, ended_at=started + timedelta(seconds=75), **kwargs)
+
+
+async def test_call_log_and_detail(client: Client) -> None:
+    csrf = await sign_in(client)
+    pid = await create(client, csrf, Profile(name="Sales"))
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    await store_of(client).add_call(
+        call(
+            "CAfirst", start, from_number="+15551230001", to_number="+15559870002", profile_id=pid,
+            profile_version=1, end_reason="caller hung up", barge_ins=2, test_call=True,
+            transcript=(("assistant", "Hello! How can I help?"), ("caller", "Opening <hours>?")),
+            truncations=(("item_1", 640),), latency_ms={"turn_p50": 420.0}, upstream_errors=1,
+        )
+    )  # fmt: skip
+    page = await (await client.get("/admin/calls")).text()
+    assert "+15551230001" in page and "Sales v1" in page and "1 min 15 s" in page and "test call" in page
+    assert "caller hung up" in page and 'href="/admin/calls/CAfirst"' in page
+    page = await (await client.get("/admin/calls/CAfirst")).text()
+    assert "Opening &lt;hours&gt;?" in page and "Hello! How can I help?" in page
+    assert "item_1" in page and "640 ms" in page and "420 ms" in page and "not recorded" in page
+    assert (await client.get("/admin/calls/CAnope")).status == 404
+
+
+async def test_call_log_pages_by_time(client: Client) -> None:
+    await sign_in(client)
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    for i in range(55):
+        await store_of(client).add_call(call(f"CA{i:03d}", start + timedelta(minutes=i)))
+    page = await (await client.get("/admin/calls")).text()
+    assert page.count('href="/admin/calls/CA') == 50 and "CA054" in page and "CA004" not in page
+    match = re.search(r'href="(/admin/calls\?before=[^"]+)" rel="next"', page)
+    assert match is not None
+    older = await (await client.get(match.group(1).replace("&amp;", "&"))).text()
+    assert older.count('href="/admin/calls/CA') == 5 and "CA004" in older and 'rel="next"' not in older
+
+
+async def test_recording_download_timeline_and_traversal(client: Client, tmp_path: Path) -> None:
+    await sign_in(client)
+    recordings = tmp_path / "recordings"
+    shutil.copy(RECORDINGS / "barge-in.jsonl.gz", recordings / "barge-in.jsonl.gz")
+    outside = tmp_path / "secret.jsonl"
+    outside.write_text('{"not": "for staff"}\n')
+    (recordings / "link.jsonl").symlink_to(outside)
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    store = store_of(client)
+    await store.add_call(call("CArec", start, recording_path=str(recordings / "barge-in.jsonl.gz")))
+    await store.add_call(call("CAdots", start, recording_path=str(recordings / ".." / "secret.jsonl")))
+    await store.add_call(call("CAabs", start, recording_path=str(outside)))
+    await store.add_call(call("CAlink", start, recording_path=str(recordings / "link.jsonl")))
+    await store.add_call(call("CAnone", start))
+
+    resp = await client.get("/admin/calls/CArec/recording")
+    assert resp.status == 200 and resp.content_type == "application/gzip"
+    assert 'filename="barge-in.jsonl.gz"' in resp.headers["Content-Disposition"]
+    assert await resp.read() == (RECORDINGS / "barge-in.jsonl.gz").read_bytes()
+    page = await (await client.get("/admin/calls/CArec")).text()
+    assert '<img src="/admin/calls/CArec/timeline.svg"' in page and "Download the recording" in page
+    resp = await client.get("/admin/calls/CArec/timeline.svg")
+    assert resp.status == 200 and resp.content_type == "image/svg+xml"
+    assert "<svg" in await resp.text()
+    assert resp.headers["Content-Security-Policy"].startswith("default-src 'none'")
+
+    for sid in ("CAdots", "CAabs", "CAlink", "CAnone"):
+        for what in ("recording", "timeline.svg"):
+            resp = await client.get(f"/admin/calls/{sid}/{what}")
+            assert resp.status == 404, (sid, what)
+            assert "for staff" not in await resp.text()
+
+
+# -- JSON API
+
+
+async def test_api_with_the_bearer_token(client: Client) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    resp = await client.get("/admin/api/profiles", headers={"Authorization": "Bearer wrong-token-0000000"})
+    assert resp.status == 401
+    resp = await client.post("/admin/api/profiles", json={"name": "Sales", "voice": "verse"}, headers=auth)
+    assert resp.status == 201, await resp.text()
+    created = await resp.json()
+    assert resp.headers["Location"] == f"/admin/api/profiles/{created['id']}"
+    assert created["author"] == "api" and created["voice"] == "verse"
+    assert set(created) >= {"id", "version", "author", "created_at", "comment", "is_default", "instructions"}
+    pid = created["id"]
+
+    edited = created | {"greeting": "Welcome!", "expected_version": 1, "comment": "via api"}
+    resp = await client.put(f"/admin/api/profiles/{pid}", json=edited, headers=auth)
+    assert resp.status == 200
+    assert (await resp.json())["version"] == 2
+
+    resp = await client.put(f"/admin/api/profiles/{pid}", json=edited, headers=auth)  # still expects 1
+    assert resp.status == 409
+    body = await resp.json()
+    assert body["error"] == "stale_version" and body["current_version"] == 2
+    assert body["current"]["greeting"] == "Welcome!"
+
+    bad = created | {"voice": "robot", "turn_detection": {"threshold": 3}, "expected_version": 2}
+    resp = await client.put(f"/admin/api/profiles/{pid}", json=bad, headers=auth)
+    assert resp.status == 422
+    body = await resp.json()
+    assert body["error"] == "invalid"
+    assert set(body["problems"]) == {"voice", "turn_detection.threshold"}
+
+    resp = await client.put(f"/admin/api/profiles/{pid}", json={"name": "Sales"}, headers=auth)
+    assert resp.status == 422 and "expected_version" in (await resp.json())["problems"]
+    resp = await client.put(f"/admin/api/profiles/{pid}", data=b"{nope", headers=auth)
+    assert resp.status == 400
+
+    other = await client.post(
+        "/admin/api/profiles", json={"name": "Other", "numbers": ["+14155550100"]}, headers=auth
+    )
+    assert other.status == 201
+    resp = await client.post(
+        "/admin/api/profiles", json={"name": "Third", "numbers": ["+14155550100"]}, headers=auth
+    )
+    assert resp.status == 422
+    assert (await resp.json())["error"] == "conflict" and "numbers" in (await resp.json())["problems"]
+
+    history = await (await client.get(f"/admin/api/profiles/{pid}/history", headers=auth)).json()
+    assert [v["version"] for v in history] == [2, 1]
+    resp = await client.post(
+        f"/admin/api/profiles/{pid}/rollback", json={"to_version": 1, "expected_version": 2}, headers=auth
+    )
+    assert resp.status == 200
+    rolled = await resp.json()
+    assert (
+        rolled["version"] == 3
+        and rolled["greeting"] == created["greeting"]
+        and rolled["rolled_back_from"] == 1
+    )
+
+    other_id = (await other.json())["id"]
+    resp = await client.post(f"/admin/api/profiles/{other_id}/default", headers=auth)
+    assert resp.status == 200 and (await resp.json())["is_default"] is True
+    listed = await (await client.get("/admin/api/profiles", headers=auth)).json()
+    assert {p["name"]: p["is_default"] for p in listed} == {"Other": True, "Sales": False, "default": False}
+    assert (await client.get("/admin/api/profiles/99", headers=auth)).status == 404
+    assert (await client.get(f"/admin/api/profiles/{pid}?version=1", headers=auth)).status == 200
+
+    await store_of(client).add_call(
+        call("CAapi", datetime(2025, 3, 1, tzinfo=UTC), transcript=(("caller", "hi"),))
+    )
+    calls = await (await client.get("/admin/api/calls?limit=10", headers=auth)).json()
+    assert [c["call_sid"] for c in calls["calls"]] == ["CAapi"] and calls["next_before"] is None
+    one = await (await client.get("/admin/api/calls/CAapi", headers=auth)).json()
+    assert one["transcript"] == [{"role": "caller", "text": "hi"}] and one["duration_s"] == 75
+    assert one["recording"] is None
+    assert (await client.get("/admin/api/calls/CAnope", headers=auth)).status == 404
+    # The bearer token opens the API only, not the pages.
+    assert (await client.get("/admin", headers=auth, allow_redirects=False)).status == 303
+
+
+# -- greetings
+
+
+async def test_greeting_wav_is_served_when_there_is_audio_and_404_otherwise(client: Client) -> None:
+    csrf = await sign_in(client)
+    pid = await create(client, csrf, Profile(name="Quiet", greeting=""))
+    page = await (await client.get(f"/admin/profiles/{pid}")).text()
+    assert "has no greeting" in page
+    assert (await client.get(f"/admin/profiles/{pid}/versions/1/greeting.wav")).status == 404
+    status = await (await client.get(f"/admin/api/profiles/{pid}/versions/1/greeting")).json()
+    assert status == {"state": "empty", "message": "", "url": None}
+
+    ulaw = bytes([0xFF, 0x7F, 0x00, 0x80] * 400)
+    await store_of(client).set_greeting_audio(pid, 1, ulaw)
+    resp = await client.get(f"/admin/profiles/{pid}/versions/1/greeting.wav")
+    assert resp.status == 200 and resp.content_type == "audio/wav"
+    with wave.open(io.BytesIO(await resp.read())) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (1, 2, 8000, 1600)
+    page = await (await client.get(f"/admin/profiles/{pid}")).text()
+    assert f'<audio controls preload="none" src="/admin/profiles/{pid}/versions/1/greeting.wav">' in page
+
+
+async def test_saving_renders_the_greeting_in_the_background(client: Client) -> None:
+    csrf = await sign_in(client)
+    pid = await create(client, csrf, Profile(name="Sales"))
+    page = await (await client.get(f"/admin/profiles/{pid}")).text()
+    assert 'data-state="rendering"' in page or 'data-state="ready"' in page
+    greetings = client.app[GREETINGS]
+    async with asyncio.timeout(20):
+        while greetings.pending(pid, 1):
+            await asyncio.sleep(0.05)
+    status = await (await client.get(f"/admin/api/profiles/{pid}/versions/1/greeting")).json()
+    assert status["state"] == "ready", status
+    resp = await client.get(status["url"])
+    assert resp.status == 200 and len(await resp.read()) > 8000  # the local model's tones: over 0.5 s

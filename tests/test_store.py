@@ -1,0 +1,474 @@
+"""The SQLite store: versions, optimistic concurrency, routing, greetings, calls, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from bridge.errors import ConfigError
+from bridge.prompts import Profile, ProfileError, Transcription, TurnDetection
+from bridge.store import (
+    MIGRATIONS,
+    CallRecord,
+    Conflict,
+    NotFound,
+    ProfileChange,
+    SQLiteStore,
+    StaleVersion,
+    Store,
+    StoreError,
+    UnreadableProfile,
+    open_store,
+    sqlite_path,
+)
+
+SALES = Profile(name="sales", instructions="Sell.", numbers=("+14155550100", "+14155550101"))
+SUPPORT = Profile(
+    name="support",
+    voice="marin",
+    transcription=Transcription(language="en"),
+    turn_detection=TurnDetection(type="semantic_vad", eagerness="high"),
+    numbers=("+14155550200",),
+)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    async with await SQLiteStore.open(tmp_path / "bridge.sqlite3") as opened:
+        yield opened
+
+
+def user_version(path: Path) -> int:
+    with sqlite3.connect(path) as conn:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    conn.close()
+    return version
+
+
+def indexes(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    conn.close()
+    return names
+
+
+async def test_it_is_a_store(store: SQLiteStore) -> None:
+    as_protocol: Store = store
+    assert await as_protocol.list_profiles() == []
+
+
+async def test_create_get_and_history(store: SQLiteStore) -> None:
+    created = await store.create(SUPPORT, author="ana", comment="first")
+    assert (created.version, created.author, created.comment, created.rolled_back_from) == (
+        1,
+        "ana",
+        "first",
+        None,
+    )
+    assert created.profile == SUPPORT and not created.has_greeting_audio
+    assert created.created_at.tzinfo is UTC
+    assert await store.get(created.profile_id) == created
+    assert await store.get(created.profile_id, 1) == created
+
+    changed = dataclasses.replace(SUPPORT, instructions="Help, briefly.")
+    saved = await store.save(created.profile_id, changed, expected_version=1, author="bo", comment="shorter")
+    assert (saved.version, saved.author, saved.profile) == (2, "bo", changed)
+    assert await store.get(created.profile_id) == saved
+    assert [v.version for v in await store.history(created.profile_id)] == [2, 1]
+
+    with pytest.raises(NotFound):
+        await store.get(99)
+    with pytest.raises(NotFound):
+        await store.get(created.profile_id, 3)
+    with pytest.raises(NotFound):
+        await store.history(99)
+    with pytest.raises(NotFound):
+        await store.save(99, SALES, expected_version=1, author="x")
+
+
+async def test_version_times_come_from_the_injected_clock(tmp_path: Path) -> None:
+    moment = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    async with await SQLiteStore.open(tmp_path / "db.sqlite3", now=lambda: moment) as store:
+        created = await store.create(SALES, author="a")
+        assert created.created_at == moment and created.created_at.tzinfo is UTC
+        assert (await store.get(created.profile_id)).created_at == datetime(2025, 3, 1, 10, 0, 0, 123456, UTC)
+
+
+async def test_old_versions_never_change(store: SQLiteStore) -> None:
+    v1 = await store.create(SALES, author="a")
+    snapshot = dataclasses.replace(v1)
+    await store.save(v1.profile_id, dataclasses.replace(SALES, voice="echo"), expected_version=1, author="b")
+    assert v1 == snapshot and v1.profile.voice == "alloy"
+    assert await store.get(v1.profile_id, 1) == snapshot
+    assert (await store.get(v1.profile_id)).profile.voice == "echo"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        v1.version = 5  # type: ignore[misc]
+
+
+async def test_a_stale_save_is_refused_and_changes_nothing(store: SQLiteStore) -> None:
+    v1 = await store.create(SALES, author="a")
+    await store.save(v1.profile_id, dataclasses.replace(SALES, voice="echo"), expected_version=1, author="a")
+    with pytest.raises(StaleVersion) as info:
+        await store.save(
+            v1.profile_id, dataclasses.replace(SALES, voice="sage"), expected_version=1, author="b"
+        )
+    assert (info.value.profile_id, info.value.expected, info.value.current) == (v1.profile_id, 1, 2)
+    assert len(await store.history(v1.profile_id)) == 2
+    assert (await store.get(v1.profile_id)).profile.voice == "echo"
+
+
+async def test_concurrent_saves_from_one_version_one_wins(store: SQLiteStore) -> None:
+    v1 = await store.create(SALES, author="a")
+    edits = [dataclasses.replace(SALES, voice="echo"), dataclasses.replace(SALES, voice="sage")]
+    results = await asyncio.gather(
+        *(store.save(v1.profile_id, p, expected_version=1, author=p.voice) for p in edits),
+        return_exceptions=True,
+    )
+    won = [r for r in results if not isinstance(r, BaseException)]
+    lost = [r for r in results if isinstance(r, BaseException)]
+    assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], StaleVersion)
+    assert lost[0].current == 2
+    assert won[0].version == 2
+    assert await store.get(v1.profile_id) == won[0]
+    assert [v.version for v in await store.history(v1.profile_id)] == [2, 1]
+
+
+async def test_concurrent_saves_through_two_stores_on_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    async with await SQLiteStore.open(path) as first, await SQLiteStore.open(path) as second:
+        v1 = await first.create(SALES, author="a")
+        for round_ in range(5):
+            expected = v1.version + round_
+            results = await asyncio.gather(
+                first.save(
+                    v1.profile_id,
+                    dataclasses.replace(SALES, voice="echo"),
+                    expected_version=expected,
+                    author="1",
+                ),
+                second.save(
+                    v1.profile_id,
+                    dataclasses.replace(SALES, voice="sage"),
+                    expected_version=expected,
+                    author="2",
+                ),
+                return_exceptions=True,
+            )
+            won = [r for r in results if not isinstance(r, BaseException)]
+            lost = [r for r in results if isinstance(r, BaseException)]
+            assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], StaleVersion), results
+            assert won[0].version == expected + 1
+            assert await first.get(v1.profile_id) == won[0] == await second.get(v1.profile_id)
+        assert len(await second.history(v1.profile_id)) == 6
+
+
+async def test_rollback_writes_a_new_version_with_old_content(store: SQLiteStore) -> None:
+    v1 = await store.create(SALES, author="a")
+    await store.set_greeting_audio(v1.profile_id, 1, b"\xff" * 80)
+    v2 = await store.save(
+        v1.profile_id, dataclasses.replace(SALES, greeting="Hi."), expected_version=1, author="a"
+    )
+    v3 = await store.rollback(v1.profile_id, 1, expected_version=2, author="b")
+    assert (v3.version, v3.profile, v3.rolled_back_from, v3.comment) == (3, SALES, 1, "rollback to version 1")
+    assert v3.has_greeting_audio and await store.greeting_audio(v1.profile_id, 3) == b"\xff" * 80
+    assert await store.get(v1.profile_id) == v3
+    assert await store.get(v1.profile_id, 2) == v2
+
+    v4 = await store.rollback(v1.profile_id, 2, expected_version=3, author="b", comment="greeting back")
+    assert (v4.profile, v4.comment, v4.rolled_back_from) == (v2.profile, "greeting back", 2)
+    with pytest.raises(StaleVersion):
+        await store.rollback(v1.profile_id, 1, expected_version=3, author="b")
+    with pytest.raises(NotFound):
+        await store.rollback(v1.profile_id, 9, expected_version=4, author="b")
+    with pytest.raises(NotFound):
+        await store.rollback(42, 1, expected_version=1, author="b")
+    assert len(await store.history(v1.profile_id)) == 4
+
+
+async def test_names_are_unique_among_latest_versions(store: SQLiteStore) -> None:
+    sales = await store.create(SALES, author="a")
+    support = await store.create(SUPPORT, author="a")
+    with pytest.raises(Conflict) as info:
+        await store.create(Profile(name="sales"), author="a")
+    assert info.value.problems == {"name": "a profile named 'sales' already exists"}
+    with pytest.raises(Conflict):
+        await store.save(support.profile_id, Profile(name="sales"), expected_version=1, author="a")
+    # Saving under its own name is fine; renaming frees the old name.
+    await store.save(
+        sales.profile_id, dataclasses.replace(SALES, name="sales-east"), expected_version=1, author="a"
+    )
+    await store.create(Profile(name="sales"), author="a")
+    # A rollback to a name now taken clashes too.
+    with pytest.raises(Conflict):
+        await store.rollback(sales.profile_id, 1, expected_version=2, author="a")
+
+
+async def test_a_number_routes_to_at_most_one_profile(store: SQLiteStore) -> None:
+    sales = await store.create(SALES, author="a")
+    with pytest.raises(Conflict) as info:
+        await store.create(Profile(name="other", numbers=("+14155550101", "+14155550999")), author="a")
+    assert info.value.problems == {"numbers": "+14155550101 is already routed to profile 'sales'"}
+    assert len(await store.list_profiles()) == 1
+
+    # Once the latest version of sales gives the number up, another profile may take it.
+    await store.save(
+        sales.profile_id,
+        dataclasses.replace(SALES, numbers=("+14155550100",)),
+        expected_version=1,
+        author="a",
+    )
+    other = await store.create(Profile(name="other", numbers=("+14155550101",)), author="a")
+    assert (await store.for_number("+14155550101")) == other
+
+
+async def test_for_number_and_the_default(store: SQLiteStore) -> None:
+    assert await store.for_number("+14155550100") is None
+    assert await store.default_profile() is None
+    sales = await store.create(SALES, author="a")
+    support = await store.create(SUPPORT, author="a")
+    assert await store.default_profile() == sales  # the first profile created
+    assert await store.for_number("+14155550200") == support
+    assert await store.for_number("+1 (415) 555-0200") == support
+    assert await store.for_number("+19995550000") == sales
+
+    await store.set_default(support.profile_id)
+    assert await store.for_number("+19995550000") == support
+    with pytest.raises(NotFound):
+        await store.set_default(77)
+    listing = await store.list_profiles()
+    assert [(s.latest.profile.name, s.is_default) for s in listing] == [("sales", False), ("support", True)]
+
+    # Routing follows the latest version only.
+    v2 = await store.save(
+        sales.profile_id, dataclasses.replace(SALES, numbers=()), expected_version=1, author="a"
+    )
+    assert await store.for_number("+14155550100") == support
+    assert (await store.get(sales.profile_id, 1)).profile.numbers == SALES.numbers
+    assert (await store.list_profiles())[0].latest == v2
+
+
+async def test_profiles_can_swap_numbers_in_one_save(store: SQLiteStore) -> None:
+    sales = await store.create(SALES, author="a")
+    support = await store.create(SUPPORT, author="a")
+    written = await store.save_many(
+        [
+            ProfileChange(dataclasses.replace(SALES, numbers=SUPPORT.numbers), sales.profile_id, 1),
+            ProfileChange(dataclasses.replace(SUPPORT, numbers=SALES.numbers), support.profile_id, 1),
+        ],
+        author="a",
+        comment="swap",
+    )
+    assert [v.version for v in written] == [2, 2]
+    assert (await store.for_number("+14155550200")).profile_id == sales.profile_id  # type: ignore[union-attr]
+    assert (await store.for_number("+14155550100")).profile_id == support.profile_id  # type: ignore[union-attr]
+
+    # All or nothing: one clash and neither profile changes.
+    with pytest.raises(Conflict):
+        await store.save_many(
+            [
+                ProfileChange(dataclasses.replace(SALES, voice="echo"), sales.profile_id, 2),
+                ProfileChange(Profile(name="new", numbers=("+14155550200",))),
+            ],
+            author="a",
+        )
+    assert (await store.get(sales.profile_id)).version == 2
+    assert len(await store.list_profiles()) == 2
+
+
+async def test_invalid_profiles_are_not_stored(store: SQLiteStore) -> None:
+    with pytest.raises(ProfileError) as info:
+        await store.create(Profile(name="bad", numbers=("555-1234",)), author="a")
+    assert "numbers" in info.value.problems
+    assert await store.list_profiles() == []
+
+
+async def test_greeting_audio(store: SQLiteStore) -> None:
+    v1 = await store.create(SALES, author="a")
+    assert await store.greeting_audio(v1.profile_id, 1) is None
+    await store.set_greeting_audio(v1.profile_id, 1, b"\x7f\x00" * 400)
+    assert await store.greeting_audio(v1.profile_id, 1) == b"\x7f\x00" * 400
+    assert (await store.get(v1.profile_id)).has_greeting_audio
+    assert (await store.list_profiles())[0].latest.has_greeting_audio
+    v2 = await store.save(v1.profile_id, SUPPORT, expected_version=1, author="a")
+    assert not v2.has_greeting_audio and await store.greeting_audio(v1.profile_id, 2) is None
+    assert await store.greeting_audio(v1.profile_id, 9) is None
+    with pytest.raises(NotFound):
+        await store.set_greeting_audio(v1.profile_id, 9, b"x")
+
+
+def record(sid: str, minute: int, **fields: object) -> CallRecord:
+    start = datetime(2025, 1, 1, 9, minute, tzinfo=UTC)
+    return CallRecord(sid, start, start + timedelta(seconds=42), **fields)  # type: ignore[arg-type]
+
+
+async def test_calls(store: SQLiteStore) -> None:
+    full = record(
+        "CA1",
+        1,
+        from_number="+14155550100",
+        to_number="+14155550200",
+        profile_id=1,
+        profile_version=2,
+        end_reason="caller hung up",
+        transcript=(("assistant", "Hello!"), ("caller", "Hi, ünïcode")),
+        barge_ins=1,
+        truncations=(("item_1", 1234),),
+        latency_ms={"turn_p50": 512.5, "turn_max": 900.0},
+        upstream_errors=0,
+        recording_path="/rec/CA1.jsonl",
+        test_call=True,
+    )
+    await store.add_call(full)
+    assert await store.call("CA1") == full
+    assert (await store.call("CA1")).duration_s == 42.0
+    for index in range(2, 6):
+        await store.add_call(record(f"CA{index}", index, profile_id=index % 2))
+    assert [c.call_sid for c in await store.calls()] == ["CA5", "CA4", "CA3", "CA2", "CA1"]
+    assert [c.call_sid for c in await store.calls(limit=2)] == ["CA5", "CA4"]
+    before = datetime(2025, 1, 1, 9, 4, tzinfo=UTC)
+    assert [c.call_sid for c in await store.calls(before=before)] == ["CA3", "CA2", "CA1"]
+    assert [c.call_sid for c in await store.calls(profile_id=1)] == ["CA5", "CA3", "CA1"]
+    assert [c.call_sid for c in await store.calls(profile_id=1, before=before, limit=1)] == ["CA3"]
+
+    await store.add_call(dataclasses.replace(full, end_reason="replaced"))
+    assert (await store.call("CA1")).end_reason == "replaced"
+    assert len(await store.calls()) == 5
+    assert (await store.call("CA2")).started_at.tzinfo is UTC
+    with pytest.raises(NotFound):
+        await store.call("CA404")
+
+
+async def test_a_new_file_gets_every_migration(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "er" / "bridge.sqlite3"
+    async with await SQLiteStore.open(path):
+        pass
+    assert user_version(path) == len(MIGRATIONS) == 2
+    assert {"calls_by_start", "calls_by_profile"} <= indexes(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+async def test_an_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    async with await SQLiteStore.open(path, migrations=MIGRATIONS[:1]) as old:
+        created = await old.create(SALES, author="a")
+        await old.add_call(record("CA1", 1))
+    assert user_version(path) == 1
+    assert "calls_by_start" not in indexes(path)
+
+    async with await SQLiteStore.open(path) as store:
+        assert await store.get(created.profile_id) == created
+        assert [c.call_sid for c in await store.calls()] == ["CA1"]
+    assert user_version(path) == 2
+    assert {"calls_by_start", "calls_by_profile"} <= indexes(path)
+
+
+async def test_a_database_from_a_newer_bridge_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "new.sqlite3"
+    async with await SQLiteStore.open(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(ConfigError, match="newer bridge"):
+        await SQLiteStore.open(path)
+
+
+async def test_unreadable_profile_data_names_the_profile_and_the_problems(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.sqlite3"
+    async with await SQLiteStore.open(path) as store:
+        created = await store.create(SALES, author="a")
+        data = json.dumps({"name": "sales", "voice": "alloy", "mood": "cheerful"})
+        with sqlite3.connect(path) as conn:
+            conn.execute(
+                "UPDATE profile_versions SET data = ? WHERE profile_id = ?", (data, created.profile_id)
+            )
+        conn.close()
+        with pytest.raises(StoreError) as info:
+            await store.get(created.profile_id)
+        assert isinstance(info.value, UnreadableProfile)
+        assert info.value.profile_id == created.profile_id and "mood" in info.value.problems
+        assert f"profile {created.profile_id} version 1" in str(info.value) and "mood" in str(info.value)
+        with pytest.raises(UnreadableProfile):
+            await store.for_number("+14155550100")
+
+        with sqlite3.connect(path) as conn:
+            conn.execute(
+                "UPDATE profile_versions SET data = '[1' WHERE profile_id = ?", (created.profile_id,)
+            )
+        conn.close()
+        with pytest.raises(UnreadableProfile, match="data"):
+            await store.list_profiles()
+
+
+async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
+    store = await SQLiteStore.open(tmp_path / "bridge.sqlite3")
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.list_profiles()
+
+
+async def test_open_store_accepts_paths_and_sqlite_urls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for database, created in [
+        (str(tmp_path / "a" / "plain.sqlite3"), tmp_path / "a" / "plain.sqlite3"),
+        ("sqlite:///rel/relative.sqlite3", tmp_path / "rel" / "relative.sqlite3"),
+        (f"sqlite:///{tmp_path}/abs/absolute.sqlite3", tmp_path / "abs" / "absolute.sqlite3"),
+    ]:
+        store = await open_store(database)
+        try:
+            await store.create(SALES, author="a")
+        finally:
+            await store.close()
+        assert created.is_file(), database
+    assert sqlite_path("sqlite:///:memory:") == ":memory:"
+    memory = await open_store("sqlite:///:memory:")
+    await memory.close()
+
+
+@pytest.mark.parametrize(
+    ("database", "message"),
+    [
+        (
+            "postgresql://u:p@db/bridge",
+            "BRIDGE_DATABASE: PostgreSQL is not supported yet: use a SQLite file path",
+        ),
+        ("postgres://db/bridge", "BRIDGE_DATABASE: PostgreSQL is not supported yet: use a SQLite file path"),
+        (
+            "postgresql+asyncpg://db/x",
+            "BRIDGE_DATABASE: PostgreSQL is not supported yet: use a SQLite file path",
+        ),
+        ("mysql://db/bridge", "BRIDGE_DATABASE: 'mysql://db/bridge' is not supported"),
+        ("sqlite://host/x", "is not supported"),
+        ("  ", "BRIDGE_DATABASE is empty"),
+    ],
+)
+async def test_open_store_refuses_other_databases(database: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        await open_store(database)
+    assert str(info.value).startswith(message) or message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+async def test_unusable_files_stop_start_up_with_one_line(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.sqlite3"
+    junk.write_bytes(b"this is not a database, just some text " * 100)
+    with pytest.raises(ConfigError, match="not a usable SQLite database"):
+        await open_store(str(junk))
+    with pytest.raises(ConfigError, match="cannot open"):
+        await open_store(str(tmp_path))  # a directory
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="cannot create the directory"):
+        await open_store(str(blocker / "sub" / "db.sqlite3"))
