@@ -295,6 +295,9 @@ async def test_the_test_call_socket_needs_a_session_and_this_origin(client: Clie
             f"/admin/test-call?profile=1&csrf={csrf}", headers={"Origin": "https://evil.example"}
         )
     assert refused.value.status == 403
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(f"/admin/test-call?profile=1&csrf={csrf}")  # no Origin: not a browser page
+    assert refused.value.status == 403
 
 
 # -- the profile form

@@ -28,10 +28,10 @@ import pytest
 from aiohttp import web
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
-import tests.conftest
 from bridge.admin import testcall
 from bridge.app import create_app
 from bridge.audio import pcm16_to_ulaw, ulaw_to_pcm16
+from bridge.prompts import Profile
 from bridge.store import CallRecord
 from bridge.web import STORE
 from tests.browser_support import (
@@ -66,14 +66,6 @@ def chromium() -> str:
     return str(CHROMIUM)
 
 
-def _with_test_call_route(app: web.Application) -> web.Application:
-    # Until bridge.app/bridge.admin register the route themselves: then this does nothing, and
-    # test_the_app_registers_the_test_call_route (below) is what checks it.
-    if not _has_test_call_route(app):
-        app.router.add_get(testcall.PATH, testcall.test_call)
-    return app
-
-
 def _has_test_call_route(app: web.Application) -> bool:
     return any(
         route.method == "GET" and route.resource is not None and route.resource.canonical == testcall.PATH
@@ -82,12 +74,12 @@ def _has_test_call_route(app: web.Application) -> bool:
 
 
 @pytest.fixture
-async def admin_bridge(start_bridge: Any, monkeypatch: pytest.MonkeyPatch) -> Bridge:
-    """The real bridge with the admin UI open and the embedded local model (no Azure settings)."""
-    monkeypatch.setattr(
-        tests.conftest, "create_app", lambda *a, **kw: _with_test_call_route(create_app(*a, **kw))
-    )
-    bridge: Bridge = await start_bridge(None, BRIDGE_ADMIN_TOKEN=ADMIN_TOKEN)
+async def admin_bridge(start_bridge: Any) -> Bridge:
+    """The real bridge with the admin UI open and the embedded local model (no Azure settings).
+
+    Greetings are rendered as in production: the first profile's at start-up, each new version's on save.
+    """
+    bridge: Bridge = await start_bridge(None, render_greetings=True, BRIDGE_ADMIN_TOKEN=ADMIN_TOKEN)
     return bridge
 
 
@@ -189,10 +181,22 @@ async def call_records(bridge: Bridge) -> list[CallRecord]:
 async def test_staff_edit_a_profile_listen_to_its_greeting_and_roll_back(
     admin_bridge: Bridge, browser: BrowserContext, shots: Callable[[Page, str], Awaitable[None]]
 ) -> None:
+    store = admin_bridge.app[STORE]
+    for name, voice, number in (
+        ("Sales line", "coral", "+14155550100"),
+        ("After hours", "sage", "+14155550199"),
+    ):
+        await store.create(
+            Profile(
+                name=name, voice=voice, greeting=f"Thanks for calling the {name.lower()}.", numbers=(number,)
+            ),
+            author="Sam Lead",
+            comment="set up",
+        )
     page = await new_page(browser)
     await sign_in(page, admin_bridge, shots)
 
-    # The list shows the profile seeded at first start, which answers every number.
+    # The list shows the profile seeded at first start, which answers every number no other one lists.
     row = page.get_by_role("row").filter(has=page.get_by_role("link", name="default", exact=True))
     await expect(row).to_contain_text("v1")
     await shots(page, "profiles")

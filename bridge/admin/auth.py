@@ -14,6 +14,7 @@ Theory of operation
   POST/PUT/PATCH/DELETE must carry it (forms: field ``csrf``; JSON: header ``X-CSRF-Token``), and when
   the browser says where the request comes from (``Origin``, else ``Referer``) that must be this site.
   Bearer requests carry no cookie, so they cannot be forged cross-site and need no CSRF token.
+  WebSocket upgrades (the test call) must carry an ``Origin`` of this site: browsers always send one.
 * **Failed sign-ins** back off per client address, doubling up to five minutes; the token is never logged.
 * **Sign-out** clears the cookie and revokes its session id on this instance until it would have expired.
 """
@@ -316,8 +317,10 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
     session = guard.session(request)
     if session is None:
         return _unauthorized(request)
+    if upgrade and hdrs.ORIGIN not in request.headers:
+        # Browsers always send Origin on WebSocket upgrades, and the cookie rides along cross-site.
+        return _forbidden(request, "A WebSocket upgrade must say where it comes from (Origin).")
     if (writes or upgrade) and not guard.same_origin(request):
-        # Browsers always send Origin on WebSocket upgrades; cookies ride along cross-site otherwise.
         return _forbidden(request, "This request came from another site.")
     if writes:
         given = request.headers.get(CSRF_HEADER)

@@ -297,4 +297,6 @@ def _line_diff(a: str, b: str, context: int = 2) -> tuple[tuple[str, str], ...]:
                 continue
             out.extend(("del", line) for line in old[a1:a2])
             out.extend(("ins", line) for line in new[b1:b2])
+    if out and (group[-1][2] < len(old) or group[-1][4] < len(new)):
+        out.append(("gap", "…"))  # unchanged lines follow
     return tuple(out)
