@@ -431,6 +431,7 @@ class Call:
     timestamp: int = 0
     next_due: float = 0.0
     alive: bool = False
+    ended_by_bridge: bool = False
     # What the caller says.
     utterance: list[str] | None = None
     position: int = 0
@@ -610,6 +611,7 @@ class Bench:
     def on_closed(self, call: Call) -> None:
         if call.alive and not self.stopping:
             self.counts["calls closed by the bridge"] += 1
+            call.ended_by_bridge = True
         call.alive = False
 
     def on_media(self, call: Call, nbytes: int, now: float) -> None:
@@ -1097,8 +1099,9 @@ class Bench:
             return {"error": "py-spy did not finish"}
         if not out.exists():
             return {"error": err.decode(errors="replace")[-500:]}
-        shutil.copy(out, ROOT / f"bench-profile-{self.opts.calls}.txt")
-        return summarize_profile(out.read_text(errors="replace"))
+        result = summarize_profile(out.read_text(errors="replace"))
+        result["raw"] = str(out) + ("" if self.opts.keep else " (deleted; --keep keeps it)")
+        return result
 
     # -- results --
 
@@ -1119,10 +1122,15 @@ class Bench:
     ) -> dict[str, Any]:
         opts = self.opts
         n = max(1, live_calls)
-        lost_in = sum(max(0, c.frames_sent - c.appends) for c in self.calls if c.conn)
-        extra_in = sum(max(0, c.appends - c.frames_sent) for c in self.calls if c.conn)
-        lost_out = sum(max(0, c.expected_out - c.rx_bytes) for c in self.calls) // FRAME_BYTES
-        extra_out = sum(max(0, c.rx_bytes - c.expected_out) for c in self.calls) // FRAME_BYTES
+        # Frames lost on calls that stayed up; what was in flight on calls the bridge ended is counted apart.
+        up = [c for c in self.calls if c.conn is not None and not c.ended_by_bridge]
+        ended = [c for c in self.calls if c.conn is not None and c.ended_by_bridge]
+        lost_in = sum(max(0, c.frames_sent - c.appends) for c in up)
+        extra_in = sum(max(0, c.appends - c.frames_sent) for c in up)
+        lost_out = sum(max(0, c.expected_out - c.rx_bytes) for c in up) // FRAME_BYTES
+        extra_out = sum(max(0, c.rx_bytes - c.expected_out) for c in up) // FRAME_BYTES
+        ended_in = sum(max(0, c.frames_sent - c.appends) for c in ended)
+        ended_out = sum(max(0, c.expected_out - c.rx_bytes) for c in ended) // FRAME_BYTES
         before, after = metrics
         # What ran on the machine besides the bridge and this process (other work skews every figure).
         foreign = max(0.0, machine["process"] - bridge_cpu - gen_cpu)
@@ -1167,6 +1175,12 @@ class Bench:
                 "upstream_errors": int(
                     sum(v for k, v in delta.items() if k.startswith("bridge_upstream_err"))
                 ),
+                "calls_ended": {
+                    k: int(v) for k, v in delta.items() if k.startswith("bridge_calls_total") and v
+                },
+                "refused": {
+                    k: int(v) for k, v in delta.items() if k.startswith("bridge_refused_total") and v
+                },
             },
             "frames": {
                 "inbound_sent": sum(c.frames_sent for c in self.calls),
@@ -1176,6 +1190,7 @@ class Bench:
                 "outbound_lost": lost_out,
                 "outbound_extra": extra_out,
                 "lost": lost_in + lost_out,
+                "undelivered_on_calls_the_bridge_ended": {"inbound": ended_in, "outbound": ended_out},
             },
             "setup": {k: summary_ms(v) for k, v in self.setup.items()},
             "barge_ins": len(self.clear),
@@ -1338,6 +1353,13 @@ def markdown(results: list[dict[str, Any]]) -> str:
         )
     notes = [f"- {r['live_calls']} calls: {k}: {v}" for r in results for k, v in r["notes"].items() if v]
     for r in results:
+        ended = r["frames"]["undelivered_on_calls_the_bridge_ended"]
+        if ended["inbound"] or ended["outbound"]:
+            notes.append(
+                f"- {r['live_calls']} calls: frames in flight on calls the bridge ended: "
+                f"{ended['inbound']} in, {ended['outbound']} out; /metrics calls ended "
+                f"{r['bridge_metrics']['calls_ended']}, refused {r['bridge_metrics']['refused']}"
+            )
         st = r["setup"]
         notes.append(
             f"- {r['live_calls']} calls: call set-up p50 / p99 ms: webhook {st['webhook']['p50_ms']} / "

@@ -327,20 +327,33 @@ async def test_staff_place_a_test_call_and_find_it_in_the_call_log(
     assert page_errors(page) == []
 
 
-async def test_a_refused_test_call_is_shown_plainly(admin_bridge: Bridge, browser: BrowserContext) -> None:
+async def test_a_denied_microphone_and_a_refused_call_are_shown_plainly(
+    admin_bridge: Bridge, browser: BrowserContext
+) -> None:
     page = await new_page(browser)
     await sign_in(page, admin_bridge)
     await page.get_by_role("link", name="default", exact=True).first.click()
     section = page.locator("#test-call")
+    call_button = section.get_by_role("button", name="Call this profile")
+    # The microphone is refused (the staff member clicked "Block").
+    await page.evaluate(
+        """() => { navigator.mediaDevices.getUserMedia = () =>
+                     Promise.reject(new DOMException("Permission denied", "NotAllowedError")); }"""
+    )
+    await call_button.click()
+    await expect(section.get_by_role("alert")).to_contain_text("Microphone access was denied")
+    await expect(call_button).to_be_enabled()
+    await page.evaluate("() => { delete navigator.mediaDevices.getUserMedia; }")  # the real one again
+
     # Signed out in another tab meanwhile: the bridge refuses the call, and the page says so.
     other = await browser.new_page()
     await other.goto(admin_bridge.url + "/admin")
     await other.get_by_role("button", name="Sign out").click()
     await expect(other.get_by_role("heading", name="Sign in")).to_be_visible()
     await other.close()
-    await section.get_by_role("button", name="Call this profile").click()
+    await call_button.click()
     await expect(section.get_by_role("alert")).to_contain_text("The bridge refused the test call")
-    await expect(section.get_by_role("button", name="Call this profile")).to_be_enabled()
+    await expect(call_button).to_be_enabled()
     assert await page.evaluate("window.bridgeTestCall.state") == "failed"
     assert await call_records(admin_bridge) == []
 

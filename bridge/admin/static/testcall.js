@@ -19,7 +19,7 @@
 (function () {
   "use strict";
 
-  /* ---------------------------------------------------------------- the worklet side (AudioWorkletGlobalScope) */
+  /* ---------------------------------------------------- the worklet side (AudioWorkletGlobalScope) */
 
   if (typeof registerProcessor === "function" && typeof AudioWorkletProcessor === "function") {
     /** Hands the microphone's samples to the page in batches of `batch` frames (20 ms). */
@@ -355,7 +355,10 @@
   function micMessage(error) {
     const name = error && error.name;
     if (name === "NotAllowedError" || name === "SecurityError") {
-      return "Microphone access was denied. Allow the microphone for this site (the icon in the address bar), then try again.";
+      return (
+        "Microphone access was denied. Allow the microphone for this site (the icon in the address bar), " +
+        "then try again."
+      );
     }
     if (name === "NotFoundError" || name === "OverconstrainedError") {
       return "No microphone was found. Plug one in, then try again.";
@@ -423,7 +426,11 @@
     const hangButton = el("button", { type: "button", class: "test-call-hangup", disabled: "" }, "Hang up");
     const controls = el("div", { class: "test-call-controls" });
     controls.append(callButton, " ", hangButton);
-    const status = el("p", { class: "test-call-status", role: "status", "aria-live": "polite" }, "Not connected.");
+    const status = el(
+      "p",
+      { class: "test-call-status", role: "status", "aria-live": "polite" },
+      "Not connected.",
+    );
     const micMeter = el("meter", { min: "0", max: "1", value: "0", id: "test-call-mic-level" });
     const outMeter = el("meter", { min: "0", max: "1", value: "0", id: "test-call-bridge-level" });
     const meters = el("div", { class: "test-call-levels" });
@@ -433,9 +440,11 @@
     outRow.append(el("label", { for: "test-call-bridge-level" }, "What you hear"), " ", outMeter);
     meters.append(micRow, outRow);
     const transcriptHeading = el("h3", { id: "test-call-transcript-heading" }, "Transcript");
-    const transcript = el("ol", { class: "test-call-transcript", "aria-labelledby": "test-call-transcript-heading" });
+    const transcript = el("ol", {
+      class: "test-call-transcript",
+      "aria-labelledby": "test-call-transcript-heading",
+    });
     section.append(controls, status, meters, transcriptHeading, transcript);
-
 
     let call = null; // the live call's resources
 
@@ -460,7 +469,8 @@
     function addTranscript(role, text) {
       stats.transcripts.push({ role, text });
       const item = el("li", { class: "transcript-" + role });
-      item.append(el("strong", {}, role === "assistant" ? "Assistant: " : role === "caller" ? "Caller: " : role + ": "));
+      const who = role === "assistant" ? "Assistant" : role === "caller" ? "Caller" : role;
+      item.append(el("strong", {}, who + ": "));
       item.append(doc.createTextNode(text));
       transcript.append(item);
     }
@@ -527,13 +537,19 @@
         accountSid: "AC" + hex(16),
       };
       stats.callSid = ids.callSid;
-      call = { ids, ws: null, stream: null, ctx: null, sequence: 0, chunk: 0, live: false, pendingBytes: [] };
+      call = { ids, ws: null, stream: null, ctx: null, sequence: 0, chunk: 0, live: false };
       const current = call;
 
       if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
         fail("This page cannot use a microphone: open the admin UI over https (or on localhost).");
         return;
       }
+      // The audio context first, while the click still counts as the user's gesture (autoplay policy).
+      const ctx = new AudioContext({ latencyHint: "interactive" });
+      current.ctx = ctx;
+      stats.sampleRate = ctx.sampleRate;
+      const resumed = ctx.resume().catch(() => {});
+
       show("Asking for the microphone…");
       let stream;
       try {
@@ -549,15 +565,7 @@
         return;
       }
       current.stream = stream;
-
-      const ctx = new AudioContext({ latencyHint: "interactive" });
-      current.ctx = ctx;
-      stats.sampleRate = ctx.sampleRate;
-      try {
-        await ctx.resume();
-      } catch (e) {
-        /* resumed by the click's user activation anyway */
-      }
+      await resumed;
       const mix = ctx.createGain();
       const analyser = ctx.createAnalyser();
       analyser.fftSize = 1024;
@@ -565,7 +573,8 @@
       analyser.connect(ctx.destination);
       const player = new Player(ctx, mix, {
         echo(name, played) {
-          send({ event: "mark", sequenceNumber: String(++current.sequence), streamSid: ids.streamSid, mark: { name } });
+          const sequenceNumber = String(++current.sequence);
+          send({ event: "mark", sequenceNumber, streamSid: ids.streamSid, mark: { name } });
           stats.marksEchoed++;
           if (played) stats.marksPlayed++;
           else stats.marksFlushed++;
@@ -705,19 +714,20 @@
           return;
         }
         stats.state = "ended";
-        const why = event.code === 1000 || event.code === 1005 ? "" : " (" + (event.reason || "code " + event.code) + ")";
-        show("The bridge ended the call" + why + ".", event.code !== 1000 && event.code !== 1005);
+        const normal = event.code === 1000 || event.code === 1005;
+        const why = normal ? "" : " (" + (event.reason || "code " + event.code) + ")";
+        show("The bridge ended the call" + why + ".", !normal);
         teardown(false);
       };
       ws.onerror = () => {
         /* onclose follows with the details */
       };
 
+      const heard = new Float32Array(analyser.fftSize);
       current.timer = setInterval(() => {
         player.tick();
-        const data = new Float32Array(analyser.fftSize);
-        analyser.getFloatTimeDomainData(data);
-        outMeter.value = levelOf(data);
+        analyser.getFloatTimeDomainData(heard);
+        outMeter.value = levelOf(heard);
       }, TICK_MS);
     }
 
@@ -769,7 +779,10 @@
   window.bridgeTestCall = stats;
   // The signal path, for the browser tests (the codec against G.711, the filters' response); the page
   // itself does not use this.
-  Object.defineProperty(stats, "dsp", { value: { linearToUlaw, ulawToLinear, Downsampler, Player }, enumerable: false });
+  Object.defineProperty(stats, "dsp", {
+    value: { linearToUlaw, ulawToLinear, Downsampler, Player },
+    enumerable: false,
+  });
 
   function init() {
     const section = document.getElementById("test-call");
