@@ -38,7 +38,7 @@ from bridge.config import AudioPath
 from bridge.errors import MalformedMessage, UpstreamError
 from bridge.metrics import Metrics
 from bridge.prompts import Profile, profile_to_mapping
-from bridge.recording import Direction, Header, RecordingWriter, Source
+from bridge.recording import Direction, Header, Recording, RecordingWriter, Source, parse_recording
 from bridge.session import CallSession, ClearAudio, EndCall, Output, PlaceMark, PlayAudio
 from bridge.store import CallRecord, Store, StoreError
 from bridge.upstream import Upstream
@@ -63,6 +63,15 @@ TIME_LIMIT_GRACE = 20.0
 TranscriptListener = Callable[[str, str], Awaitable[None]]
 """Told ``(role, text)`` as each caller or assistant turn is transcribed (the admin page's test call)."""
 """A gzip recording is sync-flushed this often: a crash loses at most this much of it."""
+
+
+def load_recording(path: Path) -> Recording:
+    """Read a recording file, plain or gzip-compressed (by its magic bytes, not its name)."""
+    with path.open("rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    opener: Any = gzip.open if compressed else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as text:
+        return parse_recording(text, name=path.name)
 
 
 class RecordingFile:

@@ -39,6 +39,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from bridge.app import create_app
+from bridge.call import load_recording
 from bridge.clock import LoopClock
 from bridge.config import load_settings
 from bridge.errors import ConfigError
@@ -549,19 +550,6 @@ async def _sleep_until(loop: asyncio.AbstractEventLoop, when: float) -> None:
     delay = when - loop.time()
     if delay > 0:
         await asyncio.sleep(delay)
-
-
-def load_recording(path: Path) -> Recording:
-    """Read a recording file (``.jsonl`` or gzip-compressed), or raise MalformedMessage/OSError."""
-    import gzip
-
-    from bridge.recording import parse_recording
-
-    with path.open("rb") as f:
-        magic = f.read(2)
-    opener: Callable[..., Any] = gzip.open if magic == b"\x1f\x8b" else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-        return parse_recording(f, name=path.name)
 
 
 def replay_file(

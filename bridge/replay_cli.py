@@ -13,9 +13,10 @@ from typing import TextIO
 
 import numpy as np
 
+from bridge.call import load_recording
 from bridge.errors import BridgeError
 from bridge.recording import Recording
-from bridge.replay import ModelChoice, ReplayResult, Speed, load_recording, replay_recording, run
+from bridge.replay import ModelChoice, ReplayResult, Speed, replay_recording, run
 from bridge.testing import TwilioCaller
 
 

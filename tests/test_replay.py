@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from bridge.call import load_recording
 from bridge.cli import main
 from bridge.recording import Recording, parse_recording
 from bridge.replay import (
     RecordedModel,
     VirtualTimeLoop,
     compare_client_events,
-    load_recording,
     replay_file,
     run,
 )

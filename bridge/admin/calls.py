@@ -8,7 +8,6 @@ cannot make the admin UI hand out arbitrary files.
 from __future__ import annotations
 
 import asyncio
-import gzip
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,10 +16,10 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from bridge.admin.render import page
+from bridge.call import load_recording
 from bridge.config import Settings
 from bridge.errors import BridgeError
 from bridge.export import timeline_svg
-from bridge.recording import Recording, parse_recording
 from bridge.store import CallRecord, NotFound
 from bridge.web import STORE
 
@@ -128,17 +127,6 @@ async def recording(request: web.Request) -> web.FileResponse:
 
 def _ascii(name: str) -> str:
     return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name)
-
-
-def load_recording(path: Path) -> Recording:
-    """Read a recording file, plain or gzip-compressed (blocking: run it in a thread)."""
-    with path.open("rb") as f:
-        compressed = f.read(2) == b"\x1f\x8b"
-    if compressed:
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as text:
-            return parse_recording(text, name=path.name)
-    with path.open(encoding="utf-8", errors="replace") as text:
-        return parse_recording(text, name=path.name)
 
 
 def _timeline(path: Path) -> str:
