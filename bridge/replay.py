@@ -114,6 +114,15 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         future.add_done_callback(done)
         return future
 
+    async def shutdown_default_executor(self, *args: Any, **kwargs: Any) -> None:
+        """Joining the executor's threads happens in a thread too: keep the clock still meanwhile
+        (Python 3.12+ would otherwise see its join timeout pass at once)."""
+        self._jumping.threads_busy += 1
+        try:
+            await super().shutdown_default_executor(*args, **kwargs)
+        finally:
+            self._jumping.threads_busy -= 1
+
 
 def run(main: Coroutine[Any, Any, T], *, speed: Speed) -> T:
     """Run ``main`` on a fresh loop: virtual time for ``fast``, the wall clock for ``realtime``."""
