@@ -26,7 +26,8 @@ from typing import Any
 
 from bridge.errors import BridgeError, ConfigError
 from bridge.prompts import Profile, ProfileError, profile_from_mapping, profile_to_mapping
-from bridge.store import Conflict, ProfileChange, SQLiteStore, StaleVersion, sqlite_path
+from bridge.store import Conflict, ProfileChange, StaleVersion, sqlite_path
+from bridge.store_sqlite import SQLiteStore
 
 FORMAT = "bridge-prompts"
 FORMAT_VERSION = 1

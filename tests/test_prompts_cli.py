@@ -13,7 +13,8 @@ import pytest
 
 from bridge.prompts import Profile, Transcription, TurnDetection, profile_to_mapping
 from bridge.prompts_cli import default_database, export_command, import_command, to_toml
-from bridge.store import ProfileSummary, SQLiteStore
+from bridge.store import ProfileSummary
+from bridge.store_sqlite import SQLiteStore
 
 SALES = Profile(
     name="sales",

@@ -15,12 +15,10 @@ import pytest
 from bridge.errors import ConfigError
 from bridge.prompts import Profile, ProfileError, Transcription, TurnDetection
 from bridge.store import (
-    MIGRATIONS,
     CallRecord,
     Conflict,
     NotFound,
     ProfileChange,
-    SQLiteStore,
     StaleVersion,
     Store,
     StoreError,
@@ -28,6 +26,7 @@ from bridge.store import (
     open_store,
     sqlite_path,
 )
+from bridge.store_sqlite import MIGRATIONS, SQLiteStore
 
 SALES = Profile(name="sales", instructions="Sell.", numbers=("+14155550100", "+14155550101"))
 SUPPORT = Profile(
