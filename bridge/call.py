@@ -151,6 +151,7 @@ class Call:
         self._seen_unknown: set[str] = set()
         self._malformed: dict[str, int] = {}
         self._torn_down = False
+        self._last_twilio = 0.0
         self.recording_path: Path | None = None
         self._recorder: RecordingWriter | None = None
         self._recording_file: RecordingFile | None = None
@@ -362,15 +363,14 @@ class Call:
     async def _read_twilio(self, ws: web.WebSocketResponse) -> None:
         session, metrics = self.session, self.metrics
         reason = "the Twilio stream closed"
+        self._last_twilio = perf_counter()
+        watchdog = asyncio.get_running_loop().call_later(TWILIO_IDLE_TIMEOUT / 3, self._watch_twilio)
         try:
+            # No timeout per receive: a timer per frame costs more than the rest of the frame's handling.
+            # The watchdog checks for a dead socket every few seconds instead.
             while True:
-                try:
-                    msg = await ws.receive(timeout=TWILIO_IDLE_TIMEOUT)
-                except TimeoutError:
-                    reason = f"nothing from Twilio for {TWILIO_IDLE_TIMEOUT:.0f} s: a dead connection"
-                    self._log(logging.WARNING, "%s", reason)
-                    break
-                received = perf_counter()
+                msg = await ws.receive()
+                received = self._last_twilio = perf_counter()
                 if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
                     if self._recorder is not None:
                         self._record("twilio", "in", msg.data)
@@ -391,7 +391,19 @@ class Call:
                     metrics.frames_in.inc()
                     metrics.inbound_delay.observe(perf_counter() - received)
         finally:
+            watchdog.cancel()
             self._finish(reason)
+
+    def _watch_twilio(self) -> None:
+        """Twilio sends 50 frames a second for the whole call: a long silence is a dead connection."""
+        if self.finished.is_set():
+            return
+        if perf_counter() - self._last_twilio > TWILIO_IDLE_TIMEOUT:
+            reason = f"nothing from Twilio for {TWILIO_IDLE_TIMEOUT:.0f} s: a dead connection"
+            self._log(logging.WARNING, "%s", reason)
+            self._finish(reason)
+            return
+        asyncio.get_running_loop().call_later(TWILIO_IDLE_TIMEOUT / 3, self._watch_twilio)
 
     # -- one write path per socket
 

@@ -507,6 +507,8 @@ class Bench:
         self.outbound: list[float] = []
         self.clear: list[float] = []
         self.tick_lag: list[float] = []
+        self.gc_pauses: list[float] = []
+        self.gc_started = 0.0
         self.probe_in: list[float] = []
         self.probe_out: list[float] = []
         self.counts: defaultdict[str, int] = defaultdict(int)
@@ -872,6 +874,7 @@ class Bench:
             for probe in probes:
                 await probe.connect(probe_server.url)
             ticker = asyncio.create_task(self.ticker(probes), name="ticker")
+            self.tasks.append(ticker)
             # Ramp up: dial one call at a time (the model connection is mapped to the call that way).
             ramp = opts.ramp if opts.ramp is not None else max(5.0, opts.calls * 0.03)
             t0 = perf()
@@ -914,6 +917,7 @@ class Bench:
             metrics_before = await self.scrape()
             gc.collect()
             gc.freeze()  # what exists now lives to the end: keep the collector's full passes short
+            gc.callbacks.append(self.on_gc)
             busy0 = cpu_times()
             cpu0, ru0, w0 = bridge.cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF), perf()
             self.win_start, self.win_end = w0, w0 + opts.duration
@@ -958,6 +962,9 @@ class Bench:
                 probe.close()
             return result
         finally:
+            if self.on_gc in gc.callbacks:
+                gc.callbacks.remove(self.on_gc)
+            gc.unfreeze()
             self.stopping = True
             for call in self.calls:
                 if call.ws is not None:
@@ -975,6 +982,14 @@ class Bench:
                 print(f"bench: kept {tmp}", file=sys.stderr)
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """Time the generator's own garbage collections in the window (a pause shows as generator lag)."""
+        now = perf()
+        if phase == "start":
+            self.gc_started = now
+        elif self.win_start <= now < self.win_end:
+            self.gc_pauses.append(now - self.gc_started)
 
     def log(self, text: str) -> None:
         if self.opts.verbose:
@@ -1158,6 +1173,7 @@ class Bench:
             "generator": {
                 "cpu_percent_of_core": round(100 * gen_cpu / window, 1),
                 "tick_lag": summary_ms(self.tick_lag),
+                "gc_pauses": summary_ms(self.gc_pauses) | {"total_ms": round(1000 * sum(self.gc_pauses), 1)},
                 "probe_in": summary_ms(self.probe_in),
                 "probe_out": summary_ms(self.probe_out),
             },
@@ -1312,6 +1328,10 @@ def fmt(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def calls_cell(r: dict[str, Any]) -> str:
+    return str(r["calls"]) if r["live_calls"] == r["calls"] else f"{r['calls']} ({r['live_calls']} live)"
+
+
 def markdown(results: list[dict[str, Any]]) -> str:
     head = (
         "| calls | bridge CPU (% of its core) | CPU ms per call-second | MiB per call | inbound p50 / p99 ms "
@@ -1322,7 +1342,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
     for r in results:
         b, g = r["bridge"], r["generator"]
         lines.append(
-            f"| {r['live_calls']} | {b['cpu_percent_of_core']} | {b['cpu_ms_per_call_second']} "
+            f"| {calls_cell(r)} | {b['cpu_percent_of_core']} | {b['cpu_ms_per_call_second']} "
             f"| {b['mib_per_call']} | {fmt(r['inbound']['p50_ms'])} / {fmt(r['inbound']['p99_ms'])} "
             f"| {fmt(r['outbound']['p50_ms'])} / {fmt(r['outbound']['p99_ms'])} "
             f"| {fmt(r['clear']['p50_ms'])} / {fmt(r['clear']['p99_ms'])} "
@@ -1347,33 +1367,33 @@ def markdown(results: list[dict[str, Any]]) -> str:
             return f"{fmt(d['p50_ms'])} / {fmt(d['p99_ms'])}"
 
         lines.append(
-            f"| {r['live_calls']} | {pair(m['inbound'])} | {pair(m['outbound'])} | {pair(m['clear'])} "
+            f"| {calls_cell(r)} | {pair(m['inbound'])} | {pair(m['outbound'])} | {pair(m['clear'])} "
             f"| {pair(g['probe_in'])} | {pair(g['probe_out'])} | {pair(g['tick_lag'])} "
             f"| {r['inbound']['n']} / {r['outbound']['n']} / {r['clear']['n']} |"
         )
-    notes = [f"- {r['live_calls']} calls: {k}: {v}" for r in results for k, v in r["notes"].items() if v]
+    notes = [f"- {r['calls']} calls: {k}: {v}" for r in results for k, v in r["notes"].items() if v]
     for r in results:
         ended = r["frames"]["undelivered_on_calls_the_bridge_ended"]
         if ended["inbound"] or ended["outbound"]:
             notes.append(
-                f"- {r['live_calls']} calls: frames in flight on calls the bridge ended: "
+                f"- {r['calls']} calls: frames in flight on calls the bridge ended: "
                 f"{ended['inbound']} in, {ended['outbound']} out; /metrics calls ended "
                 f"{r['bridge_metrics']['calls_ended']}, refused {r['bridge_metrics']['refused']}"
             )
         st = r["setup"]
         notes.append(
-            f"- {r['live_calls']} calls: call set-up p50 / p99 ms: webhook {st['webhook']['p50_ms']} / "
+            f"- {r['calls']} calls: call set-up p50 / p99 ms: webhook {st['webhook']['p50_ms']} / "
             f"{st['webhook']['p99_ms']}, model session {st['model']['p50_ms']} / {st['model']['p99_ms']}, "
             f"stream upgrade {st['stream']['p50_ms']} / {st['stream']['p99_ms']}"
         )
         notes.append(
-            f"- {r['live_calls']} calls: machine in the window: irq {r['irq_percent_of_a_core']} %, "
+            f"- {r['calls']} calls: machine in the window: irq {r['irq_percent_of_a_core']} %, "
             f"steal {r['steal_percent_of_a_core']} %, other processes {r['other_load_percent_of_a_core']} % "
             f"of a core; bridge RSS {r['bridge']['rss_base_mib']} → {r['bridge']['rss_live_mib']} MiB"
         )
     for r in results:
         for warning in warnings_for(r):
-            notes.append(f"- {r['live_calls']} calls: **{warning}**")
+            notes.append(f"- {r['calls']} calls: **{warning}**")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)
@@ -1393,7 +1413,7 @@ def warnings_for(r: dict[str, Any]) -> list[str]:
         or (g["probe_out"]["p99_ms"] or 0) > 5
     ):
         out.append(
-            f"the generator is near saturation (CPU {g['cpu_percent_of_core']} %, probe p99 "
+            f"the generator lags or is near saturation (CPU {g['cpu_percent_of_core']} %, probe p99 "
             f"{g['probe_in']['p99_ms']} / {g['probe_out']['p99_ms']} ms): delays include its own lag"
         )
     if r["bridge"]["cpu_percent_of_core"] > 90:
@@ -1451,6 +1471,11 @@ def parse_args(argv: list[str] | None) -> tuple[list[int], argparse.Namespace]:
 
 
 async def amain(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    # Ctrl-C and SIGTERM cancel the run, whose clean-up stops the bridge (and SIGKILLs it if need be).
+    task = asyncio.current_task()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     speech = load_speech()
     results = []
     for n in counts:
@@ -1473,10 +1498,6 @@ async def amain(counts: list[int], args: argparse.Namespace) -> list[dict[str, A
     return results
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # SIGTERM: clean up as on Ctrl-C (the bridge is stopped in a finally)
-
-
 def main(argv: list[str] | None = None) -> int:
     counts, args = parse_args(argv)
     if not args.no_pin:
@@ -1488,10 +1509,9 @@ def main(argv: list[str] | None = None) -> int:
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # the bridge inherits it
-    signal.signal(signal.SIGTERM, _interrupt)
     try:
         results = uvloop.run(amain(counts, args))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted", file=sys.stderr)
         return 130
     if args.json:
