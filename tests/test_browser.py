@@ -17,6 +17,7 @@ refreshes the README's ``docs/admin-*.png``).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -62,6 +63,8 @@ def chromium() -> str:
     """Debian's Chromium, installed by scripts/install-browser if missing; skip only if that is impossible."""
     why = ensure_chromium()
     if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser tests: {why}")
         pytest.skip(why)
     return str(CHROMIUM)
 
