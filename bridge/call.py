@@ -29,6 +29,7 @@ from typing import IO, Any
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from bridge import __version__
 from bridge import realtime as rt
@@ -53,6 +54,8 @@ TWILIO_IDLE_TIMEOUT = 15.0
 """Twilio streams 50 frames a second for the whole call: this long without a message is a dead socket."""
 GOODBYE_TIMEOUT = 10.0
 """At shutdown, how long the goodbye may take before calls are ended regardless."""
+SEND_HIGH_WATER = 64 * 1024
+"""Above this many bytes waiting in the Realtime socket's buffer, sends wait for it to drain."""
 GZIP_FLUSH_SECONDS = 1.0
 TIME_LIMIT_GOODBYE = (
     "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
@@ -468,6 +471,20 @@ class Call:
         wire = adapter.serialize(command)
         if self._recorder is not None:
             self._record("model", "out", wire)
+        protocol, transport = model.protocol, model.transport
+        if (
+            protocol.state is State.OPEN
+            and model.send_in_progress is None
+            and transport.get_write_buffer_size() < SEND_HIGH_WATER
+        ):
+            # The hot path (50 appends a second per call): frame and write at once, as websockets' own
+            # send would, without its per-message context manager and drain; backpressure still goes
+            # through send() below once the transport's buffer fills.
+            protocol.send_text(wire.encode())
+            for data in protocol.data_to_send():
+                if data:
+                    transport.write(data)
+            return
         try:
             await model.send(wire)
         except ConnectionClosed:
