@@ -26,6 +26,13 @@ def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**env, "BRIDGE_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT), **extra}
 
 
+async def spawn_server(env: dict[str, str], port: int, output: int) -> asyncio.subprocess.Process:
+    """``python -m bridge serve`` on ``port``; ``output`` is PIPE to read its log, DEVNULL otherwise."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge", "serve", "--port", str(port), env=env, stdout=output, stderr=output
+    )
+
+
 async def wait_ready(port: int) -> None:
     async with aiohttp.ClientSession() as http:
         for _ in range(300):
@@ -89,30 +96,11 @@ async def test_serve_runs_with_the_local_model_and_drains_on_sigterm(tmp_path: P
     env = clean_env(
         tmp_path, BRIDGE_INSECURE_DEV="1", TWILIO_AUTH_TOKEN="", AZURE_OPENAI_API_KEY="never-logged"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge",
-        "serve",
-        "--port",
-        str(port),
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await spawn_server(env, port, asyncio.subprocess.PIPE)
     try:
-        async with aiohttp.ClientSession() as http:
-            for _ in range(200):
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
-                        assert resp.status == 200
-                        break
-                except aiohttp.ClientConnectionError:
-                    await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the server did not start")
-            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-                assert "bridge_live_calls 0" in await resp.text()
+        await wait_ready(port)
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            assert "bridge_live_calls 0" in await resp.text()
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     finally:
@@ -130,17 +118,7 @@ async def test_a_newcomer_records_a_call_replays_it_and_exports_it(tmp_path: Pat
     port = free_port()
     recordings = tmp_path / "recordings"
     env = clean_env(tmp_path, BRIDGE_INSECURE_DEV="1", BRIDGE_RECORDINGS_DIR=str(recordings))
-    server = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bridge",
-        "serve",
-        "--port",
-        str(port),
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    server = await spawn_server(env, port, asyncio.subprocess.DEVNULL)
     try:
         await wait_ready(port)
         code, err = await run_cli(

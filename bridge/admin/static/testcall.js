@@ -369,20 +369,27 @@
     return "The microphone could not be opened: " + ((error && error.message) || String(error)) + ".";
   }
 
+  /** The per-call counters, as they are before a call: reset at every new call. */
+  function freshCounters() {
+    return {
+      error: null,
+      framesSent: 0,
+      mediaReceived: 0,
+      bytesReceived: 0,
+      marksReceived: 0,
+      marksEchoed: 0,
+      marksPlayed: 0,
+      marksFlushed: 0,
+      clears: 0,
+      transcripts: [],
+      closeCode: null,
+      closeReason: "",
+    };
+  }
+
   const stats = {
     state: "idle", // idle, connecting, live, ended, failed
-    error: null,
-    framesSent: 0,
-    mediaReceived: 0,
-    bytesReceived: 0,
-    marksReceived: 0,
-    marksEchoed: 0,
-    marksPlayed: 0,
-    marksFlushed: 0,
-    clears: 0,
-    transcripts: [],
-    closeCode: null,
-    closeReason: "",
+    ...freshCounters(),
     callSid: null,
     sampleRate: null,
     capture: null, // "worklet" or "script-processor"
@@ -514,21 +521,7 @@
 
     async function start() {
       if (call) return;
-      Object.assign(stats, {
-        state: "connecting",
-        error: null,
-        framesSent: 0,
-        mediaReceived: 0,
-        bytesReceived: 0,
-        marksReceived: 0,
-        marksEchoed: 0,
-        marksPlayed: 0,
-        marksFlushed: 0,
-        clears: 0,
-        transcripts: [],
-        closeCode: null,
-        closeReason: "",
-      });
+      Object.assign(stats, { state: "connecting", ...freshCounters() });
       transcript.replaceChildren();
       setButtons(true);
       const ids = {
