@@ -402,13 +402,17 @@ class CallSession:
 
         Proved by the last echoed mark; from there interpolated with the clock since playback of the
         next segment can have begun (its first frame was sent, and the previous mark echoed), and never
-        past the next unechoed mark. Clamped to the audio the model generated for the item.
+        past the next unechoed mark. Clamped to the audio the model generated for the item. When all that
+        was sent has been proved heard but the model is still generating the item, that is the position.
         """
+        current = self._current
         if self._ledger:
             head = self._ledger[0]
             item, ceiling, since = head.item, head.position, head.segment_sent_at
-        elif self._unmarked_frames and self._current is not None:
-            item, ceiling, since = self._current, self._current.sent_bytes, self._unmarked_since
+        elif self._unmarked_frames and current is not None:
+            item, ceiling, since = current, current.sent_bytes, self._unmarked_since
+        elif current is not None and current.model_bytes and current.response_id == self._active_response:
+            item, ceiling, since = current, current.sent_bytes, self.clock.now()
         else:
             return None
         anchor = max(self._last_echo_at, since)
@@ -430,13 +434,6 @@ class CallSession:
         hearing = self.hearing_model()
         position = self.heard_position()
         active = self._active_response
-        current = self._current
-        if position is None and active is not None and current is not None and current.response_id == active:
-            # Everything sent was proved heard, but the model is still generating: cut the rest.
-            heard_ms = model_bytes_to_ms(current.heard_bytes, AudioPath.G711_ULAW) - self._outbound.delay_ms
-            generated_ms = model_bytes_to_ms(current.model_bytes, self.audio_path)
-            if current.model_bytes:
-                position = current, int(max(0.0, min(heard_ms, generated_ms)) + 1e-6)
         if hearing:
             out.append(ClearAudio())
             self.stats.barge_ins += 1

@@ -14,6 +14,7 @@ Errors are ``{"error": code, "message": text, …}``: 400 ``bad_request``, 404 `
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -168,21 +169,31 @@ async def save_profile(request: web.Request) -> web.Response:
         raise _error(422, "invalid", f"expected_version is {message}", problems={"expected_version": message})
     profile, comment = _profile(request, data), _comment(data)
     store, pid = store_of(request), profile_id(request)
-    try:
-        saved = await store.save(
-            pid, profile, expected_version=expected, author=author(request), comment=comment
-        )
-    except NotFound:
-        raise _error(404, "not_found", "no such profile") from None
-    except StaleVersion as exc:
-        current = await _version_json(request, await store.get(pid))
-        raise _error(409, "stale_version", str(exc), current_version=exc.current, current=current) from None
-    except Conflict as exc:
-        raise _error(422, "conflict", str(exc), problems=exc.problems) from None
+    saved = await _write(
+        request,
+        pid,
+        store.save(pid, profile, expected_version=expected, author=author(request), comment=comment),
+        "no such profile",
+    )
     if _wants_default(data):
         await store.set_default(pid)
     prepare_greeting(request, saved)
     return _json(await _version_json(request, saved))
+
+
+async def _write(
+    request: web.Request, pid: int, write: Awaitable[ProfileVersion], missing: str
+) -> ProfileVersion:
+    """Await a save or rollback; turn the store's refusals into the API's 404, 409 and 422 answers."""
+    try:
+        return await write
+    except NotFound:
+        raise _error(404, "not_found", missing) from None
+    except StaleVersion as exc:
+        current = await _version_json(request, await store_of(request).get(pid))
+        raise _error(409, "stale_version", str(exc), current_version=exc.current, current=current) from None
+    except Conflict as exc:
+        raise _error(422, "conflict", str(exc), problems=exc.problems) from None
 
 
 async def history(request: web.Request) -> web.Response:
@@ -210,17 +221,14 @@ async def rollback(request: web.Request) -> web.Response:
         raise _error(422, "invalid", "; ".join(f"{k}: {v}" for k, v in bad.items()), problems=bad)
     store, pid = store_of(request), profile_id(request)
     to_version, expected = int(numbers["to_version"] or 0), int(numbers["expected_version"] or 0)
-    try:
-        saved = await store.rollback(
+    saved = await _write(
+        request,
+        pid,
+        store.rollback(
             pid, to_version, expected_version=expected, author=author(request), comment=_comment(data)
-        )
-    except NotFound:
-        raise _error(404, "not_found", "no such profile or version") from None
-    except StaleVersion as exc:
-        current = await _version_json(request, await store.get(pid))
-        raise _error(409, "stale_version", str(exc), current_version=exc.current, current=current) from None
-    except Conflict as exc:
-        raise _error(422, "conflict", str(exc), problems=exc.problems) from None
+        ),
+        "no such profile or version",
+    )
     prepare_greeting(request, saved)
     return _json(await _version_json(request, saved))
 
