@@ -8,18 +8,11 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from bridge.call import CallRegistry
 from bridge.clock import Clock, MonotonicClock
 from bridge.config import Settings
 from bridge.greeting import Greetings
-from bridge.metrics import Metrics
-from bridge.prompts import DEFAULT_PROFILE, Profile, parse_profile, voices_for
-from bridge.simulator import LocalModel
-from bridge.store import Store, open_store
-from bridge.upstream import Target, Upstream
-from bridge.web import (
+from bridge.keys import (
     CLOCK,
-    GOODBYE,
     GREETINGS,
     METRICS,
     PROFILE,
@@ -29,8 +22,14 @@ from bridge.web import (
     TOKENS,
     UPSTREAM,
     StreamTokens,
-    add_routes,
 )
+from bridge.local_model import LocalModel
+from bridge.metrics import Metrics
+from bridge.prompts import DEFAULT_PROFILE, Profile, parse_profile, voices_for
+from bridge.registry import GOODBYE, CallRegistry
+from bridge.store import Store, open_store
+from bridge.upstream import Target, Upstream
+from bridge.web import add_routes
 
 log = logging.getLogger(__name__)
 

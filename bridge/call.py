@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from time import monotonic, perf_counter
-from typing import IO, Any
+from time import perf_counter
+from typing import Any
 
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import ClientConnection
@@ -39,9 +36,9 @@ from bridge.config import AudioPath
 from bridge.errors import MalformedMessage, UpstreamError
 from bridge.metrics import Metrics
 from bridge.prompts import Profile, profile_to_mapping
-from bridge.recording import Direction, Header, Recording, RecordingWriter, Source, parse_recording
+from bridge.recordings import Direction, Header, RecordingFile, RecordingWriter, Source
 from bridge.session import CallSession, ClearAudio, EndCall, Output, PlaceMark, PlayAudio
-from bridge.store import CallRecord, Store, StoreError
+from bridge.store import CallRecord
 from bridge.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -56,7 +53,6 @@ GOODBYE_TIMEOUT = 10.0
 """At shutdown, how long the goodbye may take before calls are ended regardless."""
 SEND_HIGH_WATER = 64 * 1024
 """Above this many bytes waiting in the Realtime socket's buffer, sends wait for it to drain."""
-GZIP_FLUSH_SECONDS = 1.0
 TIME_LIMIT_GOODBYE = (
     "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
 )
@@ -65,40 +61,6 @@ TIME_LIMIT_GRACE = 20.0
 
 TranscriptListener = Callable[[str, str], Awaitable[None]]
 """Told ``(role, text)`` as each caller or assistant turn is transcribed (the admin page's test call)."""
-"""A gzip recording is sync-flushed this often: a crash loses at most this much of it."""
-
-
-def load_recording(path: Path) -> Recording:
-    """Read a recording file, plain or gzip-compressed (by its magic bytes, not its name)."""
-    with path.open("rb") as f:
-        compressed = f.read(2) == b"\x1f\x8b"
-    opener: Any = gzip.open if compressed else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as text:
-        return parse_recording(text, name=path.name)
-
-
-class RecordingFile:
-    """The sink of one call's recording: every line reaches the OS at once (gzip: every second)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._gzip = path.name.endswith(".gz")
-        self._file: IO[str] = (
-            gzip.open(path, "wt", encoding="utf-8")  # noqa: SIM115 - closed by close()
-            if self._gzip
-            else open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed by close()
-        )
-        self._flushed = monotonic()
-
-    def __call__(self, line: str) -> None:
-        self._file.write(line)
-        if self._gzip and monotonic() - self._flushed >= GZIP_FLUSH_SECONDS:
-            self._file.flush()
-            self._flushed = monotonic()
-
-    def close(self) -> None:
-        """Flush and close the file."""
-        self._file.close()
 
 
 class Call:
@@ -594,102 +556,3 @@ class Call:
             recording_path=str(self.recording_path) if self.recording_path else None,
             test_call=self.test_call,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How a call ended, kept briefly for Twilio's ``<Connect action>`` request."""
-
-    reason: str
-    model_failed: bool
-    fallback_message: str
-
-
-class CallRegistry:
-    """Pre-warmed calls waiting for their stream, live calls, and recent outcomes; one per app."""
-
-    OUTCOMES_KEPT = 1000
-
-    def __init__(self, prewarm_timeout: float, store: Store | None = None) -> None:
-        self.prewarm_timeout = prewarm_timeout
-        self.store = store
-        self.outcomes: OrderedDict[str, Outcome] = OrderedDict()
-        self.draining = False
-        self.live: set[Call] = set()
-        self._prewarmed: dict[str, tuple[Call, asyncio.TimerHandle]] = {}
-        self._cleanup: set[asyncio.Task[None]] = set()
-
-    async def ended(self, call: Call) -> None:
-        """A call has ended: remember how (for ``<Connect action>``) and store its record."""
-        self.outcomes[call.call_sid] = Outcome(
-            call.end_reason or "", call.model_failed, call.session.profile.fallback_message
-        )
-        while len(self.outcomes) > self.OUTCOMES_KEPT:
-            self.outcomes.popitem(last=False)
-        if self.store is not None and call.session.start is not None:
-            try:
-                await self.store.add_call(call.record())
-            except StoreError as exc:
-                log.error("call %s: the call record was not stored: %s", call.call_sid, exc)
-
-    def prewarm(self, call: Call) -> None:
-        """Start ``call``'s Realtime connection and keep it for its stream, for a while."""
-        old = self._prewarmed.pop(call.call_sid, None)
-        if old is not None:  # Twilio retried the webhook: the newer answer wins
-            old[1].cancel()
-            self._track(old[0].abandon("replaced by a retried webhook"))
-        call.open_model()
-        handle = asyncio.get_running_loop().call_later(self.prewarm_timeout, self._expire, call.call_sid)
-        self._prewarmed[call.call_sid] = (call, handle)
-
-    def claim(self, call_sid: str) -> Call | None:
-        """The pre-warmed call for ``call_sid``, now owned by its stream; ``None`` if there is none."""
-        entry = self._prewarmed.pop(call_sid, None)
-        if entry is None:
-            return None
-        entry[1].cancel()
-        call = entry[0]
-        if call.finished.is_set():
-            # Its Realtime session failed or closed while waiting: better to connect afresh now.
-            self._track(call.abandon("pre-warmed session failed"))
-            return None
-        return call
-
-    def _expire(self, call_sid: str) -> None:
-        entry = self._prewarmed.pop(call_sid, None)
-        if entry is not None:
-            log.info(
-                "call %s: no stream within %.0f s; closing its Realtime session",
-                call_sid,
-                self.prewarm_timeout,
-            )
-            self._track(entry[0].abandon("no stream arrived"))
-
-    def _track(self, task: asyncio.Task[None]) -> None:
-        self._cleanup.add(task)
-        task.add_done_callback(self._cleanup.discard)
-
-    async def drain(self, deadline: float, goodbye: str) -> None:
-        """Shutdown: refuse new calls, let live ones (and answered ones still to connect) finish until
-        ``deadline`` s, then have the model say ``goodbye`` and end them."""
-        self.draining = True
-        loop = asyncio.get_running_loop()
-        until = loop.time() + deadline
-        if self.live or self._prewarmed:
-            log.info("draining: up to %.0f s for %d live calls", deadline, len(self.live))
-        while (self.live or self._prewarmed) and loop.time() < until:  # noqa: ASYNC110 - polling two sets
-            await asyncio.sleep(0.05)
-        for call, handle in self._prewarmed.values():
-            handle.cancel()
-            self._track(call.abandon("shutting down"))
-        self._prewarmed.clear()
-        remaining = [c for c in self.live if not c.finished.is_set()]
-        if remaining:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(GOODBYE_TIMEOUT):
-                    await asyncio.gather(*(c.goodbye(goodbye) for c in remaining), return_exceptions=True)
-                    await asyncio.gather(*(c.finished.wait() for c in remaining))
-        for call in list(self.live):
-            await call.teardown()
-        if self._cleanup:
-            await asyncio.gather(*self._cleanup, return_exceptions=True)

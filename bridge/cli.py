@@ -17,7 +17,7 @@ from bridge import __version__
 from bridge.app import create_app, drain
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError
-from bridge.web import REGISTRY
+from bridge.keys import REGISTRY
 
 log = logging.getLogger("bridge")
 
@@ -149,22 +149,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bridge`` console script."""
     args = _parser().parse_args(argv)
     if args.command == "replay":
-        from bridge.replay_cli import replay_command
+        from bridge.replay.cli import replay_command
 
         return replay_command(args)
     if args.command == "export":
-        from bridge.replay_cli import export_command
+        from bridge.recordings.cli import export_command
 
         return export_command(args)
     if args.command == "prompts":
-        from bridge import prompts_cli
+        from bridge.store import cli as prompts_cli
 
         command = (
             prompts_cli.export_command if args.prompts_command == "export" else prompts_cli.import_command
         )
         return command(args)
     if args.command == "call":
-        from bridge.replay_cli import call_command
+        from bridge.testing.cli import call_command
 
         return call_command(args)
     try:

@@ -59,3 +59,12 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamRejected(UpstreamError):
     """Connecting failed in a way that will fail again (401, 403, 404: fix the settings)."""
+
+
+class DialectMismatch(UpstreamError):
+    """The Realtime service speaks the other dialect (GA events on a preview URL, or the reverse): the
+    settings are wrong, and every message will fail the same way. Fatal for the call."""
+
+
+class StoreError(BridgeError):
+    """A store operation failed (the database could not be read or written, or refused the change)."""

@@ -9,27 +9,20 @@ A stream that fails either check is closed with 1008 and the reason is logged.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
-import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from bridge import twilio as tw
-from bridge.call import Call, CallRegistry, TranscriptListener
-from bridge.clock import Clock
-from bridge.config import AFTER_STREAM_PATH, STATUS_PATH, STREAM_PATH, VOICE_PATH, Settings
+from bridge.call import Call, TranscriptListener
+from bridge.config import AFTER_STREAM_PATH, STATUS_PATH, STREAM_PATH, VOICE_PATH
 from bridge.errors import AuthenticationFailed, MalformedMessage
-from bridge.greeting import Greetings
+from bridge.keys import CLOCK, METRICS, PROFILE, REGISTRY, SETTINGS, STORE, TOKENS, UPSTREAM
 from bridge.metrics import Metrics
-from bridge.prompts import Profile
-from bridge.store import ProfileVersion, Store, StoreError
-from bridge.upstream import Upstream
+from bridge.store import ProfileVersion, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +31,6 @@ START_TIMEOUT = 10.0
 WS_MAX_MESSAGE = 4 * 1024 * 1024
 """aiohttp would close the socket on a larger frame; ours are checked (and skipped) by ``twilio.py``."""
 REFUSAL = "We're sorry, this line is busy right now. Please call again in a few minutes."
-GOODBYE = "I'm sorry, I have to end our call now. Please call back in a moment. Goodbye!"
-
-
-@dataclass
-class StreamTokens:
-    """The secret the one-time stream tokens are signed with, and the ledger of used ones."""
-
-    secret: bytes
-    ledger: tw.TokenLedger = field(default_factory=tw.TokenLedger)
-
-    @classmethod
-    def for_settings(cls, settings: Settings) -> StreamTokens:
-        """Derived from the Twilio auth token, so every instance behind a balancer accepts them."""
-        if settings.twilio_auth_token is None:
-            return cls(secrets.token_bytes(32))
-        key = settings.twilio_auth_token.reveal().encode()
-        return cls(hmac.new(key, b"bridge stream token v1", hashlib.sha256).digest())
-
-
-SETTINGS = web.AppKey("settings", Settings)
-METRICS = web.AppKey("metrics", Metrics)
-REGISTRY = web.AppKey("registry", CallRegistry)
-UPSTREAM = web.AppKey("upstream", Upstream)
-PROFILE = web.AppKey("profile", Profile)
-TOKENS = web.AppKey("tokens", StreamTokens)
-CLOCK = web.AppKey("clock", Clock)
-STORE = web.AppKey("store", Store)
-GREETINGS = web.AppKey("greetings", Greetings)
 
 
 def _signature_ok(request: web.Request, url: str, params: Mapping[str, Any]) -> bool:

@@ -4,7 +4,7 @@
 subprocess (``bridge serve``) pinned to core 0 with ``taskset``; this process pins itself to core 1 and
 hosts everything else on one uvloop event loop:
 
-* the local Realtime model (:class:`bridge.simulator.LocalModel`, ``record=False``) that the bridge dials
+* the local Realtime model (:class:`bridge.local_model.LocalModel`, ``record=False``) that the bridge dials
   as its "Azure" endpoint, observed through its ``on_client_event`` / ``on_server_event`` hooks;
 * N lean Twilio doubles: each signs and posts the voice webhook, reads the TwiML, opens the stream with
   a signed upgrade, sends ``connected`` and ``start``, then streams 20 ms μ-law frames at real pace
@@ -60,7 +60,7 @@ import uvloop
 from twilio.request_validator import RequestValidator
 from websockets.asyncio.server import ServerConnection, serve
 
-from bridge.simulator import LocalModel, ModelConnection
+from bridge.local_model import LocalModel, ModelConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

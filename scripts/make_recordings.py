@@ -1,9 +1,10 @@
 """Regenerate the sample call recordings in tests/recordings/.
 
 Each recording is a short call placed by the Twilio caller double (bridge.testing.TwilioCaller) through the
-real bridge (create_app, served on a loopback port) to the local Realtime model (bridge.simulator.LocalModel,
-an echo test), with BRIDGE_RECORDINGS_DIR set. The script checks that each scenario really happened, copies
-the recordings under stable names (gzip without a timestamp), parses them back and prints a summary. Run:
+real bridge (create_app, served on a loopback port) to the local Realtime model
+(bridge.local_model.LocalModel, an echo test), with BRIDGE_RECORDINGS_DIR set. The script checks that each
+scenario really happened, copies the recordings under stable names (gzip without a timestamp), parses them
+back and prints a summary. Run:
 
     .venv/bin/python scripts/make_recordings.py
 
@@ -32,9 +33,9 @@ from aiohttp import web
 
 from bridge.app import create_app
 from bridge.config import load_settings
+from bridge.local_model import LocalModel
 from bridge.prompts import Profile
-from bridge.recording import Recording, parse_recording
-from bridge.simulator import LocalModel
+from bridge.recordings import Recording, parse_recording
 from bridge.testing import TwilioCaller
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,8 +12,8 @@ from aiohttp import web
 
 from bridge.app import create_app
 from bridge.config import load_settings
+from bridge.local_model import LocalModel
 from bridge.prompts import Profile
-from bridge.simulator import LocalModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AUTH_TOKEN = "test-twilio-auth-token"

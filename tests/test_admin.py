@@ -22,9 +22,9 @@ from bridge.admin.auth import COOKIE, GUARD, SessionSigner, safe_next
 from bridge.admin.forms import values_from_profile
 from bridge.app import create_app
 from bridge.config import load_settings
+from bridge.keys import GREETINGS, STORE
 from bridge.prompts import Profile
 from bridge.store import CallRecord, Store
-from bridge.web import GREETINGS, STORE
 
 TOKEN = "admin-token-for-tests-0123456789"
 RECORDINGS = Path(__file__).parent / "recordings"

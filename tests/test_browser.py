@@ -32,9 +32,9 @@ from playwright.async_api import BrowserContext, Page, async_playwright, expect
 from bridge.admin import testcall
 from bridge.app import create_app
 from bridge.audio import pcm16_to_ulaw, ulaw_to_pcm16
+from bridge.keys import STORE
 from bridge.prompts import Profile
 from bridge.store import CallRecord
-from bridge.web import STORE
 from tests.browser_support import (
     CHROMIUM,
     chromium_args,

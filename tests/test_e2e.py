@@ -15,10 +15,10 @@ import pytest
 
 from bridge import audio
 from bridge.app import drain
+from bridge.keys import REGISTRY
+from bridge.local_model import LocalModel
 from bridge.prompts import Profile
-from bridge.simulator import LocalModel
 from bridge.testing import TwilioCaller, TwilioCallerError
-from bridge.web import REGISTRY
 from tests.conftest import AUTH_TOKEN, Bridge, fixture_audio
 
 pytestmark = pytest.mark.timeout(60)

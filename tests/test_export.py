@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from bridge.audio import ulaw_to_pcm16
-from bridge.export import caller_and_heard, summary, timeline_svg, wav_bytes
-from bridge.recording import Header, Recording, RecordingWriter, parse_recording
+from bridge.recordings import Header, Recording, RecordingWriter, parse_recording
+from bridge.recordings.export import caller_and_heard, summary, timeline_svg, wav_bytes
 
 RECORDINGS = Path(__file__).parent / "recordings"
 SVG = "{http://www.w3.org/2000/svg}"

@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 from twilio.request_validator import RequestValidator
 
+from bridge.keys import REGISTRY, STORE
+from bridge.local_model import LocalModel
 from bridge.prompts import Profile
-from bridge.simulator import LocalModel
 from bridge.testing import TwilioCaller
-from bridge.web import REGISTRY, STORE
 from tests.conftest import AUTH_TOKEN, Bridge, fixture_audio
 
 pytestmark = pytest.mark.timeout(60)

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from bridge.prompts import Profile, Transcription, TurnDetection, profile_to_mapping
-from bridge.prompts_cli import default_database, export_command, import_command, to_toml
 from bridge.store import ProfileSummary
-from bridge.store_sqlite import SQLiteStore
+from bridge.store.cli import default_database, export_command, import_command, to_toml
+from bridge.store.sqlite import SQLiteStore
 
 SALES = Profile(
     name="sales",

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from bridge.errors import MalformedMessage
-from bridge.recording import REDACTED, Event, Header, RecordingWriter, parse_recording
-from bridge.simulator import LocalModel
+from bridge.local_model import LocalModel
+from bridge.recordings import REDACTED, Event, Header, RecordingWriter, parse_recording
 from bridge.testing import TwilioCaller
 from tests.conftest import AUTH_TOKEN, fixture_audio
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.call import load_recording
 from bridge.cli import main
-from bridge.recording import Recording, parse_recording
+from bridge.recordings import Recording, load_recording, parse_recording
 from bridge.replay import (
     RecordedModel,
     VirtualTimeLoop,

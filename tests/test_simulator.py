@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from bridge.simulator import LocalModel, threshold_to_rms
+from bridge.local_model import LocalModel, threshold_to_rms
 from tests.strict_openai import validate
 
 with warnings.catch_warnings():  # stdlib audioop warns on 3.11-3.12; audioop-lts on 3.13 does not

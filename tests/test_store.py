@@ -26,7 +26,7 @@ from bridge.store import (
     open_store,
     sqlite_path,
 )
-from bridge.store_sqlite import MIGRATIONS, SQLiteStore
+from bridge.store.sqlite import MIGRATIONS, SQLiteStore
 
 SALES = Profile(name="sales", instructions="Sell.", numbers=("+14155550100", "+14155550101"))
 SUPPORT = Profile(

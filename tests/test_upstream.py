@@ -28,8 +28,8 @@ from aiohttp import web
 import bridge.upstream
 from bridge.config import Dialect
 from bridge.errors import UpstreamRejected, UpstreamUnavailable
+from bridge.local_model import LocalModel
 from bridge.realtime import adapter_for
-from bridge.simulator import LocalModel
 from bridge.testing import TwilioCaller
 from bridge.upstream import ENTRA_SCOPE, Target, Upstream, realtime_url
 from tests.conftest import AUTH_TOKEN

@@ -36,7 +36,7 @@ from bridge.admin.auth import (
     security_headers,
 )
 from bridge.admin.render import TEMPLATES, make_environment
-from bridge.web import SETTINGS
+from bridge.keys import SETTINGS
 
 __all__ = ["closed", "csrf_token", "current_user", "setup"]
 

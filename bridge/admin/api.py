@@ -23,9 +23,9 @@ from aiohttp import web
 from bridge.admin.calls import PAGE_SIZE, RECORDING_ROOTS, parse_before, parse_profile_filter, recording_file
 from bridge.admin.forms import COMMENT_LIMIT
 from bridge.admin.views import author, greeting_status, prepare_greeting, profile_id, store_of
+from bridge.keys import SETTINGS
 from bridge.prompts import ProfileError, profile_from_mapping, profile_to_mapping
 from bridge.store import CallRecord, Conflict, NotFound, ProfileVersion, StaleVersion
-from bridge.web import SETTINGS
 
 META_KEYS = frozenset(
     {"id", "version", "author", "created_at", "comment", "is_default", "default", "rolled_back_from",

@@ -16,12 +16,12 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from bridge.admin.render import page
-from bridge.call import load_recording
 from bridge.config import Settings
 from bridge.errors import BridgeError
-from bridge.export import timeline_svg
+from bridge.keys import STORE
+from bridge.recordings import load_recording
+from bridge.recordings.export import timeline_svg
 from bridge.store import CallRecord, NotFound
-from bridge.web import STORE
 
 PAGE_SIZE = 50
 RECORDING_ROOTS = web.AppKey("bridge_admin_recording_roots", tuple[Path, ...])

@@ -23,8 +23,9 @@ import orjson
 from aiohttp import hdrs, web
 
 from bridge.admin.auth import csrf_token, current_user, json_error
+from bridge.keys import SETTINGS, STORE
 from bridge.store import NotFound, ProfileVersion, StoreError
-from bridge.web import SETTINGS, STORE, WS_MAX_MESSAGE, run_media_stream
+from bridge.web import WS_MAX_MESSAGE, run_media_stream
 
 log = logging.getLogger(__name__)
 

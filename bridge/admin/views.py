@@ -31,9 +31,9 @@ from bridge.admin.forms import (
 from bridge.admin.render import page
 from bridge.audio import ulaw_to_pcm16
 from bridge.greeting import Greetings
+from bridge.keys import GREETINGS, SETTINGS, STORE
 from bridge.prompts import EAGERNESS, NOISE_REDUCTION, Profile, ProfileError, profile_from_mapping, voices_for
 from bridge.store import Conflict, NotFound, ProfileVersion, StaleVersion, Store
-from bridge.web import GREETINGS, SETTINGS, STORE
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
-"""The wire protocol of the local Realtime model (:mod:`bridge.simulator`): names, validation, JSON shapes.
+"""The wire protocol of the local Realtime model (:mod:`bridge.local_model`): names, validation, JSON shapes.
 
-What a :class:`~bridge.simulator.ModelConnection` checks and answers, without its socket: the event names
+What a :class:`~bridge.local_model.ModelConnection` checks and answers, without its socket: the event names
 of both dialects, the validation of client events and ``session.update`` (an invalid one raises
-:class:`_Invalid`, which the connection turns into an ``error`` event), the default sessions, the
+:class:`InvalidEvent`, which the connection turns into an ``error`` event), the default sessions, the
 conversation items and responses, and the JSON the server sends about them. Written from protocols.md §2,
 never through ``bridge.realtime``.
 """
@@ -21,13 +21,13 @@ import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from bridge.simulator_audio import (
-    _BEEP,
-    _GREETING,
-    _GREETING_TEXT,
+from bridge.local_model.audio import (
+    BEEP,
+    GREETING,
+    GREETING_TEXT,
     Pcm,
-    _encode,
-    _resample,
+    encode,
+    resample,
     threshold_to_rms,
 )
 
@@ -37,21 +37,21 @@ _SESSION_SECONDS = 30 * 60
 EAGERNESS_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 300}
 """Silence (ms) that ends a turn under ``semantic_vad``, per ``eagerness``."""
 
-_RATES = {"pcm16": 24000, "g711_ulaw": 8000, "g711_alaw": 8000}
-_BYTES_PER_MS = {"pcm16": 48, "g711_ulaw": 8, "g711_alaw": 8}
+RATES = {"pcm16": 24000, "g711_ulaw": 8000, "g711_alaw": 8000}
+BYTES_PER_MS = {"pcm16": 48, "g711_ulaw": 8, "g711_alaw": 8}
 _GA_FORMATS = {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}
 _GA_FORMAT_JSON: dict[str, dict[str, Any]] = {
     "pcm16": {"type": "audio/pcm", "rate": 24000},
     "g711_ulaw": {"type": "audio/pcmu"},
     "g711_alaw": {"type": "audio/pcma"},
 }
-_MODELS = {"ga": "gpt-realtime-2025-08-28", "preview": "gpt-4o-realtime-preview-2024-12-17"}
+MODELS = {"ga": "gpt-realtime-2025-08-28", "preview": "gpt-4o-realtime-preview-2024-12-17"}
 """What ``session.model`` reports, whatever the deployment is called (as Azure does)."""
 _VOICES_PREVIEW = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse")
 _VOICES_GA = (*_VOICES_PREVIEW, "marin", "cedar")
 
 # Server event names that differ between the dialects (protocols.md §2.8).
-_NAMES = {
+NAMES = {
     "ga": {
         "audio.delta": "response.output_audio.delta",
         "audio.done": "response.output_audio.done",
@@ -80,7 +80,7 @@ def _words(names: str) -> tuple[str, ...]:
     return tuple(names.split())
 
 
-_EVENT_KEYS: dict[str, tuple[str, ...]] = {
+EVENT_KEYS: dict[str, tuple[str, ...]] = {
     "session.update": ("session",),
     "input_audio_buffer.append": ("audio",),
     "input_audio_buffer.commit": (),
@@ -97,7 +97,7 @@ _PREVIEW_SESSION_KEYS = _words(
     "turn_detection input_audio_noise_reduction tools tool_choice temperature max_response_output_tokens "
     "speed tracing"
 )
-_APPEND_FIELDS = frozenset(("type", "event_id", "audio"))
+APPEND_FIELDS = frozenset(("type", "event_id", "audio"))
 _GA_SESSION_KEYS = _words(
     "type model instructions output_modalities audio tools tool_choice max_output_tokens tracing truncation "
     "prompt include"
@@ -114,7 +114,7 @@ _GA_RESPONSE_KEYS = _words(
 # --- validation of client events ---------------------------------------------------------------------------
 
 
-class _Invalid(Exception):
+class InvalidEvent(Exception):
     """A client event the real service would answer with an ``invalid_request_error``."""
 
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
@@ -122,19 +122,19 @@ class _Invalid(Exception):
         self.code, self.message, self.param = code, message, param
 
 
-def _parse_event(message: str | bytes) -> dict[str, Any]:
+def parse_event(message: str | bytes) -> dict[str, Any]:
     """A client event's JSON object, before its ``type`` and fields are checked."""
     if isinstance(message, bytes):
-        raise _Invalid("invalid_request_error", "Binary frames are not supported: send JSON text.")
+        raise InvalidEvent("invalid_request_error", "Binary frames are not supported: send JSON text.")
     try:
         event = orjson.loads(message)
     except orjson.JSONDecodeError:
-        raise _Invalid(
+        raise InvalidEvent(
             "invalid_json",
             "The server could not parse the JSON body of your event. Please check that it is valid JSON.",
         ) from None
     if not isinstance(event, dict):
-        raise _Invalid("invalid_request_error", "An event must be a JSON object.")
+        raise InvalidEvent("invalid_request_error", "An event must be a JSON object.")
     return event
 
 
@@ -147,27 +147,27 @@ def _kind(value: object) -> str:
     return "an array" if isinstance(value, list) else "an object"
 
 
-def _bad_type(param: str, expected: str, value: object) -> _Invalid:
+def _bad_type(param: str, expected: str, value: object) -> InvalidEvent:
     message = f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead."
-    return _Invalid("invalid_type", message, param)
+    return InvalidEvent("invalid_type", message, param)
 
 
-def _obj(value: object, param: str, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
+def obj(value: object, param: str, allowed: tuple[str, ...] | None = None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad_type(param, "an object", value)
     unknown = [key for key in value if key not in allowed] if allowed is not None else []
     if unknown:
         name = f"{param}.{unknown[0]}" if param else unknown[0]
-        raise _Invalid("unknown_parameter", f"Unknown parameter: '{name}'.", name)
+        raise InvalidEvent("unknown_parameter", f"Unknown parameter: '{name}'.", name)
     return value
 
 
-def _choice(value: object, allowed: tuple[str, ...], param: str) -> str:
+def choice(value: object, allowed: tuple[str, ...], param: str) -> str:
     supported = ", ".join(f"'{a}'" for a in allowed)
     if not isinstance(value, str):
         raise _bad_type(param, f"one of {supported}", value)
     if value not in allowed:
-        raise _Invalid(
+        raise InvalidEvent(
             "invalid_value", f"Invalid value: '{value}'. Supported values are: {supported}.", param
         )
     return value
@@ -178,15 +178,15 @@ def _number(value: object, param: str, low: float, high: float, integer: bool = 
         raise _bad_type(param, "an integer" if integer else "a number", value)
     if not low <= value <= high:
         message = f"Invalid '{param}': expected a value from {low:g} to {high:g}, but got {value}."
-        raise _Invalid("invalid_value", message, param)
+        raise InvalidEvent("invalid_value", message, param)
     return float(value)
 
 
-def _integer(value: object, param: str, low: float = 0, high: float = 2**53) -> int:
+def field_integer(value: object, param: str, low: float = 0, high: float = 2**53) -> int:
     return int(_number(value, param, low, high, integer=True))
 
 
-def _string(value: object, param: str) -> str:
+def field_string(value: object, param: str) -> str:
     if not isinstance(value, str):
         raise _bad_type(param, "a string", value)
     return value
@@ -198,10 +198,10 @@ def _boolean(value: object, param: str) -> bool:
     return value
 
 
-def _required(d: dict[str, Any], key: str, param: str | None = None) -> Any:
+def field_required(d: dict[str, Any], key: str, param: str | None = None) -> Any:
     if key not in d:
         param = param or key
-        raise _Invalid("missing_required_parameter", f"Missing required parameter: '{param}'.", param)
+        raise InvalidEvent("missing_required_parameter", f"Missing required parameter: '{param}'.", param)
     return d[key]
 
 
@@ -209,8 +209,10 @@ def _turn_detection(value: object, param: str, dialect: str) -> dict[str, Any] |
     """Validate ``turn_detection`` and fill in the defaults the service fills in."""
     if value is None:
         return None
-    td = _obj(value, param)
-    kind = _choice(_required(td, "type", f"{param}.type"), ("server_vad", "semantic_vad"), f"{param}.type")
+    td = obj(value, param)
+    kind = choice(
+        field_required(td, "type", f"{param}.type"), ("server_vad", "semantic_vad"), f"{param}.type"
+    )
     out: dict[str, Any] = {"type": kind}
     if kind == "server_vad":
         silence = 500 if dialect == "ga" else 200  # openai's GA types say 500; the Azure preview ref 200
@@ -220,43 +222,43 @@ def _turn_detection(value: object, param: str, dialect: str) -> dict[str, Any] |
     else:
         out["eagerness"] = "auto"
     out |= {"create_response": True, "interrupt_response": True}
-    _obj(td, param, tuple(out))
+    obj(td, param, tuple(out))
     for key, raw in td.items():
         p = f"{param}.{key}"
         if key == "threshold":
             out[key] = _number(raw, p, 0.0, 1.0)
         elif key in ("prefix_padding_ms", "silence_duration_ms"):
-            out[key] = _integer(raw, p, 0, 10_000)
+            out[key] = field_integer(raw, p, 0, 10_000)
         elif key == "idle_timeout_ms":
-            out[key] = None if raw is None else _integer(raw, p, 5000, 30_000)
+            out[key] = None if raw is None else field_integer(raw, p, 5000, 30_000)
         elif key in ("create_response", "interrupt_response"):
             out[key] = _boolean(raw, p)
         elif key == "eagerness":
-            out[key] = _choice(raw, tuple(EAGERNESS_SILENCE_MS), p)
+            out[key] = choice(raw, tuple(EAGERNESS_SILENCE_MS), p)
     return out
 
 
 def _noise_reduction(value: object, param: str) -> dict[str, Any] | None:
     if value is None:
         return None
-    kind = _required(_obj(value, param, ("type",)), "type", f"{param}.type")
-    return {"type": _choice(kind, ("near_field", "far_field"), f"{param}.type")}
+    kind = field_required(obj(value, param, ("type",)), "type", f"{param}.type")
+    return {"type": choice(kind, ("near_field", "far_field"), f"{param}.type")}
 
 
 def _transcription(value: object, param: str) -> dict[str, Any] | None:
     if value is None:
         return None
-    given = _obj(value, param, ("model", "language", "prompt"))
-    return {"model": "whisper-1"} | {k: _string(v, f"{param}.{k}") for k, v in given.items()}
+    given = obj(value, param, ("model", "language", "prompt"))
+    return {"model": "whisper-1"} | {k: field_string(v, f"{param}.{k}") for k, v in given.items()}
 
 
 def _ga_format(value: object, param: str) -> dict[str, Any]:
-    fmt = _obj(value, param, ("type", "rate"))
-    kind = _choice(_required(fmt, "type", f"{param}.type"), tuple(_GA_FORMATS), f"{param}.type")
+    fmt = obj(value, param, ("type", "rate"))
+    kind = choice(field_required(fmt, "type", f"{param}.type"), tuple(_GA_FORMATS), f"{param}.type")
     if kind != "audio/pcm" and "rate" in fmt:
-        raise _Invalid("unknown_parameter", f"Unknown parameter: '{param}.rate'.", f"{param}.rate")
+        raise InvalidEvent("unknown_parameter", f"Unknown parameter: '{param}.rate'.", f"{param}.rate")
     if fmt.get("rate", 24000) != 24000:
-        raise _Invalid(
+        raise InvalidEvent(
             "invalid_value", f"Invalid value: {fmt['rate']!r}. Supported values are: 24000.", f"{param}.rate"
         )
     return dict(_GA_FORMAT_JSON[_GA_FORMATS[kind]])
@@ -265,19 +267,19 @@ def _ga_format(value: object, param: str) -> dict[str, Any]:
 def _common_field(session: dict[str, Any], key: str, raw: object, p: str, tokens_key: str) -> bool:
     """Validate and set a field both dialects share; False when ``key`` is not one of them."""
     if key in ("instructions", "model"):
-        session[key] = _string(raw, p)
+        session[key] = field_string(raw, p)
     elif key == "tools":
         if not isinstance(raw, list):
             raise _bad_type(p, "an array", raw)
         for i, tool in enumerate(raw):
-            t = _obj(tool, f"{p}[{i}]", ("type", "name", "description", "parameters"))
-            _choice(_required(t, "type", f"{p}[{i}].type"), ("function",), f"{p}[{i}].type")
-            _string(_required(t, "name", f"{p}[{i}].name"), f"{p}[{i}].name")
+            t = obj(tool, f"{p}[{i}]", ("type", "name", "description", "parameters"))
+            choice(field_required(t, "type", f"{p}[{i}].type"), ("function",), f"{p}[{i}].type")
+            field_string(field_required(t, "name", f"{p}[{i}].name"), f"{p}[{i}].name")
         session[key] = raw
     elif key == "tool_choice":
-        session[key] = raw if isinstance(raw, dict) else _string(raw, p)
+        session[key] = raw if isinstance(raw, dict) else field_string(raw, p)
     elif key == tokens_key:
-        session[key] = raw if raw == "inf" else _integer(raw, p, 1, 4096)
+        session[key] = raw if raw == "inf" else field_integer(raw, p, 1, 4096)
     elif key == "tracing":
         session[key] = raw
     else:
@@ -288,7 +290,7 @@ def _common_field(session: dict[str, Any], key: str, raw: object, p: str, tokens
 def _modalities(raw: object, p: str, dialect: str) -> list[str]:
     allowed = (["audio"], ["text"]) if dialect == "ga" else (["text"], ["audio", "text"])
     if not isinstance(raw, list) or sorted(raw) not in allowed:
-        raise _Invalid(
+        raise InvalidEvent(
             "invalid_value",
             f"Invalid value: {raw!r}. Supported values are: " + " and ".join(map(repr, allowed)) + ".",
             p,
@@ -296,15 +298,15 @@ def _modalities(raw: object, p: str, dialect: str) -> list[str]:
     return list(raw)
 
 
-def _voice_locked(param: str) -> _Invalid:
+def _voice_locked(param: str) -> InvalidEvent:
     message = "Cannot update a conversation's voice if assistant audio is present."
-    return _Invalid("cannot_update_voice", message, param)
+    return InvalidEvent("cannot_update_voice", message, param)
 
 
-def _update_preview(current: dict[str, Any], update: dict[str, Any], audio_locked: bool) -> dict[str, Any]:
+def update_preview(current: dict[str, Any], update: dict[str, Any], audio_locked: bool) -> dict[str, Any]:
     """The preview session after a flat ``session.update`` (protocols.md §2.2)."""
     session = dict(current)
-    _obj(update, "session", _PREVIEW_SESSION_KEYS)
+    obj(update, "session", _PREVIEW_SESSION_KEYS)
     for key, raw in update.items():
         p = f"session.{key}"
         if _common_field(session, key, raw, p, "max_response_output_tokens"):
@@ -312,9 +314,9 @@ def _update_preview(current: dict[str, Any], update: dict[str, Any], audio_locke
         if key == "modalities":
             session[key] = _modalities(raw, p, "preview")
         elif key == "voice":
-            session[key] = _choice(raw, _VOICES_PREVIEW, p)
+            session[key] = choice(raw, _VOICES_PREVIEW, p)
         elif key in ("input_audio_format", "output_audio_format"):
-            session[key] = _choice(raw, tuple(_RATES), p)
+            session[key] = choice(raw, tuple(RATES), p)
         elif key == "input_audio_transcription":
             session[key] = _transcription(raw, p)
         elif key == "turn_detection":
@@ -330,16 +332,16 @@ def _update_preview(current: dict[str, Any], update: dict[str, Any], audio_locke
     return session
 
 
-def _update_ga(current: dict[str, Any], update: dict[str, Any], audio_locked: bool) -> dict[str, Any]:
+def update_ga(current: dict[str, Any], update: dict[str, Any], audio_locked: bool) -> dict[str, Any]:
     """The GA session after a nested ``session.update`` (protocols.md §2.7); ``session.type`` is required."""
-    kind = _required(update, "type", "session.type")
+    kind = field_required(update, "type", "session.type")
     if kind != "realtime":
-        raise _Invalid(
+        raise InvalidEvent(
             "invalid_value",
             f"Invalid value: {kind!r}. The local model supports only sessions of type 'realtime'.",
             "session.type",
         )
-    _obj(update, "session", _GA_SESSION_KEYS)
+    obj(update, "session", _GA_SESSION_KEYS)
     session = dict(current)
     for key, raw in update.items():
         p = f"session.{key}"
@@ -350,7 +352,7 @@ def _update_ga(current: dict[str, Any], update: dict[str, Any], audio_locked: bo
         elif key in ("truncation", "prompt", "include"):
             session[key] = raw
         elif key == "audio":
-            audio = _obj(raw, p, ("input", "output"))
+            audio = obj(raw, p, ("input", "output"))
             merged = {side: dict(current["audio"][side]) for side in ("input", "output")}
             checks: dict[str, dict[str, Callable[[object, str], object]]] = {
                 "input": {
@@ -361,12 +363,12 @@ def _update_ga(current: dict[str, Any], update: dict[str, Any], audio_locked: bo
                 },
                 "output": {
                     "format": _ga_format,
-                    "voice": lambda v, pk: _choice(v, _VOICES_GA, pk),
+                    "voice": lambda v, pk: choice(v, _VOICES_GA, pk),
                     "speed": lambda v, pk: _number(v, pk, 0.25, 1.5),
                 },
             }
             for side, given in audio.items():
-                for k, v in _obj(given, f"{p}.{side}", tuple(checks[side])).items():
+                for k, v in obj(given, f"{p}.{side}", tuple(checks[side])).items():
                     merged[side][k] = checks[side][k](v, f"{p}.{side}.{k}")
             session["audio"] = merged
     if audio_locked and session["audio"]["output"]["voice"] != current["audio"]["output"]["voice"]:
@@ -374,7 +376,7 @@ def _update_ga(current: dict[str, Any], update: dict[str, Any], audio_locked: bo
     return session
 
 
-def _default_session(dialect: str, session_id: str, model: str) -> dict[str, Any]:
+def default_session(dialect: str, session_id: str, model: str) -> dict[str, Any]:
     head = {
         "object": "realtime.session",
         "id": session_id,
@@ -424,7 +426,7 @@ def _default_session(dialect: str, session_id: str, model: str) -> dict[str, Any
 
 
 @dataclass(frozen=True, slots=True)
-class _Effective:
+class EffectiveSession:
     """The dialect-neutral reading of a session config: what the simulator acts on."""
 
     input_format: str
@@ -435,10 +437,10 @@ class _Effective:
     vad: dict[str, Any] | None
 
     @staticmethod
-    def of(session: dict[str, Any], dialect: str) -> _Effective:
+    def of(session: dict[str, Any], dialect: str) -> EffectiveSession:
         if dialect == "ga":
             a_in, a_out = session["audio"]["input"], session["audio"]["output"]
-            return _Effective(
+            return EffectiveSession(
                 _GA_FORMATS[a_in["format"]["type"]],
                 _GA_FORMATS[a_out["format"]["type"]],
                 a_out["voice"],
@@ -446,7 +448,7 @@ class _Effective:
                 a_in["transcription"] is not None,
                 a_in["turn_detection"],
             )
-        return _Effective(
+        return EffectiveSession(
             session["input_audio_format"],
             session["output_audio_format"],
             session["voice"],
@@ -460,7 +462,7 @@ class _Effective:
 
 
 @dataclass(slots=True, eq=False)
-class _Item:
+class ConversationItem:
     id: str
     role: str
     kind: str = "message"
@@ -480,13 +482,13 @@ class _Item:
 
     @property
     def audio_ms(self) -> float:
-        return len(self.audio) / _BYTES_PER_MS[self.audio_format]
+        return len(self.audio) / BYTES_PER_MS[self.audio_format]
 
 
 @dataclass(slots=True, eq=False)
-class _Response:
+class ModelResponse:
     id: str
-    item: _Item
+    item: ConversationItem
     text_only: bool
     audio: bytes
     text: str
@@ -496,7 +498,7 @@ class _Response:
     task: asyncio.Task[None] | None = None
 
 
-def _vad_params(vad: dict[str, Any] | None) -> tuple[float, int, int]:
+def vad_params(vad: dict[str, Any] | None) -> tuple[float, int, int]:
     """(RMS threshold, prefix padding ms, silence ms) of a session's turn detection."""
     assert vad is not None
     if vad["type"] == "semantic_vad":
@@ -504,7 +506,7 @@ def _vad_params(vad: dict[str, Any] | None) -> tuple[float, int, int]:
     return threshold_to_rms(vad["threshold"]), vad["prefix_padding_ms"], vad["silence_duration_ms"]
 
 
-def _item_json(item: _Item) -> dict[str, Any]:
+def item_json(item: ConversationItem) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": item.id,
         "object": "realtime.item",
@@ -519,28 +521,30 @@ def _item_json(item: _Item) -> dict[str, Any]:
     return out | item.extra
 
 
-def _new_item(
+def new_item(
     event: dict[str, Any], names: dict[str, str], existing: Container[str], new_id: Callable[[], str]
-) -> _Item:
+) -> ConversationItem:
     """The item a ``conversation.item.create`` adds (``existing``: the ids in the conversation)."""
-    raw = _obj(_required(event, "item"), "item")
-    kind = _choice(
+    raw = obj(field_required(event, "item"), "item")
+    kind = choice(
         raw.get("type", "message"), ("message", "function_call", "function_call_output"), "item.type"
     )
     item_id = raw.get("id") or new_id()
     if not isinstance(item_id, str) or item_id in existing:
-        raise _Invalid("invalid_value", f"Item with id {item_id!r} already exists.", "item.id")
+        raise InvalidEvent("invalid_value", f"Item with id {item_id!r} already exists.", "item.id")
     previous = event.get("previous_item_id")
     if previous not in (None, "root") and previous not in existing:
-        raise _Invalid("invalid_value", f"Previous item with id {previous!r} not found.", "previous_item_id")
+        raise InvalidEvent(
+            "invalid_value", f"Previous item with id {previous!r} not found.", "previous_item_id"
+        )
     if kind != "message":
         fields = ("call_id", "name", "arguments", "output")
-        _obj(raw, "item", ("id", "type", "object", "status", *fields))
-        _string(_required(raw, "call_id", "item.call_id"), "item.call_id")
-        return _Item(item_id, "", kind=kind, extra={k: raw[k] for k in fields if k in raw})
-    _obj(raw, "item", ("id", "type", "object", "status", "role", "content"))
-    role = _choice(_required(raw, "role", "item.role"), ("user", "assistant", "system"), "item.role")
-    content = _required(raw, "content", "item.content")
+        obj(raw, "item", ("id", "type", "object", "status", *fields))
+        field_string(field_required(raw, "call_id", "item.call_id"), "item.call_id")
+        return ConversationItem(item_id, "", kind=kind, extra={k: raw[k] for k in fields if k in raw})
+    obj(raw, "item", ("id", "type", "object", "status", "role", "content"))
+    role = choice(field_required(raw, "role", "item.role"), ("user", "assistant", "system"), "item.role")
+    content = field_required(raw, "content", "item.content")
     if not isinstance(content, list):
         raise _bad_type("item.content", "an array", content)
     allowed = {
@@ -552,11 +556,11 @@ def _new_item(
     transcript = ""
     for i, part in enumerate(content):
         p = f"item.content[{i}]"
-        if _choice(_obj(part, p).get("type"), allowed, f"{p}.type").endswith("text"):
-            text = _string(_required(part, "text", f"{p}.text"), f"{p}.text")
+        if choice(obj(part, p).get("type"), allowed, f"{p}.type").endswith("text"):
+            text = field_string(field_required(part, "text", f"{p}.text"), f"{p}.text")
         elif part.get("transcript") is not None:
-            transcript = _string(part["transcript"], f"{p}.transcript")
-    item = _Item(item_id, role, content=list(content), text=text)
+            transcript = field_string(part["transcript"], f"{p}.transcript")
+    item = ConversationItem(item_id, role, content=list(content), text=text)
     item.transcript = (transcript or text or "") if role == "assistant" else ""
     return item
 
@@ -564,52 +568,52 @@ def _new_item(
 # --- responses ---------------------------------------------------------------------------------------------
 
 
-_RATE_LIMITS: tuple[dict[str, Any], ...] = (
+RATE_LIMITS: tuple[dict[str, Any], ...] = (
     {"name": "requests", "limit": 1000, "remaining": 999, "reset_seconds": 0.06},
     {"name": "tokens", "limit": 100_000, "remaining": 95_000, "reset_seconds": 3.0},
 )
 """What ``rate_limits.updated`` says at the start of every response."""
 
 
-def _response_overrides(body: dict[str, Any], dialect: str, eff: _Effective) -> tuple[str, bool, bool]:
+def response_overrides(body: dict[str, Any], dialect: str, eff: EffectiveSession) -> tuple[str, bool, bool]:
     """Validate a ``response.create`` body; return (output format, text only, in the conversation)."""
     fmt, text_only = eff.output_format, eff.text_only
     if dialect == "ga":
-        _obj(body, "response", _GA_RESPONSE_KEYS)
+        obj(body, "response", _GA_RESPONSE_KEYS)
         if "output_modalities" in body:
             text_only = _modalities(body["output_modalities"], "response.output_modalities", "ga") == ["text"]
-        audio = _obj(body.get("audio", {}), "response.audio", ("output",))
-        out = _obj(audio.get("output", {}), "response.audio.output", ("format", "voice"))
+        audio = obj(body.get("audio", {}), "response.audio", ("output",))
+        out = obj(audio.get("output", {}), "response.audio.output", ("format", "voice"))
         if "format" in out:
             fmt = _GA_FORMATS[_ga_format(out["format"], "response.audio.output.format")["type"]]
         if "voice" in out:
-            _choice(out["voice"], _VOICES_GA, "response.audio.output.voice")
+            choice(out["voice"], _VOICES_GA, "response.audio.output.voice")
     else:
-        _obj(body, "response", _PREVIEW_RESPONSE_KEYS)
+        obj(body, "response", _PREVIEW_RESPONSE_KEYS)
         if "modalities" in body:
             text_only = "audio" not in _modalities(body["modalities"], "response.modalities", "preview")
         if "output_audio_format" in body:
-            fmt = _choice(body["output_audio_format"], tuple(_RATES), "response.output_audio_format")
+            fmt = choice(body["output_audio_format"], tuple(RATES), "response.output_audio_format")
         if "voice" in body:
-            _choice(body["voice"], _VOICES_PREVIEW, "response.voice")
+            choice(body["voice"], _VOICES_PREVIEW, "response.voice")
     if "instructions" in body:
-        _string(body["instructions"], "response.instructions")  # accepted, not acted on
-    conversation = _choice(body.get("conversation", "auto"), ("auto", "none"), "response.conversation")
+        field_string(body["instructions"], "response.instructions")  # accepted, not acted on
+    conversation = choice(body.get("conversation", "auto"), ("auto", "none"), "response.conversation")
     return fmt, text_only, conversation == "auto"
 
 
-def _echo_content(fmt: str, last: _Item | None) -> tuple[bytes, str]:
+def echo_content(fmt: str, last: ConversationItem | None) -> tuple[bytes, str]:
     """What the echo test says, given the last user item: the greeting, or a beep and the caller's words."""
-    rate = _RATES[fmt]
+    rate = RATES[fmt]
     if last is not None and last.pcm is not None:
-        pcm = np.concatenate([_resample(_BEEP, 24000, rate), _resample(last.pcm, last.rate, rate)])
-        return _encode(fmt, pcm), f"You said: ({len(last.pcm) / last.rate:.1f} s of audio)"
-    text = _GREETING_TEXT if last is None else f"You said: {last.text or ''}"
-    return _encode(fmt, _resample(_GREETING, 24000, rate)), text
+        pcm = np.concatenate([resample(BEEP, 24000, rate), resample(last.pcm, last.rate, rate)])
+        return encode(fmt, pcm), f"You said: ({len(last.pcm) / last.rate:.1f} s of audio)"
+    text = GREETING_TEXT if last is None else f"You said: {last.text or ''}"
+    return encode(fmt, resample(GREETING, 24000, rate)), text
 
 
-def _response_json(
-    r: _Response,
+def response_json(
+    r: ModelResponse,
     status: str,
     details: dict[str, Any] | None,
     dialect: str,
@@ -641,7 +645,9 @@ def _response_json(
     return out
 
 
-def _usage(item: _Item, conversation: Iterable[_Item], instructions: str) -> dict[str, Any]:
+def usage_json(
+    item: ConversationItem, conversation: Iterable[ConversationItem], instructions: str
+) -> dict[str, Any]:
     """Token counts in the service's proportions: about 10 audio tokens/s in and 20/s out."""
     out_audio, out_text = round(item.audio_ms / 50), len(item.transcript.split())
     in_audio = sum(round(i.seconds * 10) for i in conversation)
@@ -658,7 +664,7 @@ def _usage(item: _Item, conversation: Iterable[_Item], instructions: str) -> dic
 # --- the handshake -----------------------------------------------------------------------------------------
 
 
-def _handshake_problem(request: Request, api_key: str | None) -> tuple[int, str] | None:
+def handshake_problem(request: Request, api_key: str | None) -> tuple[int, str] | None:
     """What is wrong with a handshake, as (HTTP status, message): the URL per dialect, then auth
     (protocols.md §2.1). ``api_key`` ``None``: any non-empty key or bearer token passes."""
     url = urlsplit(request.path)
@@ -690,7 +696,7 @@ def _handshake_problem(request: Request, api_key: str | None) -> tuple[int, str]
     return None
 
 
-def _http_error(connection: ServerConnection, status: int, message: str) -> Response:
+def http_error(connection: ServerConnection, status: int, message: str) -> Response:
     body = orjson.dumps({"error": {"code": str(status), "message": message}}).decode()
     response = connection.respond(status, body)
     response.headers["Content-Type"] = "application/json"

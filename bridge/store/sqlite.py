@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.errors import ConfigError, LocalError
+from bridge.errors import ConfigError, LocalError, StoreError
 from bridge.prompts import Profile, ProfileError, profile_from_mapping, profile_to_mapping
-from bridge.store import (
+from bridge.store.base import (
     CallRecord,
     Conflict,
     NotFound,
@@ -34,7 +34,6 @@ from bridge.store import (
     ProfileSummary,
     ProfileVersion,
     StaleVersion,
-    StoreError,
     UnreadableProfile,
 )
 

@@ -26,8 +26,8 @@ from typing import Any
 
 from bridge.errors import BridgeError, ConfigError
 from bridge.prompts import Profile, ProfileError, profile_from_mapping, profile_to_mapping
-from bridge.store import Conflict, ProfileChange, StaleVersion, sqlite_path
-from bridge.store_sqlite import SQLiteStore
+from bridge.store.base import Conflict, ProfileChange, StaleVersion, sqlite_path
+from bridge.store.sqlite import SQLiteStore
 
 FORMAT = "bridge-prompts"
 FORMAT_VERSION = 1

@@ -25,8 +25,8 @@ Theory of operation, per connection (:class:`ModelConnection`):
 * Each assistant item counts the audio actually sent in its deltas; ``conversation.item.truncate`` is
   checked against that ("Audio content of Xms is already shorter than Yms").
 
-The protocol's names, validation and JSON shapes are in :mod:`bridge.simulator_wire`; G.711, resampling,
-tones and the input timeline in :mod:`bridge.simulator_audio`.
+The protocol's names, validation and JSON shapes are in :mod:`bridge.local_model.wire`; G.711, resampling,
+tones and the input timeline in :mod:`bridge.local_model.audio`.
 """
 
 from __future__ import annotations
@@ -47,38 +47,38 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from bridge.simulator_audio import _FRAME_MS, _InputAudio, threshold_to_rms
-from bridge.simulator_wire import (
-    _APPEND_FIELDS,
-    _BYTES_PER_MS,
-    _EVENT_KEYS,
-    _MODELS,
-    _NAMES,
-    _RATE_LIMITS,
-    _RATES,
+from bridge.local_model.audio import FRAME_MS, InputAudio, threshold_to_rms
+from bridge.local_model.wire import (
+    APPEND_FIELDS,
+    BYTES_PER_MS,
     EAGERNESS_SILENCE_MS,
-    _choice,
-    _default_session,
-    _echo_content,
-    _Effective,
-    _handshake_problem,
-    _http_error,
-    _integer,
-    _Invalid,
-    _Item,
-    _item_json,
-    _new_item,
-    _obj,
-    _parse_event,
-    _required,
-    _Response,
-    _response_json,
-    _response_overrides,
-    _string,
-    _update_ga,
-    _update_preview,
-    _usage,
-    _vad_params,
+    EVENT_KEYS,
+    MODELS,
+    NAMES,
+    RATE_LIMITS,
+    RATES,
+    ConversationItem,
+    EffectiveSession,
+    InvalidEvent,
+    ModelResponse,
+    choice,
+    default_session,
+    echo_content,
+    field_integer,
+    field_required,
+    field_string,
+    handshake_problem,
+    http_error,
+    item_json,
+    new_item,
+    obj,
+    parse_event,
+    response_json,
+    response_overrides,
+    update_ga,
+    update_preview,
+    usage_json,
+    vad_params,
 )
 
 __all__ = ["EAGERNESS_SILENCE_MS", "LocalModel", "ModelConnection", "threshold_to_rms"]
@@ -108,16 +108,16 @@ class ModelConnection:
         self.sent: list[dict[str, Any]] = []
         """Every server event sent, in order."""
         self.closed = asyncio.Event()
-        self.session = _default_session(dialect, model._new_id("sess"), _MODELS[dialect])
+        self.session = default_session(dialect, model._new_id("sess"), MODELS[dialect])
         """The effective session config, in the dialect's shape (what ``session.updated`` carries)."""
-        self._eff = _Effective.of(self.session, dialect)
-        self._names = _NAMES[dialect]
+        self._eff = EffectiveSession.of(self.session, dialect)
+        self._names = NAMES[dialect]
         self._send_lock = asyncio.Lock()
-        self._items: dict[str, _Item] = {}
+        self._items: dict[str, ConversationItem] = {}
         self._order: list[str] = []
-        self._response: _Response | None = None
+        self._response: ModelResponse | None = None
         self._audio_produced = False  # locks the voice
-        self._input = _InputAudio(_RATES[self._eff.input_format])
+        self._input = InputAudio(RATES[self._eff.input_format])
         # The energy VAD.
         self._speaking = False
         self._speech_start_ms = 0
@@ -137,7 +137,7 @@ class ModelConnection:
     @property
     def items(self) -> list[dict[str, Any]]:
         """The conversation, item objects in order (transcripts as truncation left them)."""
-        return [_item_json(self._items[i]) for i in self._order]
+        return [item_json(self._items[i]) for i in self._order]
 
     def item_audio_ms(self, item_id: str) -> float:
         """How much audio an assistant item holds now: what was sent, less what truncation cut."""
@@ -159,7 +159,7 @@ class ModelConnection:
     async def expire(self) -> None:
         """Do what Azure does at the session cap: a ``session_expired`` error, then a close."""
         message = "Your session hit the maximum duration of 30 minutes."
-        await self._send_error(_Invalid("session_expired", message), None)
+        await self._send_error(InvalidEvent("session_expired", message), None)
         await self.close(1001, "session expired")
 
     # --- plumbing ---
@@ -173,7 +173,7 @@ class ModelConnection:
                 self._model.on_server_event(self, event)
             await self._ws.send(orjson.dumps(event).decode())
 
-    async def _send_error(self, exc: _Invalid, client_event_id: str | None) -> None:
+    async def _send_error(self, exc: InvalidEvent, client_event_id: str | None) -> None:
         error = {
             "type": "invalid_request_error",
             "code": exc.code,
@@ -192,7 +192,7 @@ class ModelConnection:
         """Handle one client event; a malformed or unknown one gets an ``error`` and the session goes on."""
         event_id: str | None = None
         try:
-            event = _parse_event(message)
+            event = parse_event(message)
             if self._model.record:
                 self.received.append(event)
             if self._model.on_client_event is not None:
@@ -201,31 +201,33 @@ class ModelConnection:
             if (
                 self._model.fast_appends
                 and event.get("type") == "input_audio_buffer.append"
-                and event.keys() <= _APPEND_FIELDS
+                and event.keys() <= APPEND_FIELDS
             ):
                 await self._on_input_audio_buffer_append(event)
                 return
-            kind = _choice(_required(event, "type"), tuple(_EVENT_KEYS), "type")
-            _obj(event, "", ("type", "event_id", *_EVENT_KEYS[kind]))
+            kind = choice(field_required(event, "type"), tuple(EVENT_KEYS), "type")
+            obj(event, "", ("type", "event_id", *EVENT_KEYS[kind]))
             handler: Callable[[dict[str, Any]], Awaitable[None]] = getattr(
                 self, "_on_" + kind.replace(".", "_")
             )
             await handler(event)
-        except _Invalid as exc:
+        except InvalidEvent as exc:
             await self._send_error(exc, event_id)
 
-    def _find(self, item_id: str) -> _Item:
+    def _find(self, item_id: str) -> ConversationItem:
         item = self._items.get(item_id)
         if item is None:
-            raise _Invalid("item_not_found", f"Conversation item with id '{item_id}' not found.", "item_id")
+            raise InvalidEvent(
+                "item_not_found", f"Conversation item with id '{item_id}' not found.", "item_id"
+            )
         return item
 
-    async def _add_item(self, item: _Item) -> None:
+    async def _add_item(self, item: ConversationItem) -> None:
         """Add to the conversation: preview ``conversation.item.created``; GA ``.added`` (and ``.done``)."""
         previous = self._order[-1] if self._order else None
         self._items[item.id] = item
         self._order.append(item.id)
-        body = {"previous_item_id": previous, "item": _item_json(item)}
+        body = {"previous_item_id": previous, "item": item_json(item)}
         if self.dialect == "preview":
             await self._send({"type": "conversation.item.created", **body})
             return
@@ -236,12 +238,12 @@ class ModelConnection:
     # --- session.update ---
 
     async def _on_session_update(self, event: dict[str, Any]) -> None:
-        update = _obj(_required(event, "session"), "session")
-        change = _update_ga if self.dialect == "ga" else _update_preview
+        update = obj(field_required(event, "session"), "session")
+        change = update_ga if self.dialect == "ga" else update_preview
         session = change(self.session, update, self._audio_produced)
-        eff = _Effective.of(session, self.dialect)
+        eff = EffectiveSession.of(session, self.dialect)
         if eff.input_format != self._eff.input_format:
-            self._input.change_rate(_RATES[eff.input_format])
+            self._input.change_rate(RATES[eff.input_format])
         if eff.vad is None:
             self._speaking, self._silence_ms = False, 0
         self.session, self._eff = session, eff
@@ -251,28 +253,30 @@ class ModelConnection:
 
     async def _on_input_audio_buffer_append(self, event: dict[str, Any]) -> None:
         try:
-            data = pybase64.b64decode(_string(_required(event, "audio"), "audio"), validate=True)
+            data = pybase64.b64decode(field_string(field_required(event, "audio"), "audio"), validate=True)
         except ValueError:
-            raise _Invalid(
+            raise InvalidEvent(
                 "invalid_value", "Invalid 'audio': expected base64-encoded audio.", "audio"
             ) from None
         if len(data) > _MAX_APPEND:
-            raise _Invalid("invalid_value", "Invalid 'audio': at most 15 MiB of audio per event.", "audio")
+            raise InvalidEvent(
+                "invalid_value", "Invalid 'audio': at most 15 MiB of audio per event.", "audio"
+            )
         pcm, start = self._input.append(self._eff.input_format, data)
         if not len(pcm) or self._eff.vad is None:
             return
         # fast_appends: exact integer energies, one numpy reduction. Either way, a frame goes to _vad_frame
         # only when it can change something (speech, or while speaking).
         levels, first, size = self._input.vad_frames(pcm, start, exact=self._model.fast_appends)
-        threshold = _vad_params(self._eff.vad)[0]
+        threshold = vad_params(self._eff.vad)[0]
         for i, level in enumerate(levels):
             if self._speaking or level >= threshold:
                 await self._vad_frame(level, self._input.sample_ms(first + i * size))
         if not self._speaking:
-            self._input.trim(_vad_params(self._eff.vad)[1] + 2 * _FRAME_MS)
+            self._input.trim(vad_params(self._eff.vad)[1] + 2 * FRAME_MS)
 
     async def _vad_frame(self, level: float, frame_ms: float) -> None:
-        threshold, padding, silence = _vad_params(self._eff.vad)
+        threshold, padding, silence = vad_params(self._eff.vad)
         if level >= threshold:
             self._silence_ms = 0
             if self._speaking:
@@ -292,11 +296,11 @@ class ModelConnection:
             if r is not None and self._eff.vad is not None and self._eff.vad["interrupt_response"]:
                 await self._stop_response(r, "turn_detected")  # barge-in
         elif self._speaking:
-            self._silence_ms += _FRAME_MS
+            self._silence_ms += FRAME_MS
             if self._silence_ms < silence:
                 return
             # input_audio_buffer.speech_stopped: audio_end_ms includes the silence that ended the turn.
-            end_ms = round(frame_ms) + _FRAME_MS
+            end_ms = round(frame_ms) + FRAME_MS
             item_id = self._user_item_id or self._model._new_id("item")
             self._speaking, self._silence_ms, self._user_item_id = False, 0, None
             await self._send(
@@ -316,7 +320,9 @@ class ModelConnection:
             older.pcm = None  # only the latest utterance is echoed; a long call must not hoard audio
         part: dict[str, Any] = {"type": "input_audio", "transcript": None}
         seconds = len(pcm) / rate
-        await self._add_item(_Item(item_id, "user", content=[part], pcm=pcm, rate=rate, seconds=seconds))
+        await self._add_item(
+            ConversationItem(item_id, "user", content=[part], pcm=pcm, rate=rate, seconds=seconds)
+        )
         if self._eff.transcribe:  # there is no ASR: a deterministic stand-in
             part["transcript"] = text = f"(caller speech, {len(pcm) / rate:.1f} s)"
             await self._send(
@@ -332,7 +338,7 @@ class ModelConnection:
     async def _on_input_audio_buffer_commit(self, event: dict[str, Any]) -> None:
         have = self._input.buf_len * 1000 / self._input.rate
         if have < 100:
-            raise _Invalid(
+            raise InvalidEvent(
                 "input_audio_buffer_commit_empty",
                 "Error committing input audio buffer: buffer too "
                 f"small. Expected at least 100ms of audio, but buffer only has {have:.2f}ms of audio.",
@@ -349,26 +355,28 @@ class ModelConnection:
     # --- conversation items ---
 
     async def _on_conversation_item_create(self, event: dict[str, Any]) -> None:
-        item = _new_item(event, self._names, self._items, lambda: self._model._new_id("item"))
+        item = new_item(event, self._names, self._items, lambda: self._model._new_id("item"))
         await self._add_item(item)
 
     async def _on_conversation_item_truncate(self, event: dict[str, Any]) -> None:
         """``conversation.item.truncate`` (protocols.md §2.5): cut an assistant item's audio and text."""
-        item_id = _string(_required(event, "item_id"), "item_id")
-        index = _integer(_required(event, "content_index"), "content_index")
-        end_ms = _integer(_required(event, "audio_end_ms"), "audio_end_ms")
+        item_id = field_string(field_required(event, "item_id"), "item_id")
+        index = field_integer(field_required(event, "content_index"), "content_index")
+        end_ms = field_integer(field_required(event, "audio_end_ms"), "audio_end_ms")
         item = self._find(item_id)
         if item.role != "assistant" or item.kind != "message":
-            raise _Invalid("invalid_value", "Only assistant messages can be truncated.", "item_id")
+            raise InvalidEvent("invalid_value", "Only assistant messages can be truncated.", "item_id")
         if index != 0 or not item.content:
-            raise _Invalid("invalid_value", f"Item '{item_id}' has no content part {index}.", "content_index")
+            raise InvalidEvent(
+                "invalid_value", f"Item '{item_id}' has no content part {index}.", "content_index"
+            )
         if end_ms > item.audio_ms:
-            raise _Invalid(
+            raise InvalidEvent(
                 "invalid_value",
                 f"Audio content of {int(item.audio_ms)}ms is already shorter than {end_ms}ms",
                 "audio_end_ms",
             )
-        del item.audio[end_ms * _BYTES_PER_MS[item.audio_format] :]
+        del item.audio[end_ms * BYTES_PER_MS[item.audio_format] :]
         item.transcript = ""  # the service forgets the words, heard or not
         await self._send(
             {
@@ -380,59 +388,59 @@ class ModelConnection:
         )
 
     async def _on_conversation_item_delete(self, event: dict[str, Any]) -> None:
-        item = self._find(_string(_required(event, "item_id"), "item_id"))
+        item = self._find(field_string(field_required(event, "item_id"), "item_id"))
         del self._items[item.id]
         self._order.remove(item.id)
         await self._send({"type": "conversation.item.deleted", "item_id": item.id})
 
     async def _on_conversation_item_retrieve(self, event: dict[str, Any]) -> None:
-        item = self._find(_string(_required(event, "item_id"), "item_id"))
-        await self._send({"type": "conversation.item.retrieved", "item": _item_json(item)})
+        item = self._find(field_string(field_required(event, "item_id"), "item_id"))
+        await self._send({"type": "conversation.item.retrieved", "item": item_json(item)})
 
     # --- responses ---
 
     async def _on_response_create(self, event: dict[str, Any]) -> None:
         if self._response is not None:
-            raise _Invalid(
+            raise InvalidEvent(
                 "conversation_already_has_active_response",
                 "Conversation already has an active "
                 f"response in progress: {self._response.id}. Wait until the response is finished "
                 "before creating a new one.",
             )
-        await self._start_response(_obj(event.get("response", {}), "response"))
+        await self._start_response(obj(event.get("response", {}), "response"))
 
     async def _start_response(self, body: dict[str, Any]) -> None:
         """Send the opening events of a response, then leave the deltas and the end to :meth:`_stream`."""
-        fmt, text_only, in_conversation = _response_overrides(body, self.dialect, self._eff)
+        fmt, text_only, in_conversation = response_overrides(body, self.dialect, self._eff)
         last = next((self._items[i] for i in reversed(self._order) if self._items[i].role == "user"), None)
-        audio, text = _echo_content(fmt, last)
+        audio, text = echo_content(fmt, last)
         part: dict[str, Any] = (
             {"type": self._names["text part"], "text": ""}
             if text_only
             else {"type": self._names["audio part"], "transcript": ""}
         )
-        item = _Item(
+        item = ConversationItem(
             self._model._new_id("item"), "assistant", status="in_progress", content=[part], audio_format=fmt
         )
-        r = _Response(
+        r = ModelResponse(
             self._model._new_id("resp"), item, text_only, b"" if text_only else audio, text, in_conversation
         )
         self._response = r
         await self._send(
             {
                 "type": "response.created",
-                "response": _response_json(
+                "response": response_json(
                     r, "in_progress", None, self.dialect, self._eff.voice, self.session
                 ),
             }
         )
-        await self._send({"type": "rate_limits.updated", "rate_limits": [dict(x) for x in _RATE_LIMITS]})
+        await self._send({"type": "rate_limits.updated", "rate_limits": [dict(x) for x in RATE_LIMITS]})
         await self._send(
             {
                 "type": "response.output_item.added",
                 "response_id": r.id,
                 "output_index": 0,
-                "item": _item_json(item),
+                "item": item_json(item),
             }
         )
         if in_conversation:
@@ -449,12 +457,12 @@ class ModelConnection:
         )
         r.task = self._model._spawn(self._stream(r), f"local-model {r.id}")
 
-    async def _stream(self, r: _Response) -> None:
+    async def _stream(self, r: ModelResponse) -> None:
         """Pace the deltas at ``speed``× real time, then send the end events whatever stopped the response."""
         model, item = self._model, r.item
         ids = {"response_id": r.id, "item_id": item.id, "output_index": 0, "content_index": 0}
         text_delta = self._names["text.delta" if r.text_only else "transcript.delta"]
-        step = model.delta_ms * _BYTES_PER_MS[item.audio_format]
+        step = model.delta_ms * BYTES_PER_MS[item.audio_format]
         chunks = [r.audio[i : i + step] for i in range(0, len(r.audio), step)] or [b""]
         words = re.findall(r"\S+\s*", r.text)
         loop = asyncio.get_running_loop()
@@ -486,7 +494,7 @@ class ModelConnection:
             if self._response is r:
                 self._response = None
 
-    async def _finish(self, r: _Response, ids: dict[str, Any]) -> None:
+    async def _finish(self, r: ModelResponse, ids: dict[str, Any]) -> None:
         item = r.item
         cancelled = r.stop_reason is not None
         item.status = "incomplete" if cancelled else "completed"
@@ -501,7 +509,7 @@ class ModelConnection:
         # The part events say "audio"/"text" in both dialects; only GA items say "output_audio"/"output_text".
         part = part | {"type": "text" if r.text_only else "audio"}
         await self._send({"type": "response.content_part.done", **ids, "part": part})
-        body = _item_json(item)
+        body = item_json(item)
         await self._send(
             {"type": "response.output_item.done", "response_id": r.id, "output_index": 0, "item": body}
         )
@@ -511,12 +519,12 @@ class ModelConnection:
             await self._send({"type": "conversation.item.done", "previous_item_id": previous, "item": body})
         details = {"type": "cancelled", "reason": r.stop_reason} if cancelled else None
         status = "cancelled" if cancelled else "completed"
-        done = _response_json(r, status, details, self.dialect, self._eff.voice, self.session)
+        done = response_json(r, status, details, self.dialect, self._eff.voice, self.session)
         done["output"] = [body]
-        done["usage"] = _usage(item, self._items.values(), self.session["instructions"])
+        done["usage"] = usage_json(item, self._items.values(), self.session["instructions"])
         await self._send({"type": "response.done", "response": done})
 
-    async def _stop_response(self, r: _Response, reason: str) -> None:
+    async def _stop_response(self, r: ModelResponse, reason: str) -> None:
         """Stop a response (``turn_detected`` or ``client_cancelled``) and wait until its end is sent."""
         if r.stop_reason is None:
             r.stop_reason = reason
@@ -527,10 +535,10 @@ class ModelConnection:
     async def _on_response_cancel(self, event: dict[str, Any]) -> None:
         wanted = event.get("response_id")
         if wanted is not None:
-            _string(wanted, "response_id")
+            field_string(wanted, "response_id")
         r = self._response
         if r is None or r.stop_reason is not None or wanted not in (None, r.id):
-            raise _Invalid("response_cancel_not_active", "Cancellation failed: no active response found.")
+            raise InvalidEvent("response_cancel_not_active", "Cancellation failed: no active response found.")
         await self._stop_response(r, "client_cancelled")
 
     def _abandon(self) -> None:
@@ -671,12 +679,12 @@ class LocalModel:
         if self._rejects:
             status = self._rejects.pop(0)
             if status == 429:
-                return _http_error(
+                return http_error(
                     connection, 429, "Requests to the Realtime API have exceeded the rate limit."
                 )
-            return _http_error(connection, status, "The server had an error while processing your request.")
-        problem = _handshake_problem(request, self.api_key)
-        return None if problem is None else _http_error(connection, *problem)
+            return http_error(connection, status, "The server had an error while processing your request.")
+        problem = handshake_problem(request, self.api_key)
+        return None if problem is None else http_error(connection, *problem)
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert ws.request is not None

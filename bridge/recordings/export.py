@@ -1,6 +1,6 @@
 """Exports of a recorded call: a stereo WAV of what each side heard, an SVG timeline and a summary.
 
-Theory of operation. A recording (:mod:`bridge.recording`) holds every message of both sockets with the
+Theory of operation. A recording (:mod:`bridge.recordings`) holds every message of both sockets with the
 time it crossed. From it :func:`caller_and_heard` rebuilds two 8 kHz tracks on the call's timeline:
 
 * **left, the caller**: Twilio's inbound ``media`` payloads placed at their arrival time. Frames come
@@ -38,7 +38,7 @@ import numpy.typing as npt
 import pybase64
 
 from bridge.audio import ulaw_to_pcm16
-from bridge.recording import Event, Recording
+from bridge.recordings.format import Event, Recording
 
 __all__ = ["GAP_MS", "RATE", "caller_and_heard", "summary", "timeline_svg", "wav_bytes"]
 

@@ -1,4 +1,4 @@
-"""Audio for the local Realtime model (:mod:`bridge.simulator`): G.711, resampling, tones, the VAD scale.
+"""Audio for the local Realtime model (:mod:`bridge.local_model`): G.711, resampling, tones, the VAD scale.
 
 Our own code, independent of ``bridge.audio`` on purpose: a mistake there must not be mirrored here.
 """
@@ -12,10 +12,10 @@ import numpy.typing as npt
 
 Pcm = npt.NDArray[np.int16]
 
-_FRAME_MS = 10
+FRAME_MS = 10
 """The energy VAD looks at frames of this many ms."""
 
-_GREETING_TEXT = "Hello! This is the local test model."
+GREETING_TEXT = "Hello! This is the local test model."
 
 
 # --- G.711 and resampling (our own, independent of bridge.audio on purpose) --------------------------------
@@ -61,7 +61,7 @@ def _decode(fmt: str, data: bytes) -> Pcm:
     return out
 
 
-def _encode(fmt: str, pcm: Pcm) -> bytes:
+def encode(fmt: str, pcm: Pcm) -> bytes:
     """PCM16 samples (already at the format's rate) → wire bytes in ``fmt``."""
     if fmt == "pcm16":
         return pcm.astype("<i2").tobytes()
@@ -69,7 +69,7 @@ def _encode(fmt: str, pcm: Pcm) -> bytes:
     return table[pcm.astype(np.int32) + 32768].tobytes()
 
 
-def _resample(pcm: Pcm, src: int, dst: int) -> Pcm:
+def resample(pcm: Pcm, src: int, dst: int) -> Pcm:
     """A crude resampler (quality does not matter for a test model): box filter down, linear up."""
     if src == dst or not len(pcm):
         return pcm
@@ -88,8 +88,8 @@ def _tone(freq: float, ms: int, rate: int = 24000, amp: float = 0.3) -> Pcm:
     return (np.sin(2 * np.pi * freq * np.arange(n) / rate) * ramp * amp * 32767).astype(np.int16)
 
 
-_GREETING = np.concatenate([_tone(523.25, 500), _tone(659.25, 500), _tone(783.99, 500)])
-_BEEP = _tone(660.0, 300)
+GREETING = np.concatenate([_tone(523.25, 500), _tone(659.25, 500), _tone(783.99, 500)])
+BEEP = _tone(660.0, 300)
 
 
 def threshold_to_rms(threshold: float) -> float:
@@ -100,7 +100,7 @@ def threshold_to_rms(threshold: float) -> float:
 # --- the input timeline ------------------------------------------------------------------------------------
 
 
-class _InputAudio:
+class InputAudio:
     """The caller's audio in one session, without its events: the input timeline (ms of all audio appended
     this session; it survives input format changes), the uncommitted input buffer on it, and the frames of
     the energy VAD."""
@@ -125,7 +125,7 @@ class _InputAudio:
 
     def change_rate(self, rate: int) -> None:
         self.base_ms, self.samples = self.now_ms(), 0
-        self.buf = [_resample(np.concatenate(self.buf), self.rate, rate)] if self.buf else []
+        self.buf = [resample(np.concatenate(self.buf), self.rate, rate)] if self.buf else []
         self.buf_len = sum(len(b) for b in self.buf)
         self.vad_rest = np.zeros(0, dtype=np.int16)
         self.odd_byte = b""
@@ -154,7 +154,7 @@ class _InputAudio:
         rest = self.vad_rest
         frames = np.concatenate([rest, pcm]) if len(rest) or not exact else pcm
         first = start - len(rest)  # the timeline sample of frames[0]
-        size = self.rate * _FRAME_MS // 1000
+        size = self.rate * FRAME_MS // 1000
         n = len(frames) // size
         self.vad_rest = frames[n * size :]
         if exact:

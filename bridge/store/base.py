@@ -1,7 +1,7 @@
 """Persistence of prompt profiles, their versions, pre-rendered greetings and call records.
 
-The :class:`Store` protocol is what the rest of the bridge uses; :class:`~bridge.store_sqlite.SQLiteStore`
-(in ``bridge.store_sqlite``) is the default backend (one file, created on first start, schema migrations).
+The :class:`Store` protocol is what the rest of the bridge uses; :class:`~bridge.store.sqlite.SQLiteStore`
+(in ``bridge.store.sqlite``) is the default backend (one file, created on first start, schema migrations).
 A PostgreSQL backend for multi-instance deployments can implement the same protocol.
 
 Versions are immutable: every save writes a new version with its author, time and comment; a rollback
@@ -18,12 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import ConfigError, StoreError
 from bridge.prompts import Profile
-
-
-class StoreError(BridgeError):
-    """A store operation failed."""
 
 
 class NotFound(StoreError):
@@ -211,11 +207,3 @@ def sqlite_path(database: str) -> str:
     if not value:
         raise ConfigError("BRIDGE_DATABASE is empty: use a SQLite file path")
     return value
-
-
-async def open_store(database: str) -> Store:
-    """Open the store that ``BRIDGE_DATABASE`` names (see :func:`sqlite_path`); raises ConfigError."""
-    # Imported here: bridge.store_sqlite builds on this module (import-linter allows this one import).
-    from bridge.store_sqlite import SQLiteStore
-
-    return await SQLiteStore.open(sqlite_path(database))

@@ -1,23 +1,17 @@
-"""``bridge replay`` and ``bridge export``: the command-line faces of :mod:`bridge.replay`."""
+"""``bridge replay``: the command-line face of :mod:`bridge.replay`."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import TextIO
 
-import numpy as np
-
-from bridge.call import load_recording
 from bridge.errors import BridgeError
-from bridge.recording import Recording
+from bridge.recordings import Recording, load_recording
 from bridge.replay import ModelChoice, ReplayResult, Speed, replay_recording, run
-from bridge.testing import TwilioCaller
 
 
 def _progress(stream: TextIO, done: int, total: int, name: str) -> None:
@@ -128,90 +122,3 @@ def replay_command(args: argparse.Namespace) -> int:
         json.dump([r.to_json() for r in results], sys.stdout, indent=2)
         sys.stdout.write("\n")
     return 0 if all(r.passed for r in results) else 1
-
-
-def export_command(args: argparse.Namespace) -> int:
-    """``bridge export``: write the WAV and/or the timeline of one recording."""
-    from bridge.export import caller_and_heard, timeline_svg, wav_bytes
-
-    if args.wav is None and args.timeline is None:
-        print("bridge export: say what to write: --wav FILE and/or --timeline FILE.svg", file=sys.stderr)
-        return 2
-    try:
-        recording = load_recording(args.recording)
-    except (BridgeError, OSError) as exc:
-        print(f"bridge export: {args.recording}: {exc}", file=sys.stderr)
-        return 2
-    if args.wav is not None:
-        left, right = caller_and_heard(recording)
-        Path(args.wav).write_bytes(wav_bytes(left, right))
-        print(f"wrote {args.wav}: left the caller, right what the caller heard ({len(left) / 8000:.1f} s)")
-    if args.timeline is not None:
-        Path(args.timeline).write_text(timeline_svg(recording), encoding="utf-8")
-        print(f"wrote {args.timeline}")
-    return 0
-
-
-def _speech(path: Path) -> bytes:
-    """Raw μ-law as is; a WAV (8 kHz, mono, 16-bit) encoded to μ-law."""
-    import wave
-
-    from bridge.audio import pcm16_to_ulaw
-
-    if path.suffix.lower() != ".wav":
-        return path.read_bytes()
-    with wave.open(str(path), "rb") as w:
-        if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (8000, 1, 2):
-            raise BridgeError(f"{path}: use an 8 kHz mono 16-bit WAV (sox in.wav -r 8000 -c 1 -b 16 out.wav)")
-        return pcm16_to_ulaw(w.readframes(w.getnframes()))
-
-
-async def _listen(call: TwilioCaller, limit: float, quiet: float = 1.0) -> None:
-    """Stream line silence (as Twilio does) until an answer has played and ``quiet`` s passed after it."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + limit
-    before = call.heard_seconds()
-    while loop.time() < until and not call.closed.is_set():
-        await call.silence(0.2)
-        last = call.received_media[-1][0] if call.received_media else 0.0
-        answered = call.heard_seconds() > before
-        if answered and call.buffered_seconds() == 0 and loop.time() - last >= quiet:
-            return
-
-
-async def _call(args: argparse.Namespace, speech: list[bytes]) -> TwilioCaller:
-    token = args.auth_token or os.environ.get("TWILIO_AUTH_TOKEN") or None
-    call = TwilioCaller(args.url, auth_token=token)
-    async with call:
-        await call.dial()
-        await _listen(call, args.listen)  # the greeting
-        for ulaw in speech:
-            before = call.heard_seconds()
-            await call.speak(ulaw)
-            await _listen(call, args.listen)
-            print(f"said {len(ulaw) / 8000:.1f} s, heard {call.heard_seconds() - before:.1f} s back")
-        if not call.closed.is_set():
-            await call.hang_up()
-    return call
-
-
-def call_command(args: argparse.Namespace) -> int:
-    """``bridge call``: one simulated call; exit 1 when the bridge refused it or said nothing."""
-    try:
-        speech = [_speech(path) for path in args.say]
-        call = asyncio.run(_call(args, speech))
-    except (BridgeError, OSError, AssertionError) as exc:
-        print(f"bridge call: {exc}", file=sys.stderr)
-        return 1
-    print(
-        f"call {call.call_sid}: heard {call.heard_seconds():.1f} s of the model, "
-        f"{len(call.clears)} barge-ins, stream closed with {call.close_code}"
-    )
-    if args.heard is not None:
-        from bridge.audio import ulaw_to_pcm16
-        from bridge.export import wav_bytes
-
-        heard = np.frombuffer(ulaw_to_pcm16(bytes(call.played)), dtype="<i2")
-        args.heard.write_bytes(wav_bytes(heard, heard))
-        print(f"wrote {args.heard}")
-    return 0 if call.heard_seconds() > 0 else 1

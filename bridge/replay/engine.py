@@ -39,15 +39,14 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from bridge.app import create_app
-from bridge.call import load_recording
 from bridge.clock import LoopClock
 from bridge.config import load_settings
 from bridge.errors import ConfigError
+from bridge.keys import METRICS, STORE
+from bridge.local_model import LocalModel
 from bridge.prompts import Profile, profile_from_mapping
-from bridge.recording import Event, Recording
-from bridge.simulator import LocalModel
+from bridge.recordings import Event, Recording, load_recording
 from bridge.testing import TwilioCaller
-from bridge.web import METRICS, STORE
 
 ModelChoice = Literal["recorded", "local", "azure"]
 Speed = Literal["fast", "realtime"]

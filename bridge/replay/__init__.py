@@ -1,0 +1,30 @@
+"""Replay recorded calls through a real bridge: the engine (:mod:`.engine`), the ``bridge replay`` command
+(:mod:`.cli`) and the pytest plugin (:mod:`.pytest_plugin`, fixture ``bridge_replay``)."""
+
+from __future__ import annotations
+
+from bridge.replay.engine import (
+    ModelChoice,
+    RecordedModel,
+    ReplayResult,
+    Speed,
+    VirtualTimeLoop,
+    compare_client_events,
+    profile_of,
+    replay_file,
+    replay_recording,
+    run,
+)
+
+__all__ = [
+    "ModelChoice",
+    "RecordedModel",
+    "ReplayResult",
+    "Speed",
+    "VirtualTimeLoop",
+    "compare_client_events",
+    "profile_of",
+    "replay_file",
+    "replay_recording",
+    "run",
+]

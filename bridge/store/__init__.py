@@ -1,0 +1,44 @@
+"""The store: prompt profiles with their version history, pre-rendered greetings and call records.
+
+``open_store(database)`` picks the backend that ``BRIDGE_DATABASE`` names; the rest of the bridge sees only
+the :class:`Store` protocol (:mod:`bridge.store.base`). Backends: SQLite (:mod:`bridge.store.sqlite`).
+``bridge prompts export|import`` is :mod:`bridge.store.cli`.
+"""
+
+from __future__ import annotations
+
+from bridge.errors import StoreError
+from bridge.store.base import (
+    CallRecord,
+    Conflict,
+    NotFound,
+    ProfileChange,
+    ProfileSummary,
+    ProfileVersion,
+    StaleVersion,
+    Store,
+    UnreadableProfile,
+    sqlite_path,
+)
+from bridge.store.sqlite import SQLiteStore
+
+__all__ = [
+    "CallRecord",
+    "Conflict",
+    "NotFound",
+    "ProfileChange",
+    "ProfileSummary",
+    "ProfileVersion",
+    "SQLiteStore",
+    "StaleVersion",
+    "Store",
+    "StoreError",
+    "UnreadableProfile",
+    "open_store",
+    "sqlite_path",
+]
+
+
+async def open_store(database: str) -> Store:
+    """Open the store that ``BRIDGE_DATABASE`` names (see :func:`sqlite_path`); raises ConfigError."""
+    return await SQLiteStore.open(sqlite_path(database))
