@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -27,7 +26,7 @@ from bridge.local_model import LocalModel
 from bridge.metrics import Metrics
 from bridge.prompts import DEFAULT_PROFILE, Profile, parse_profile, voices_for
 from bridge.registry import GOODBYE, CallRegistry
-from bridge.store import Store, open_store
+from bridge.store import open_store
 from bridge.upstream import Target, Upstream
 from bridge.web import add_routes
 
@@ -46,21 +45,6 @@ def load_profile(settings: Settings) -> Profile:
     return parse_profile(text, filename=str(settings.profile_path), dialect=settings.dialect)
 
 
-class StoreSlot:
-    """Stands in for the store from app creation until start-up has opened it (the app is frozen by then).
-
-    Every attribute is the opened store's; before start-up there is none to use.
-    """
-
-    def __init__(self) -> None:
-        self.inner: Store | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self.inner is None:
-            raise RuntimeError("the store is used before the app started")
-        return getattr(self.inner, name)
-
-
 def create_app(
     settings: Settings,
     *,
@@ -68,27 +52,22 @@ def create_app(
     clock: Clock | None = None,
     render_greetings: bool = True,
 ) -> web.Application:
-    """Build the app: routes, shared objects under typed keys, their lifetimes in ``cleanup_ctx``."""
+    """Build the app: routes, shared objects under typed keys, their lifetimes in ``cleanup_ctx``.
+
+    What needs no I/O is made here. The rest is made at start-up by the cleanup contexts, in order, each
+    from what the ones before it made, and closed in reverse: the Realtime target (the built-in local
+    model is started first when no Azure deployment is set, so its port is known), the store, the
+    greeting renderer, the call registry. No shared object is changed after it is made.
+    """
     app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    slot = StoreSlot()
-    store = cast(Store, slot)
-    app[STORE] = store
-    app[REGISTRY] = CallRegistry(settings.prewarm_timeout, store)
     app[PROFILE] = profile if profile is not None else load_profile(settings)
     app[TOKENS] = StreamTokens.for_settings(settings)
     app[CLOCK] = clock or MonotonicClock()
-    if settings.azure is not None:
-        app[UPSTREAM] = Upstream(Target.from_azure(settings.azure))
-    else:
-        # Filled in by _local_model once it listens: its port is known only then.
-        app[UPSTREAM] = Upstream(
-            Target("http://127.0.0.1:0", LOCAL_DEPLOYMENT, settings.dialect, None, "local")
-        )
-    app[GREETINGS] = Greetings(app[UPSTREAM], store, settings.audio_path)
-    app.cleanup_ctx.append(_local_model)
-    app.cleanup_ctx.append(_store(slot, render_greetings))
+    app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_greetings(render_greetings))
     app.cleanup_ctx.append(_calls)
     add_routes(app)
     from bridge import admin
@@ -100,51 +79,61 @@ def create_app(
     return app
 
 
-def _store(slot: StoreSlot, render_greetings: bool) -> Any:
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    """Where calls' Realtime sessions go: Azure, or the built-in local model started here."""
+    settings = app[SETTINGS]
+    model: LocalModel | None = None
+    if settings.azure is not None:
+        target = Target.from_azure(settings.azure)
+    else:
+        model = LocalModel(record=False)
+        await model.start()
+        target = Target(model.endpoint, LOCAL_DEPLOYMENT, settings.dialect, None, "local")
+        log.warning(
+            "no AZURE_OPENAI_ENDPOINT: calls are answered by the built-in local model at %s (an echo test)",
+            model.endpoint,
+        )
+    upstream = app[UPSTREAM] = Upstream(target)
+    try:
+        yield
+    finally:
+        await upstream.close()
+        if model is not None:
+            await model.close()
+
+
+async def _store(app: web.Application) -> AsyncIterator[None]:
+    """Open the store (created and migrated on first start)."""
+    store = app[STORE] = await open_store(app[SETTINGS].database)
+    try:
+        yield
+    finally:
+        await store.close()
+
+
+def _greetings(render: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        """Open the store (created and migrated on first start) and seed the first profile."""
-        settings = app[SETTINGS]
-        store = await open_store(settings.database)
-        slot.inner = store
+        """The greeting renderer; seeds a fresh store with the first prompt profile, greeting rendered."""
+        settings, store = app[SETTINGS], app[STORE]
+        greetings = app[GREETINGS] = Greetings(app[UPSTREAM], store, settings.audio_path)
         try:
             if not await store.list_profiles():
                 first = await store.create(app[PROFILE], author="bridge", comment="first start")
                 log.info("created the first prompt profile %r in %s", first.profile.name, settings.database)
-                if render_greetings:
-                    app[GREETINGS].prepare(first)
+                if render:
+                    greetings.prepare(first)
             yield
         finally:
-            await app[GREETINGS].close()
-            await store.close()
-            slot.inner = None
+            await greetings.close()
 
     return ctx
 
 
-async def _local_model(app: web.Application) -> AsyncIterator[None]:
-    """The built-in local model, when no Azure deployment is configured."""
-    settings = app[SETTINGS]
-    if settings.azure is not None:
-        yield
-        return
-    model = LocalModel(record=False)
-    await model.start()
-    upstream = app[UPSTREAM]
-    upstream.target = Target(model.endpoint, LOCAL_DEPLOYMENT, upstream.target.dialect, None, "local")
-    log.warning(
-        "no AZURE_OPENAI_ENDPOINT: calls are answered by the built-in local model at %s (an echo test)",
-        model.endpoint,
-    )
-    try:
-        yield
-    finally:
-        await model.close()
-
-
 async def _calls(app: web.Application) -> AsyncIterator[None]:
+    """The call registry; at shutdown, calls still going are ended."""
+    registry = app[REGISTRY] = CallRegistry(app[STORE])
     yield
-    await drain(app, deadline=0.0)
-    await app[UPSTREAM].close()
+    await registry.drain(0.0, GOODBYE)
 
 
 async def drain(app: web.Application, deadline: float | None = None) -> None:

@@ -23,6 +23,7 @@ This module is core tier: no I/O, no clock, no event loop.
 
 from __future__ import annotations
 
+import struct
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -30,8 +31,10 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
+import soxr
 
 from bridge.config import AudioPath
+from bridge.errors import MalformedMessage
 
 with warnings.catch_warnings():
     # Python 3.11-3.12 warn that stdlib audioop leaves in 3.13; from 3.13 on the audioop-lts package
@@ -50,6 +53,7 @@ __all__ = [
     "model_bytes_to_ms",
     "pcm16_to_ulaw",
     "ulaw_to_pcm16",
+    "wav_to_ulaw",
 ]
 
 ULAW_SILENCE: Final = b"\xff"
@@ -335,3 +339,64 @@ class Framer:
     def clear(self) -> None:
         """Drop the remainder (barge-in)."""
         self._buf.clear()
+
+
+def wav_to_ulaw(data: bytes) -> bytes:
+    """A WAV file's audio as 8 kHz mono μ-law: what a caller says on a Twilio media stream.
+
+    Reads the RIFF chunks itself (Python's ``wave`` takes plain PCM only): 16-bit PCM, μ-law (format 7,
+    as in Twilio's own recordings) or A-law (6), also inside ``WAVE_FORMAT_EXTENSIBLE``; any sample rate;
+    any number of channels, mixed down to mono by their mean. Another rate is converted to 8 kHz with
+    soxr at high quality, the whole file in one go. 8 kHz mono μ-law comes back as it is.
+
+    Raises :class:`~bridge.errors.MalformedMessage` saying what is wrong or unsupported (24-bit, float,
+    ADPCM, ...) and how to convert the file with sox.
+    """
+    convert = "convert it with: sox in.wav -r 8000 -c 1 -e signed-integer -b 16 out.wav"
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        kind = {b"RF64": "an RF64 WAV", b"RIFX": "a big-endian (RIFX) WAV"}.get(data[:4])
+        if kind is not None:
+            raise MalformedMessage(f"{kind} is not supported: {convert}")
+        raise MalformedMessage(f"not a WAV file (no RIFF/WAVE header): {convert}")
+    fmt: bytes | None = None
+    audio: bytes | None = None
+    pos = 12
+    while pos + 8 <= len(data):  # chunks: id, little-endian size, body, a pad byte after an odd size
+        chunk_id = data[pos : pos + 4]
+        (size,) = struct.unpack_from("<I", data, pos + 4)
+        body = data[pos + 8 : pos + 8 + size]  # a writer that never set the size: keep what is there
+        if chunk_id == b"fmt " and fmt is None:
+            fmt = body
+        elif chunk_id == b"data" and audio is None:
+            audio = body
+        pos += 8 + size + (size & 1)
+    if fmt is None or len(fmt) < 16:
+        raise MalformedMessage(f"the WAV file has no complete fmt chunk: {convert}")
+    if audio is None:
+        raise MalformedMessage(f"the WAV file has no data chunk: {convert}")
+    tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", fmt)
+    if tag == 0xFFFE:  # WAVE_FORMAT_EXTENSIBLE: the real format tag opens the subformat GUID
+        guid_tail = b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+        if len(fmt) < 40 or fmt[26:40] != guid_tail:
+            raise MalformedMessage(f"a WAVE_FORMAT_EXTENSIBLE WAV with an unknown subformat: {convert}")
+        (tag,) = struct.unpack_from("<H", fmt, 24)
+    names = {1: f"{bits}-bit PCM", 3: f"{bits}-bit float", 6: "A-law", 7: "μ-law", 2: "MS ADPCM"}
+    names |= {0x11: "IMA ADPCM", 0x31: "GSM 6.10", 0x55: "MP3", 0x50: "MPEG", 0x40: "G.721 ADPCM"}
+    if (tag, bits) not in ((1, 16), (6, 8), (7, 8)):
+        what = names.get(tag, f"format tag {tag:#06x}")
+        raise MalformedMessage(
+            f"{what} WAV is not supported (use 16-bit PCM, 8-bit μ-law or 8-bit A-law): {convert}"
+        )
+    if channels < 1 or rate < 1:
+        raise MalformedMessage(f"the WAV file says {channels} channels at {rate} Hz: {convert}")
+    frame = channels * bits // 8
+    audio = audio[: len(audio) - len(audio) % frame]  # a partial last frame is dropped
+    if tag == 7 and channels == 1 and rate == 8000:
+        return bytes(audio)
+    pcm: bytes = audio if tag == 1 else (audioop.ulaw2lin if tag == 7 else audioop.alaw2lin)(audio, 2)
+    x: _Float = np.frombuffer(pcm, dtype=_PCM16).astype(np.float64)
+    if channels > 1:
+        x = x.reshape(-1, channels).mean(axis=1)
+    if rate != 8000 and x.size:
+        x = np.asarray(soxr.resample(x, rate, 8000, quality="HQ"), dtype=np.float64)
+    return pcm16_to_ulaw(np.clip(np.rint(x), -32768, 32767).astype(_PCM16).tobytes())

@@ -1,66 +1,124 @@
-"""Runs one call: owns its two sockets, feeds the :class:`~bridge.session.CallSession`, sends its outbox.
+"""Runs one call: owns its two sockets, feeds the :class:`~bridge.session.CallSession`, sends what it queues.
 
 Life of a call
 --------------
 1. ``POST /twilio/voice`` makes a :class:`Call` and :meth:`Call.open_model` starts connecting to the
-   Realtime service at once (pre-warm); the :class:`CallRegistry` keeps it until its stream arrives, or
-   closes it after ``BRIDGE_PREWARM_TIMEOUT``.
+   Realtime service at once (pre-warm); the registry (``registry.py``) keeps it until its stream arrives.
 2. The stream socket is authenticated by ``web.py``, which claims the call (or makes one, when the
    webhook went to another instance) and hands it the socket: :meth:`Call.run`.
-3. Two readers -- Twilio and Realtime -- feed the session; every send goes through one write function per
-   socket. Whichever side ends first sets :attr:`Call.finished`; ``run`` then closes both sockets and
-   cancels both readers, so nothing outlives the call.
+3. Two readers -- Twilio and Realtime -- feed the session. After each event the driver takes what the
+   session queued for each destination (:meth:`~bridge.session.CallSession.twilio_to_send`,
+   :meth:`~bridge.session.CallSession.model_to_send`) and sends it through that socket's one write path.
+4. Time: one timer per call, set for :meth:`~bridge.session.CallSession.deadline`; when it fires the
+   session's :meth:`~bridge.session.CallSession.tick` decides what is due (every timeout is the session's).
+5. Whichever side ends first -- or the session, when it decides the call is over -- sets
+   :attr:`Call.finished`; ``run`` then closes both sockets and cancels both readers, so nothing outlives
+   the call. :attr:`Call.end_reason` says why, as an :class:`~bridge.session.EndReason`.
+
+The Realtime side is one :class:`~bridge.upstream.RealtimeConnection`, which the driver could replace
+without the session noticing; the recording tap is a wrapper around each socket (:class:`TwilioStream`,
+and the connection's ``tap``), so every message is recorded exactly where it crosses.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from time import perf_counter
 from typing import Any
 
-from aiohttp import WSMsgType, web
-from websockets.asyncio.client import ClientConnection
-from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
+from aiohttp import WSMessage, WSMsgType, web
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from bridge import __version__
 from bridge import realtime as rt
 from bridge import twilio as tw
 from bridge.clock import Clock
 from bridge.config import AudioPath
-from bridge.errors import MalformedMessage, UpstreamError
+from bridge.errors import DialectMismatch, MalformedMessage, UpstreamError
 from bridge.metrics import Metrics
 from bridge.prompts import Profile, profile_to_mapping
 from bridge.recordings import Direction, Header, RecordingFile, RecordingWriter, Source
-from bridge.session import CallSession, ClearAudio, EndCall, Output, PlaceMark, PlayAudio
+from bridge.session import DEFAULT_TIMEOUTS, CallSession
+from bridge.states import EndReason, Timeouts
 from bridge.store import CallRecord
-from bridge.upstream import Upstream
+from bridge.twilio import TwilioCommand
+from bridge.upstream import RealtimeConnection, Tap, Upstream
 
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 1.0
 """How long to wait for a peer's close frame before dropping the TCP connection."""
-MODEL_READY_TIMEOUT = 10.0
-"""A stream whose model has not confirmed the session by then is ended (it would stay silent)."""
-TWILIO_IDLE_TIMEOUT = 15.0
-"""Twilio streams 50 frames a second for the whole call: this long without a message is a dead socket."""
-GOODBYE_TIMEOUT = 10.0
-"""At shutdown, how long the goodbye may take before calls are ended regardless."""
-SEND_HIGH_WATER = 64 * 1024
-"""Above this many bytes waiting in the Realtime socket's buffer, sends wait for it to drain."""
-TIME_LIMIT_GOODBYE = (
-    "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
-)
-TIME_LIMIT_GRACE = 20.0
-"""After the time-limit goodbye starts, the call ends at the latest this much later."""
 
 TranscriptListener = Callable[[str, str], Awaitable[None]]
 """Told ``(role, text)`` as each caller or assistant turn is transcribed (the admin page's test call)."""
+
+
+class CallRecorder:
+    """One call's recording: the header, then every message of both sockets, timed from the call's start.
+
+    Each socket gets a :meth:`tap`; a write that fails (a full disk) stops the recording, never the call.
+    """
+
+    def __init__(self, writer: RecordingWriter, sink: RecordingFile, clock: Clock, started_at: float) -> None:
+        self.path = sink.path
+        self._writer: RecordingWriter | None = writer
+        self._sink = sink
+        self._clock = clock
+        self._started_at = started_at
+
+    def tap(self, source: Source) -> Tap:
+        """What a socket calls with each message that crosses it."""
+
+        def tap(direction: Direction, wire: str | bytes) -> None:
+            self.write(source, direction, wire)
+
+        return tap
+
+    def write(self, source: Source, direction: Direction, wire: str | bytes, at: float | None = None) -> None:
+        """Record one message (``at``: when it crossed, if not now)."""
+        writer = self._writer
+        if writer is None:
+            return
+        now = self._clock.now() if at is None else at
+        try:
+            writer.write((now - self._started_at) * 1000.0, source, direction, wire)
+        except OSError as exc:  # a full disk must not end the call
+            log.error("recording %s stopped: %s", self.path, exc)
+            self.close()
+
+    def close(self) -> None:
+        """Flush and close the file; idempotent."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._sink.close()
+
+
+class TwilioStream:
+    """The Twilio Media Streams socket of one call: its one write path, and its recording tap."""
+
+    def __init__(self, ws: web.WebSocketResponse, tap: Tap | None) -> None:
+        self.ws = ws
+        self._tap = tap
+
+    async def receive(self) -> WSMessage:
+        """The next message (recorded when it is data)."""
+        msg = await self.ws.receive()
+        if self._tap is not None and (msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY):
+            self._tap("in", msg.data)
+        return msg
+
+    async def send(self, text: str) -> None:
+        """Send one message unless the socket is closed; raises ``ConnectionError`` if it fails."""
+        ws = self.ws
+        if ws.closed:
+            return
+        if self._tap is not None:
+            self._tap("out", text)
+        await ws.send_str(text)
 
 
 class Call:
@@ -75,6 +133,7 @@ class Call:
         upstream: Upstream,
         metrics: Metrics,
         clock: Clock,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
         from_number: str = "",
         to_number: str = "",
         recordings_dir: Path | None = None,
@@ -93,102 +152,76 @@ class Call:
             audio_path=audio_path,
             clock=clock,
             greeting_audio=greeting_audio,
+            timeouts=timeouts,
         )
         self.profile_id, self.profile_version = profile_id, profile_version
         self.from_number, self.to_number = from_number, to_number
         self.test_call = test_call
-        self.model_failed = False
-        """The model could not be reached or dropped the call: Twilio then speaks the fallback message."""
-        self.started_wall = datetime.now(UTC)
-        self._on_transcript = on_transcript
-        self._on_end = on_end
         self.upstream = upstream
         self.metrics = metrics
         self.clock = clock
-        self.finished = asyncio.Event()
+        self.started_wall = datetime.fromtimestamp(clock.wall(), UTC)
         self.started_at = clock.now()
-        self.end_reason: str | None = None
-        self._twilio: web.WebSocketResponse | None = None
-        self._model: ClientConnection | None = None
-        self._adapter: rt.Adapter | None = None
+        self.finished = asyncio.Event()
+        self._on_transcript = on_transcript
+        self._on_end = on_end
+        self._twilio: TwilioStream | None = None
+        self._model: RealtimeConnection | None = None
         self._opening: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seen_unknown: set[str] = set()
         self._malformed: dict[str, int] = {}
         self._torn_down = False
-        self._last_twilio = 0.0
-        self.recording_path: Path | None = None
-        self._recorder: RecordingWriter | None = None
-        self._recording_file: RecordingFile | None = None
+        # What the session counted that metrics have not yet been told.
+        self._frames_counted = 0
+        self._barge_ins_counted = 0
+        self._truncations_counted = 0
+        self.recorder: CallRecorder | None = None
         if recordings_dir is not None:
-            self._start_recording(
-                recordings_dir, recording_suffix, profile, audio_path, from_number, to_number
-            )
+            self.recorder = self._open_recording(recordings_dir, recording_suffix)
 
-    # -- recording
+    @property
+    def end_reason(self) -> EndReason | None:
+        """Why the call ended, once it has."""
+        return self.session.end_reason
 
-    def _start_recording(
-        self,
-        directory: Path,
-        suffix: str,
-        profile: Profile,
-        path: AudioPath,
-        from_number: str,
-        to_number: str,
-    ) -> None:
-        started = datetime.now(UTC)
-        dialect = self.upstream.target.dialect
+    @property
+    def recording_path(self) -> Path | None:
+        """Where the call is recorded, if it is."""
+        return self.recorder.path if self.recorder is not None else None
+
+    def _open_recording(self, directory: Path, suffix: str) -> CallRecorder | None:
+        session, dialect = self.session, self.upstream.target.dialect
         header = Header(
             call_sid=self.call_sid,
             bridge_version=__version__,
-            started_at=started.isoformat(timespec="milliseconds"),
-            from_number=from_number,
-            to_number=to_number,
+            started_at=self.started_wall.isoformat(timespec="milliseconds"),
+            from_number=self.from_number,
+            to_number=self.to_number,
             dialect=dialect.value,
-            audio_path=path.value,
-            session=rt.adapter_for(dialect).session_config(profile, path),
-            profile=profile_to_mapping(profile),
-            greeting_audio=self.session.greeting_audio or b"",
+            audio_path=session.audio_path.value,
+            session=rt.adapter_for(dialect).session_config(session.profile, session.audio_path),
+            profile=profile_to_mapping(session.profile),
+            greeting_audio=session.greeting_audio or b"",
         )
-        self.recording_path = directory / f"{started:%Y%m%dT%H%M%S}-{self.call_sid}{suffix}"
+        path = directory / f"{self.started_wall:%Y%m%dT%H%M%S}-{self.call_sid}{suffix}"
         try:
-            self._recording_file = RecordingFile(self.recording_path)
+            sink = RecordingFile(path, self.clock)
         except OSError as exc:
-            self._log(
-                logging.ERROR,
-                "cannot record to %s: %s; the call goes on unrecorded",
-                self.recording_path,
-                exc,
-            )
-            self.recording_path = None
-            return
-        self._recorder = RecordingWriter(header, self._recording_file)
+            self._log(logging.ERROR, "cannot record to %s: %s; the call goes on unrecorded", path, exc)
+            return None
+        return CallRecorder(RecordingWriter(header, sink), sink, self.clock, self.started_at)
 
-    def _record(self, src: Source, direction: Direction, wire: str | bytes, at: float | None = None) -> None:
-        recorder = self._recorder
-        if recorder is not None:
-            now = self.clock.now() if at is None else at
-            try:
-                recorder.write((now - self.started_at) * 1000.0, src, direction, wire)
-            except OSError as exc:  # a full disk must not end the call
-                self._log(logging.ERROR, "recording stopped: %s", exc)
-                recorder.close()
-                self._recorder = None
-
-    # -- logging with the call's id
+    def _tap(self, source: Source) -> Tap | None:
+        return self.recorder.tap(source) if self.recorder is not None else None
 
     def _log(self, level: int, message: str, *args: object) -> None:
         log.log(level, "call %s: " + message, self.call_sid, *args)
 
-    # -- the Realtime side
+    # -- tasks and the one timer
 
-    def open_model(self) -> asyncio.Task[None]:
-        """Start connecting to the Realtime service (idempotent); returns the connecting task."""
-        if self._opening is None:
-            self._opening = self._spawn(self._open_model())
-        return self._opening
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -202,72 +235,95 @@ class Call:
         if exc is not None:
             # A bug, not a peer's fault: say so with the call id, and end the call rather than leave it mute.
             log.error("call %s: internal error in %s", self.call_sid, task.get_coro(), exc_info=exc)
-            self._finish(f"internal error: {exc!r}")
+            self._end(EndReason.INTERNAL_ERROR, repr(exc))
+
+    def _arm(self) -> None:
+        """Set the call's one timer for the session's next deadline."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.session.deadline()
+        if deadline is not None and not self.finished.is_set():
+            delay = max(0.0, deadline - self.clock.now())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.session.tick(self.clock.now())
+        self._spawn(self._flush())
+        self._arm()
+
+    # -- the Realtime side
+
+    def open_model(self) -> asyncio.Task[None]:
+        """Start connecting to the Realtime service (idempotent); returns the connecting task."""
+        if self._opening is None:
+            self._opening = self._spawn(self._open_model())
+            self._arm()
+        return self._opening
 
     async def _open_model(self) -> None:
-        began = perf_counter()
+        began = self.clock.now()
         try:
-            self._model, self._adapter = await self.upstream.connect()
+            model = await self.upstream.connect(tap=self._tap("model"))
         except UpstreamError as exc:
-            self.model_failed = True
             self.metrics.upstream_errors.inc(label="connect")
             self._log(logging.ERROR, "cannot open the Realtime session: %s", exc)
-            self._finish(f"the model could not be reached: {exc}")
-            return
-        except Exception as exc:  # an unexpected failure must end the call, not leave it mute
-            self.model_failed = True
-            self.metrics.upstream_errors.inc(label="connect")
-            self._log(logging.ERROR, "cannot open the Realtime session: %r", exc)
-            self._finish(f"the model could not be reached: {exc!r}")
+            self._end(EndReason.MODEL_UNREACHABLE, str(exc))
             return
         if self.finished.is_set():
-            await self._model.close()
+            await model.close()
             return
-        await self._dispatch(self.session.upstream_opened())
-        self.metrics.connect_time.observe(perf_counter() - began)
-        self._spawn(self._read_model())
+        self._model = model
+        self.session.upstream_opened()
+        await self._flush()
+        self.metrics.connect_time.observe(self.clock.now() - began)
+        self._spawn(self._read_model(model))
 
-    async def _read_model(self) -> None:
-        model, adapter = self._model, self._adapter
-        assert model is not None
-        assert adapter is not None
-        reason = "the model closed the connection"
+    async def _read_model(self, model: RealtimeConnection) -> None:
+        session, clock = self.session, self.clock
+        reason, detail = EndReason.MODEL_CLOSED, ""
         try:
-            async for message in model:
-                received = perf_counter()
-                if self._recorder is not None:
-                    self._record("model", "in", message)
+            while True:
                 try:
-                    event = adapter.parse(message)
+                    event = await model.receive()
                 except MalformedMessage as exc:
-                    if "dialect" in exc.reason:
-                        self._log(logging.ERROR, "%s", exc.reason)
-                        reason = exc.reason
-                        break
                     self._skip("model", exc.reason)
                     continue
+                received = clock.now()
                 if isinstance(event, rt.UnknownEvent):
                     self._once(event.type, "ignoring Realtime event %s (not used by the bridge)")
                     continue
                 if isinstance(event, rt.ErrorEvent):
                     self._on_model_error(event)
-                outputs = self.session.receive_realtime(event)
-                if outputs:
-                    await self._dispatch(outputs, received)
+                session.receive_realtime(event)
+                await self._flush(received)
                 if self._on_transcript is not None and isinstance(
                     event, rt.AssistantTranscript | rt.CallerTranscript
                 ):
-                    role = "assistant" if isinstance(event, rt.AssistantTranscript) else "caller"
-                    with contextlib.suppress(Exception):  # a listener's failure is not the call's
-                        await self._on_transcript(role, event.transcript)
+                    await self._tell_transcript(event)
+        except DialectMismatch as exc:
+            self._log(logging.ERROR, "%s", exc)
+            reason, detail = EndReason.MODEL_WRONG_DIALECT, str(exc)
+        except ConnectionClosedOK:
+            if model.close_code not in (None, 1000):
+                detail = f"{model.close_code} {model.close_reason}"
         except ConnectionClosed as exc:
-            reason = f"the model connection dropped ({exc.rcvd.code if exc.rcvd else 'no close frame'})"
-        finally:
-            if model.close_code not in (None, 1000) and "dropped" not in reason:
-                reason = f"the model closed the connection ({model.close_code} {model.close_reason})"
-            if not self.finished.is_set():
-                self.model_failed = True  # the model left a live call: the caller gets the fallback
-            self._finish(reason)
+            reason = EndReason.MODEL_DROPPED
+            detail = str(exc.rcvd.code) if exc.rcvd else "no close frame"
+        if not self.finished.is_set():
+            self._log(logging.WARNING, "%s%s", reason.value, f" ({detail})" if detail else "")
+        self._end(reason, detail)
+
+    async def _tell_transcript(self, event: rt.AssistantTranscript | rt.CallerTranscript) -> None:
+        listener = self._on_transcript
+        assert listener is not None
+        role = "assistant" if isinstance(event, rt.AssistantTranscript) else "caller"
+        try:
+            await listener(role, event.transcript)
+        except (ConnectionError, RuntimeError) as exc:
+            # The listener is a browser's socket (the admin test call): its failure is not the call's.
+            self._log(logging.INFO, "the transcript listener failed (%r); the call goes on", exc)
 
     def _on_model_error(self, event: rt.ErrorEvent) -> None:
         if event.benign:
@@ -289,168 +345,105 @@ class Call:
         ``events`` are the ones ``web.py`` read before handing over the socket (``connected``, ``start``);
         ``raw`` the messages they came from, with the clock time each arrived (for the recording).
         """
-        for at, data in raw:
-            self._record("twilio", "in", data, at)
-        self._twilio = ws
+        if self.recorder is not None:
+            for at, data in raw:
+                self.recorder.write("twilio", "in", data, at)
+        stream = self._twilio = TwilioStream(ws, self._tap("twilio"))
         self.open_model()
         self.metrics.live_calls.inc()
-        loop = asyncio.get_running_loop()
-        ready_timer = loop.call_later(MODEL_READY_TIMEOUT, self._check_ready)
-        limit_timer = loop.call_later(self.session.profile.max_call_seconds, self._time_limit)
         try:
             for event in events:
-                await self._dispatch(self.session.receive_twilio(event))
-            self._spawn(self._read_twilio(ws))
+                self.session.receive_twilio(event)
+                await self._flush()
+            self._arm()  # the stream has started: the session's deadlines are a live call's now
+            self._spawn(self._read_twilio(stream))
             await self.finished.wait()
         finally:
-            ready_timer.cancel()
-            limit_timer.cancel()
             self.metrics.live_calls.dec()
             await self.teardown()
 
-    def _time_limit(self) -> None:
-        """The profile's maximum call duration: say goodbye, and end the call soon after regardless."""
-        if self.finished.is_set():
-            return
-        self._log(logging.INFO, "time limit of %d s reached", self.session.profile.max_call_seconds)
-        self._spawn(self.goodbye(TIME_LIMIT_GOODBYE))
-        asyncio.get_running_loop().call_later(
-            TIME_LIMIT_GRACE, self._finish, "the call reached its time limit"
-        )
-
-    def _check_ready(self) -> None:
-        if not self.session.live and not self.finished.is_set():
-            self._log(
-                logging.ERROR, "the model did not confirm the session within %.0f s", MODEL_READY_TIMEOUT
-            )
-            self._finish(f"the model did not confirm the session within {MODEL_READY_TIMEOUT:.0f} s")
-
-    async def _read_twilio(self, ws: web.WebSocketResponse) -> None:
-        session, metrics = self.session, self.metrics
-        reason = "the Twilio stream closed"
-        self._last_twilio = perf_counter()
-        watchdog = asyncio.get_running_loop().call_later(TWILIO_IDLE_TIMEOUT / 3, self._watch_twilio)
-        try:
-            # No timeout per receive: a timer per frame costs more than the rest of the frame's handling.
-            # The watchdog checks for a dead socket every few seconds instead.
-            while True:
-                msg = await ws.receive()
-                received = self._last_twilio = perf_counter()
-                if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                    if self._recorder is not None:
-                        self._record("twilio", "in", msg.data)
-                    try:
-                        event = tw.parse_message(msg.data)
-                    except MalformedMessage as exc:
-                        self._skip("twilio", exc.reason)
-                        continue
-                else:
-                    break  # close, closing, closed or error
-                if isinstance(event, tw.UnknownEvent):
-                    self._once(event.event, "ignoring unknown Twilio event %r")
-                    continue
-                outputs = session.receive_twilio(event)
-                if outputs:
-                    await self._dispatch(outputs, received)
-                if type(event) is tw.Media:
-                    metrics.frames_in.inc()
-                    metrics.inbound_delay.observe(perf_counter() - received)
-        finally:
-            watchdog.cancel()
-            self._finish(reason)
-
-    def _watch_twilio(self) -> None:
-        """Twilio sends 50 frames a second for the whole call: a long silence is a dead connection."""
-        if self.finished.is_set():
-            return
-        if perf_counter() - self._last_twilio > TWILIO_IDLE_TIMEOUT:
-            reason = f"nothing from Twilio for {TWILIO_IDLE_TIMEOUT:.0f} s: a dead connection"
-            self._log(logging.WARNING, "%s", reason)
-            self._finish(reason)
-            return
-        asyncio.get_running_loop().call_later(TWILIO_IDLE_TIMEOUT / 3, self._watch_twilio)
+    async def _read_twilio(self, stream: TwilioStream) -> None:
+        session, metrics, clock = self.session, self.metrics, self.clock
+        # No timeout per receive: a timer per frame costs more than the rest of the frame's handling.
+        # A dead socket is the session's to notice (Timeouts.twilio_idle), on the call's one timer.
+        while True:
+            msg = await stream.receive()
+            received = clock.now()
+            if msg.type is not WSMsgType.TEXT and msg.type is not WSMsgType.BINARY:
+                break  # close, closing, closed or error
+            try:
+                event = tw.parse_message(msg.data)
+            except MalformedMessage as exc:
+                self._skip("twilio", exc.reason)
+                continue
+            if type(event) is tw.UnknownEvent:
+                self._once(event.event, "ignoring unknown Twilio event %r")
+                continue
+            session.receive_twilio(event)
+            await self._flush(received)
+            if type(event) is tw.Media:
+                metrics.frames_in.inc()
+                metrics.inbound_delay.observe(clock.now() - received)
+        self._end(EndReason.TWILIO_CLOSED)
 
     # -- one write path per socket
 
-    async def _dispatch(self, outputs: list[Output], received: float | None = None) -> None:
-        generation = self.session.generation
-        for out in outputs:
-            kind = type(out)
-            if (kind is PlayAudio or kind is PlaceMark) and self.session.generation != generation:
-                continue  # a barge-in (from another task) happened while we were sending: drop the rest
-            if kind is PlayAudio:
-                assert isinstance(out, PlayAudio)
-                await self._to_twilio(tw.serialize_media(self._sid(), out.payload))
-                self.metrics.frames_out.inc()
-                if received is not None:
-                    self.metrics.outbound_delay.observe(perf_counter() - received)
-            elif kind is PlaceMark:
-                assert isinstance(out, PlaceMark)
-                await self._to_twilio(tw.serialize_mark(self._sid(), out.name))
-            elif kind is ClearAudio:
-                await self._to_twilio(tw.serialize_clear(self._sid()))
-                self.metrics.barge_ins.inc()
-                if received is not None:
-                    self.metrics.clear_delay.observe(perf_counter() - received)
-            elif kind is EndCall:
-                assert isinstance(out, EndCall)
-                self._finish(out.reason)
-            else:
-                command: rt.ClientCommand = out  # type: ignore[assignment]
-                if isinstance(command, rt.TruncateItem):
-                    self.metrics.truncations.inc()
-                    self._log(
-                        logging.INFO,
-                        "barge-in: truncating %s at %d ms",
-                        command.item_id,
-                        command.audio_end_ms,
-                    )
-                await self._to_model(command)
+    async def _flush(self, received: float | None = None) -> None:
+        """Send what the session queued, Twilio's first (a barge-in's ``clear`` before its truncate)."""
+        session = self.session
+        to_twilio = session.twilio_to_send()
+        if to_twilio:
+            await self._send_twilio(to_twilio, received)
+        to_model = session.model_to_send()
+        if to_model:
+            await self._send_model(to_model)
+        if session.ended and not self.finished.is_set():
+            self._finished()  # the session decided (Twilio's stop, the goodbye heard, a timeout)
 
-    def _sid(self) -> str:
-        sid = self.session.stream_sid
-        assert sid is not None, "nothing is sent to Twilio before its start event"
-        return sid
-
-    async def _to_twilio(self, text: str) -> None:
-        ws = self._twilio
-        if ws is None or ws.closed:
-            return
-        if self._recorder is not None:
-            self._record("twilio", "out", text)
+    async def _send_twilio(self, commands: list[TwilioCommand], received: float | None) -> None:
+        session, stream, metrics = self.session, self._twilio, self.metrics
+        sid = session.stream_sid
+        if stream is None or sid is None:
+            return  # the session queues nothing for Twilio before its start: a pre-warm ending
+        generation = session.generation
         try:
-            await ws.send_str(text)
+            for command in commands:
+                if session.generation != generation:
+                    break  # a barge-in (by the other reader) happened while sending: the rest is stale
+                await stream.send(command.wire(sid))
         except ConnectionError as exc:
-            self._finish(f"the Twilio stream failed: {exc}")
+            self._end(EndReason.TWILIO_FAILED, str(exc))
+            return
+        stats = session.stats
+        frames = stats.frames_out - self._frames_counted
+        barge_ins = stats.barge_ins - self._barge_ins_counted
+        if frames:
+            self._frames_counted = stats.frames_out
+            metrics.frames_out.inc(frames)
+            if received is not None:
+                metrics.outbound_delay.observe(self.clock.now() - received)
+        if barge_ins:
+            self._barge_ins_counted = stats.barge_ins
+            metrics.barge_ins.inc(barge_ins)
+            if received is not None:
+                metrics.clear_delay.observe(self.clock.now() - received)
 
-    async def _to_model(self, command: rt.ClientCommand) -> None:
-        model, adapter = self._model, self._adapter
-        if model is None or adapter is None:
+    async def _send_model(self, commands: list[rt.ClientCommand]) -> None:
+        model = self._model
+        if model is None:
             self._log(
-                logging.WARNING, "dropping %s: the Realtime session is not open", type(command).__name__
+                logging.WARNING, "dropping %d commands: the Realtime session is not open", len(commands)
             )
             return
-        wire = adapter.serialize(command)
-        if self._recorder is not None:
-            self._record("model", "out", wire)
-        protocol, transport = model.protocol, model.transport
-        if (
-            protocol.state is State.OPEN
-            and model.send_in_progress is None
-            and transport.get_write_buffer_size() < SEND_HIGH_WATER
-        ):
-            # The hot path (50 appends a second per call): frame and write at once, as websockets' own
-            # send would, without its per-message context manager and drain; backpressure still goes
-            # through send() below once the transport's buffer fills.
-            protocol.send_text(wire.encode())
-            for data in protocol.data_to_send():
-                if data:
-                    transport.write(data)
-            return
+        truncations = len(self.session.stats.truncations) - self._truncations_counted
+        if truncations:
+            self._truncations_counted += truncations
+            self.metrics.truncations.inc(truncations)
         try:
-            await model.send(wire)
+            for command in commands:
+                await model.send(command)
         except ConnectionClosed:
-            self._finish("the model connection dropped")
+            self._end(EndReason.MODEL_DROPPED, "while sending")
 
     # -- bad input, logged and skipped
 
@@ -468,20 +461,26 @@ class Call:
 
     # -- the end
 
-    def _finish(self, reason: str) -> None:
-        if self.finished.is_set():
-            return
-        self.end_reason = reason
-        self.session.end(reason)
-        self.finished.set()
+    def _end(self, reason: EndReason, detail: str = "") -> None:
+        """The call is over (the session's own reason, when it set one first, is kept)."""
+        self.session.end(reason, detail)
+        self._finished()
+
+    def _finished(self) -> None:
+        if not self.finished.is_set():
+            self.finished.set()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     async def goodbye(self, text: str) -> None:
         """Shutdown: have the model say ``text``; the call ends once the caller heard it."""
-        await self._dispatch(self.session.say_goodbye(text))
+        self.session.say_goodbye(text)
+        await self._flush()
 
-    def abandon(self, reason: str) -> asyncio.Task[None]:
+    def abandon(self, reason: EndReason) -> asyncio.Task[None]:
         """End a call that never got its stream (pre-warm timeout, shutdown)."""
-        self._finish(reason)
+        self._end(reason)
         return asyncio.get_running_loop().create_task(self.teardown())
 
     async def teardown(self) -> None:
@@ -489,44 +488,56 @@ class Call:
         if self._torn_down:
             return
         self._torn_down = True
-        self._finish("ended")
+        self._end(EndReason.SHUTDOWN)
         current = asyncio.current_task()
-        closers: list[Any] = []
-        if self._twilio is not None and not self._twilio.closed:
-            closers.append(self._twilio.close(code=1000))
+        closers: list[Coroutine[Any, Any, None]] = []
+        if self._twilio is not None and not self._twilio.ws.closed:
+            closers.append(self._close_twilio(self._twilio.ws))
         if self._model is not None:
             closers.append(self._model.close())
         if closers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), CLOSE_TIMEOUT * 2)
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT * 2):
+                    results = await asyncio.gather(*closers, return_exceptions=True)
+            except TimeoutError:
+                self._log(logging.INFO, "a peer did not finish closing within %.0f s", CLOSE_TIMEOUT * 2)
+            else:
+                for result in results:
+                    if isinstance(result, Exception):
+                        self._log(logging.INFO, "closing a socket failed (it was gone): %r", result)
         tasks = [t for t in self._tasks if t is not current]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._recorder is not None:
-            self._recorder.close()
-            self._recorder = None
-        if self._recording_file is not None:
-            self._recording_file.close()
-        stats = self.session.stats
-        outcome = "completed" if self.end_reason in ("the caller hung up", "said goodbye") else "ended"
-        self.metrics.calls.inc(label=outcome)
+        if self.recorder is not None:
+            self.recorder.close()
+        reason = self.session.end_reason or EndReason.SHUTDOWN
+        self.metrics.calls.inc(label="completed" if reason.completed else "ended")
         if self._on_end is not None:
-            try:
-                await self._on_end(self)
-            except Exception:  # the record is not worth a crash at the end of a call
-                log.exception("call %s: could not store its record", self.call_sid)
+            await self._on_end(self)
+        stats = self.session.stats
         self._log(
             logging.INFO,
             "ended after %.1f s (%s): %d frames in, %d out, %d barge-ins, truncations %s, %d upstream errors",
             self.clock.now() - self.started_at,
-            self.end_reason,
+            self.describe_end(),
             stats.frames_in,
             stats.frames_out,
             stats.barge_ins,
             stats.truncations,
             stats.upstream_errors,
         )
+
+    @staticmethod
+    async def _close_twilio(ws: web.WebSocketResponse) -> None:
+        await ws.close(code=1000)
+
+    def describe_end(self) -> str:
+        """Why the call ended, as the call log shows it: the reason, and its detail when there is one."""
+        reason, detail = self.session.end_reason, self.session.end_detail
+        if reason is None:
+            return ""
+        return f"{reason.value}: {detail}" if detail else reason.value
 
     def record(self) -> CallRecord:
         """What happened on the call, for the call log."""
@@ -542,12 +553,12 @@ class Call:
         return CallRecord(
             call_sid=self.call_sid,
             started_at=self.started_wall,
-            ended_at=datetime.now(UTC),
+            ended_at=datetime.fromtimestamp(self.clock.wall(), UTC),
             from_number=self.from_number,
             to_number=self.to_number,
             profile_id=self.profile_id,
             profile_version=self.profile_version,
-            end_reason=self.end_reason or "",
+            end_reason=self.describe_end(),
             transcript=tuple(stats.transcript),
             barge_ins=stats.barge_ins,
             truncations=tuple(stats.truncations),

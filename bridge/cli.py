@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE",
-        help="speech to say: raw 8 kHz μ-law (.ulaw) or an 8 kHz mono 16-bit WAV; repeatable",
+        help="speech to say: raw 8 kHz μ-law (.ulaw) or a WAV (16-bit PCM, μ-law or A-law; any rate; "
+        "mono or stereo); repeatable",
     )
     call.add_argument("--listen", type=float, default=15.0, help="at most this long for each answer (s)")
     call.add_argument("--heard", type=Path, help="write what the caller heard to this WAV file")

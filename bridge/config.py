@@ -1,6 +1,6 @@
 """Settings, read once from the environment and validated before anything starts.
 
-Every variable of design.md §3 is read here. A setting that is present but wrong raises
+Every setting in the README's settings table is read here. A setting that is present but wrong raises
 :class:`~bridge.errors.ConfigError` with one line that names the variable and says how to fix it;
 ``bridge serve`` prints that line and exits non-zero. Secrets are held in :class:`Secret` so that no
 ``repr``, log line or error message can show them.
@@ -21,7 +21,7 @@ from bridge.errors import ConfigError
 
 
 class AudioPath(StrEnum):
-    """How audio crosses the bridge (design.md §1)."""
+    """How audio crosses the bridge (docs/architecture.md §1)."""
 
     PCM16 = "pcm16"
     """Transcode: μ-law 8 kHz ⇄ PCM16 24 kHz; the model sees PCM16."""
@@ -30,7 +30,7 @@ class AudioPath(StrEnum):
 
 
 class Dialect(StrEnum):
-    """Which Realtime protocol the upstream speaks (protocols.md §2.7-2.8)."""
+    """Which Realtime protocol the upstream speaks (docs/protocols.md §2.7-2.8)."""
 
     GA = "ga"
     PREVIEW = "preview"
@@ -93,7 +93,7 @@ class AzureSettings:
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the bridge reads from its environment (design.md §3)."""
+    """Everything the bridge reads from its environment (the README's settings table)."""
 
     azure: AzureSettings | None
     """``None``: the built-in local model is used."""

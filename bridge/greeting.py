@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from websockets.exceptions import ConnectionClosed
+
 from bridge import realtime as rt
 from bridge.audio import OutboundTranscoder
 from bridge.config import AudioPath
@@ -28,18 +30,18 @@ async def render_greeting(upstream: Upstream, profile: Profile, audio_path: Audi
     instructions = profile.greeting_instructions()
     if instructions is None:
         return b""
-    model, adapter = await upstream.connect()
+    model = await upstream.connect()
     transcoder = OutboundTranscoder(audio_path)
     audio = bytearray()
     try:
         async with asyncio.timeout(RENDER_TIMEOUT):
-            # No turn detection: nobody speaks in this session but the model.
-            await model.send(adapter.serialize(rt.UpdateSession(profile, audio_path)))
-            await model.send(adapter.serialize(rt.CreateResponse(instructions)))
-            async for message in model:
+            await model.send(rt.UpdateSession(profile, audio_path))
+            await model.send(rt.CreateResponse(instructions))
+            while True:
                 try:
-                    event = adapter.parse(message)
-                except MalformedMessage:
+                    event = await model.receive()
+                except MalformedMessage as exc:
+                    log.debug("greeting render: skipped a malformed message: %s", exc.reason)
                     continue
                 if isinstance(event, rt.AudioDelta):
                     audio += transcoder.convert(event.audio)
@@ -49,6 +51,8 @@ async def render_greeting(upstream: Upstream, profile: Profile, audio_path: Audi
                     )
                 elif isinstance(event, rt.ResponseDone):
                     break
+    except ConnectionClosed as exc:
+        raise BridgeError(f"the model closed the connection while rendering the greeting: {exc}") from exc
     finally:
         await model.close()
     audio += transcoder.flush()

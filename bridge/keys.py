@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from bridge import twilio as tw
+from bridge import webhooks
 from bridge.clock import Clock
 from bridge.config import Settings
 from bridge.greeting import Greetings
@@ -30,7 +30,7 @@ class StreamTokens:
     """The secret the one-time stream tokens are signed with, and the ledger of used ones."""
 
     secret: bytes
-    ledger: tw.TokenLedger = field(default_factory=tw.TokenLedger)
+    ledger: webhooks.TokenLedger = field(default_factory=webhooks.TokenLedger)
 
     @classmethod
     def for_settings(cls, settings: Settings) -> StreamTokens:

@@ -31,7 +31,7 @@ TurnType = Literal["server_vad", "semantic_vad"]
 
 
 def voices_for(dialect: Dialect) -> tuple[str, ...]:
-    """The voices a dialect accepts (protocols.md §2.2, §2.7)."""
+    """The voices a dialect accepts (docs/protocols.md §2.2, §2.7)."""
     return GA_VOICES if dialect is Dialect.GA else PREVIEW_VOICES
 
 

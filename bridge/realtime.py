@@ -1,4 +1,4 @@
-"""Realtime events and the two dialect adapters (protocols.md §2).
+"""Realtime events and the two dialect adapters (docs/protocols.md §2).
 
 The Azure OpenAI Realtime API speaks two dialects: **GA** (``/openai/v1/realtime``, nested ``audio``
 session, ``response.output_audio.*``) and **preview** (``/openai/realtime?api-version=…``, flat session,
@@ -7,7 +7,7 @@ events and typed client commands into wire JSON; nothing outside this module kno
 use.
 
 Each adapter accepts only its own dialect's event names: a GA adapter fed preview events would otherwise
-sit silent (protocols.md §5.9). ``session.created`` is checked for the dialect's shape, so a deployment
+sit silent (docs/protocols.md §5.9). ``session.created`` is checked for the dialect's shape, so a deployment
 that speaks the other dialect is reported at the start of the first call, in plain words.
 """
 
@@ -22,7 +22,7 @@ import orjson
 import pybase64
 
 from bridge.config import AudioPath, Dialect
-from bridge.errors import MalformedMessage
+from bridge.errors import DialectMismatch, MalformedMessage
 from bridge.prompts import Profile
 
 # --- server events (Realtime → bridge) ------------------------------------------------------------
@@ -141,7 +141,7 @@ class ErrorEvent:
 
     @property
     def benign(self) -> bool:
-        """``response_cancel_not_active``: our cancel raced the server's own (protocols.md §5.2)."""
+        """``response_cancel_not_active``: our cancel raced the server's own (docs/protocols.md §5.2)."""
         return self.code == "response_cancel_not_active"
 
 
@@ -362,7 +362,8 @@ class Adapter(ABC):
     # -- server side
 
     def parse(self, data: str | bytes) -> ServerEvent:
-        """Parse one server message; raise :class:`MalformedMessage` when it is not a usable event."""
+        """Parse one server message; raise :class:`MalformedMessage` when it is not a usable event, and
+        :class:`~bridge.errors.DialectMismatch` when the service speaks the other dialect."""
         try:
             d = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
@@ -413,7 +414,7 @@ class Adapter(ABC):
             session = _obj(d, "session")
             problem = self.check_session_shape(session)
             if problem:
-                raise MalformedMessage(problem)
+                raise DialectMismatch(problem)
             expires = session.get("expires_at")
             return SessionCreated(str(session.get("id", "")), expires if isinstance(expires, int) else None)
         if kind == "session.updated":
@@ -460,7 +461,7 @@ class GAAdapter(Adapter):
     """The GA dialect (``/openai/v1/realtime``), the default."""
 
     dialect = Dialect.GA
-    _assistant_text = "output_text"  # GA renamed assistant content parts (protocols.md §2.7)
+    _assistant_text = "output_text"  # GA renamed assistant content parts (docs/protocols.md §2.7)
     _audio_delta = "response.output_audio.delta"
     _audio_done = "response.output_audio.done"
     _transcript_done = "response.output_audio_transcript.done"

@@ -4,12 +4,12 @@ the drain at shutdown."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from bridge.call import Call
+from bridge.states import EndReason
 from bridge.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -24,30 +24,36 @@ GOODBYE_TIMEOUT = 10.0
 class Outcome:
     """How a call ended, kept briefly for Twilio's ``<Connect action>`` request."""
 
-    reason: str
-    model_failed: bool
+    reason: EndReason
     fallback_message: str
+
+    @property
+    def model_failed(self) -> bool:
+        """The model failed the call: Twilio speaks the profile's fallback message."""
+        return self.reason.model_failed
 
 
 class CallRegistry:
-    """Pre-warmed calls waiting for their stream, live calls, and recent outcomes; one per app."""
+    """Pre-warmed calls waiting for their stream, live calls, and recent outcomes; one per app.
+
+    A pre-warmed call ends itself when no stream claims it in time (its session's pre-warm timeout); the
+    registry then forgets it and closes its Realtime session.
+    """
 
     OUTCOMES_KEPT = 1000
 
-    def __init__(self, prewarm_timeout: float, store: Store | None = None) -> None:
-        self.prewarm_timeout = prewarm_timeout
+    def __init__(self, store: Store | None = None) -> None:
         self.store = store
         self.outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self.draining = False
         self.live: set[Call] = set()
-        self._prewarmed: dict[str, tuple[Call, asyncio.TimerHandle]] = {}
+        self._prewarmed: dict[str, tuple[Call, asyncio.Task[None]]] = {}
         self._cleanup: set[asyncio.Task[None]] = set()
 
     async def ended(self, call: Call) -> None:
         """A call has ended: remember how (for ``<Connect action>``) and store its record."""
-        self.outcomes[call.call_sid] = Outcome(
-            call.end_reason or "", call.model_failed, call.session.profile.fallback_message
-        )
+        reason = call.end_reason or EndReason.SHUTDOWN
+        self.outcomes[call.call_sid] = Outcome(reason, call.session.profile.fallback_message)
         while len(self.outcomes) > self.OUTCOMES_KEPT:
             self.outcomes.popitem(last=False)
         if self.store is not None and call.session.start is not None:
@@ -57,37 +63,39 @@ class CallRegistry:
                 log.error("call %s: the call record was not stored: %s", call.call_sid, exc)
 
     def prewarm(self, call: Call) -> None:
-        """Start ``call``'s Realtime connection and keep it for its stream, for a while."""
+        """Start ``call``'s Realtime connection and keep it for its stream, until its pre-warm ends."""
         old = self._prewarmed.pop(call.call_sid, None)
         if old is not None:  # Twilio retried the webhook: the newer answer wins
             old[1].cancel()
-            self._track(old[0].abandon("replaced by a retried webhook"))
+            self._track(old[0].abandon(EndReason.REPLACED))
         call.open_model()
-        handle = asyncio.get_running_loop().call_later(self.prewarm_timeout, self._expire, call.call_sid)
-        self._prewarmed[call.call_sid] = (call, handle)
+        watcher = asyncio.get_running_loop().create_task(self._unclaimed(call))
+        self._track(watcher)
+        self._prewarmed[call.call_sid] = (call, watcher)
+
+    async def _unclaimed(self, call: Call) -> None:
+        """Close a pre-warmed call that ended (no stream in time, or its model failed) before a claim."""
+        await call.finished.wait()
+        entry = self._prewarmed.get(call.call_sid)
+        if entry is None or entry[0] is not call:
+            return
+        del self._prewarmed[call.call_sid]
+        if call.end_reason is EndReason.NO_STREAM:
+            log.info("call %s: no stream in time; closing its Realtime session", call.call_sid)
+        await call.teardown()
 
     def claim(self, call_sid: str) -> Call | None:
         """The pre-warmed call for ``call_sid``, now owned by its stream; ``None`` if there is none."""
         entry = self._prewarmed.pop(call_sid, None)
         if entry is None:
             return None
-        entry[1].cancel()
-        call = entry[0]
+        call, watcher = entry
+        watcher.cancel()
         if call.finished.is_set():
             # Its Realtime session failed or closed while waiting: better to connect afresh now.
-            self._track(call.abandon("pre-warmed session failed"))
+            self._track(call.abandon(EndReason.PREWARM_FAILED))
             return None
         return call
-
-    def _expire(self, call_sid: str) -> None:
-        entry = self._prewarmed.pop(call_sid, None)
-        if entry is not None:
-            log.info(
-                "call %s: no stream within %.0f s; closing its Realtime session",
-                call_sid,
-                self.prewarm_timeout,
-            )
-            self._track(entry[0].abandon("no stream arrived"))
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._cleanup.add(task)
@@ -103,17 +111,22 @@ class CallRegistry:
             log.info("draining: up to %.0f s for %d live calls", deadline, len(self.live))
         while (self.live or self._prewarmed) and loop.time() < until:  # noqa: ASYNC110 - polling two sets
             await asyncio.sleep(0.05)
-        for call, handle in self._prewarmed.values():
-            handle.cancel()
-            self._track(call.abandon("shutting down"))
+        for call, watcher in self._prewarmed.values():
+            watcher.cancel()
+            self._track(call.abandon(EndReason.SHUTDOWN))
         self._prewarmed.clear()
         remaining = [c for c in self.live if not c.finished.is_set()]
         if remaining:
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(GOODBYE_TIMEOUT):
-                    await asyncio.gather(*(c.goodbye(goodbye) for c in remaining), return_exceptions=True)
+                    await asyncio.gather(*(c.goodbye(goodbye) for c in remaining))
                     await asyncio.gather(*(c.finished.wait() for c in remaining))
+            except TimeoutError:
+                log.info("draining: %d calls did not finish their goodbye in time", len(remaining))
         for call in list(self.live):
             await call.teardown()
         if self._cleanup:
-            await asyncio.gather(*self._cleanup, return_exceptions=True)
+            results = await asyncio.gather(*self._cleanup, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception):
+                    log.error("draining: closing a call failed", exc_info=result)

@@ -3,20 +3,29 @@
 Theory of operation
 -------------------
 The session is fed parsed events from both sides -- :meth:`CallSession.receive_twilio` and
-:meth:`CallSession.receive_realtime` -- and returns what to send, in order, as typed outputs: Twilio
-commands (:class:`PlayAudio`, :class:`PlaceMark`, :class:`ClearAudio`), Realtime client commands
-(:mod:`bridge.realtime`), or :class:`EndCall`. ``call.py`` serializes and sends them; nothing here
-touches a socket, a loop or the wall clock (time comes from the injected :class:`~bridge.clock.Clock`).
+:meth:`CallSession.receive_realtime` -- and the passing of time, :meth:`CallSession.tick`. It queues
+what to send per destination, in order, as typed outputs, which the driver takes like websockets'
+``data_to_send()``: :meth:`~CallSession.twilio_to_send` (Twilio commands: :class:`PlayAudio`,
+:class:`PlaceMark`, :class:`ClearAudio`) and :meth:`~CallSession.model_to_send` (Realtime client
+commands, :mod:`bridge.realtime`). When the call is over, :attr:`~CallSession.end_reason` says why, as an
+:class:`EndReason`. ``call.py`` sends what is queued; nothing here touches a socket, a loop or the wall
+clock (time comes from the injected :class:`~bridge.clock.Clock`). Every timeout of a call (no stream
+after the pre-warm, no ``session.updated``, a silent Twilio socket, the profile's time limit) is decided
+here, by :meth:`~CallSession.tick`; :meth:`~CallSession.deadline` says when it is next due, so the driver
+keeps one timer per call and no policy of its own.
 
-Call states (:data:`TRANSITIONS`): a call is *live* once Twilio's ``start`` has arrived **and** the
-model has confirmed our ``session.update``; either may come first (the Realtime socket is opened while
-the webhook is answered). Caller audio that arrives before the call is live is queued, not dropped, and
-the greeting is requested the moment the call goes live.
+Call states (:data:`~bridge.states.TRANSITIONS`; the tables and enums live in ``states.py``): a call is
+*live* once Twilio's ``start`` has arrived **and** the model has confirmed our ``session.update``; either
+may come first (the Realtime socket is opened while the webhook is answered). Caller audio that arrives
+before the call is live is queued, not dropped, and the greeting is requested the moment it goes live.
 
 Playback ledger: every outbound frame is followed, every few frames, by a Twilio ``mark``. Marks are the
 only proof of what the caller heard (Twilio's inbound ``timestamp`` is not): when a mark echoes, the item
 it closes has been played up to that mark's byte position. Between echoes the position is interpolated
 with the clock, never past the next unechoed mark.
+
+Responses and goodbyes (:data:`~bridge.states.GOODBYE_TRANSITIONS`): a goodbye (shutdown, time limit) is
+asked for, spoken by the next response, and the call ends once the caller has heard it (its last mark).
 
 Barge-in (``input_audio_buffer.speech_started`` while the caller hears the model): Twilio ``clear``
 first, then ``conversation.item.truncate`` at the proved position (clamped to what the model generated),
@@ -29,7 +38,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from enum import Enum
 
 from bridge import realtime as rt
 from bridge import twilio as tw
@@ -38,81 +46,48 @@ from bridge.clock import Clock
 from bridge.config import AudioPath
 from bridge.errors import IllegalTransition
 from bridge.prompts import Profile
+from bridge.states import (
+    GOODBYE_TRANSITIONS,
+    TRANSITIONS,
+    CallState,
+    EndReason,
+    Goodbye,
+    GoodbyeTrigger,
+    Timeouts,
+    Trigger,
+)
+from bridge.twilio import ClearAudio, PlaceMark, PlayAudio, TwilioCommand
+
+__all__ = [
+    "GOODBYE_TRANSITIONS",
+    "TRANSITIONS",
+    "CallSession",
+    "CallState",
+    "ClearAudio",
+    "EndReason",
+    "Goodbye",
+    "GoodbyeTrigger",
+    "PlaceMark",
+    "PlayAudio",
+    "Stats",
+    "Timeouts",
+    "Trigger",
+    "TwilioCommand",
+]
 
 log = logging.getLogger(__name__)
 
 ULAW_BYTES_PER_MS = 8
 MARK_EVERY_FRAMES = 5
 """A mark after every 5 frames (100 ms) bounds the interpolation between proofs of playback."""
+DEFAULT_TIMEOUTS = Timeouts()
 MAX_QUEUED_FRAMES = 50 * 30
 """Caller audio held while the model is not ready yet: 30 s. Older frames go first beyond that."""
 
 
-# --- outputs --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PlayAudio:
-    """Twilio ``media``: one 20 ms μ-law frame for the caller."""
-
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PlaceMark:
-    """Twilio ``mark``: echoed when playback reaches it (or flushed by ``clear``)."""
-
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClearAudio:
-    """Twilio ``clear``: drop everything buffered for the caller."""
-
-
-@dataclass(frozen=True, slots=True)
-class EndCall:
-    """End the call: close both sockets."""
-
-    reason: str
-
-
-TwilioCommand = PlayAudio | PlaceMark | ClearAudio
-Output = PlayAudio | PlaceMark | ClearAudio | rt.ClientCommand | EndCall
-
-
-# --- states ---------------------------------------------------------------------------------------
-
-
-class CallState(Enum):
-    """Where a call is in its life."""
-
-    WAITING_BOTH = "waiting for stream and model"
-    WAITING_STREAM = "model ready, waiting for the stream"
-    WAITING_MODEL = "stream started, waiting for the model"
-    LIVE = "live"
-    ENDED = "ended"
-
-
-class Trigger(Enum):
-    """What moves a call between states."""
-
-    STREAM_STARTED = "Twilio start"
-    MODEL_READY = "session.updated"
-    END = "end"
-
-
-S, T = CallState, Trigger
-TRANSITIONS: dict[tuple[CallState, Trigger], CallState] = {
-    (S.WAITING_BOTH, T.STREAM_STARTED): S.WAITING_MODEL,
-    (S.WAITING_BOTH, T.MODEL_READY): S.WAITING_STREAM,
-    (S.WAITING_STREAM, T.STREAM_STARTED): S.LIVE,
-    (S.WAITING_MODEL, T.MODEL_READY): S.LIVE,
-    (S.WAITING_BOTH, T.END): S.ENDED,
-    (S.WAITING_STREAM, T.END): S.ENDED,
-    (S.WAITING_MODEL, T.END): S.ENDED,
-    (S.LIVE, T.END): S.ENDED,
-}
+TIME_LIMIT_GOODBYE = (
+    "I'm sorry, we have reached the time limit for this call. Thank you for calling, goodbye!"
+)
 
 
 # --- ledger ---------------------------------------------------------------------------------------
@@ -178,16 +153,22 @@ class CallSession:
         clock: Clock,
         mark_every_frames: int = MARK_EVERY_FRAMES,
         greeting_audio: bytes | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
     ) -> None:
         self.call_id = call_id
         self.profile = profile
         self.audio_path = audio_path
         self.clock = clock
+        self.timeouts = timeouts
         self.state = CallState.WAITING_BOTH
         self.stats = Stats()
         self.stream_sid: str | None = None
         self.start: tw.Start | None = None
-        self.end_reason: str | None = None
+        self.end_reason: EndReason | None = None
+        self.end_detail = ""
+        """What more there is to say about :attr:`end_reason` (an error's text), or empty."""
+        self._to_twilio: list[TwilioCommand] = []
+        self._to_model: list[rt.ClientCommand] = []
         self._mark_every = mark_every_frames
         self._inbound = InboundTranscoder(audio_path)
         self._outbound = OutboundTranscoder(audio_path)
@@ -200,10 +181,14 @@ class CallSession:
         self._turn_ended_at: float | None = None
         self.generation = 0
         """Bumped at every barge-in: frames computed before it must not be sent after it."""
-        self._goodbye = False
-        self._goodbye_response: str | None = None
-        self._goodbye_done = False
+        # Time: when the call was made (the webhook), when its stream started, when Twilio last spoke.
+        self._created_at = clock.now()
+        self._started_at = 0.0
+        self._last_twilio_at = 0.0
+        self._limit_goodbye_at: float | None = None
         # Response bookkeeping.
+        self.goodbye = Goodbye.NONE
+        self._goodbye_response: str | None = None
         self._active_response: str | None = None
         self._dropped: set[str] = set()
         self._items: dict[str, _Item] = {}
@@ -215,7 +200,23 @@ class CallSession:
         self._unmarked_since: float = 0.0
         self._last_echo_at: float = float("-inf")
 
-    # -- state table
+    # -- what to send, per destination (taken by the driver, like websockets' data_to_send())
+
+    def twilio_to_send(self) -> list[TwilioCommand]:
+        """The Twilio commands queued since the last call, in order; the queue is emptied."""
+        out = self._to_twilio
+        if out:
+            self._to_twilio = []
+        return out
+
+    def model_to_send(self) -> list[rt.ClientCommand]:
+        """The Realtime client commands queued since the last call, in order; the queue is emptied."""
+        out = self._to_model
+        if out:
+            self._to_model = []
+        return out
+
+    # -- state tables
 
     def _move(self, trigger: Trigger) -> CallState:
         nxt = TRANSITIONS.get((self.state, trigger))
@@ -225,6 +226,14 @@ class CallSession:
             )
         self.state = nxt
         return nxt
+
+    def _goodbye_move(self, trigger: GoodbyeTrigger) -> None:
+        nxt = GOODBYE_TRANSITIONS.get((self.goodbye, trigger))
+        if nxt is None:
+            raise IllegalTransition(
+                f"call {self.call_id}: no goodbye transition from {self.goodbye.name} on {trigger.name}"
+            )
+        self.goodbye = nxt
 
     @property
     def live(self) -> bool:
@@ -236,95 +245,130 @@ class CallSession:
         """True once the call has ended."""
         return self.state is CallState.ENDED
 
-    def end(self, reason: str) -> list[Output]:
-        """End the call (either side closed, a timeout, shutdown); idempotent."""
+    def end(self, reason: EndReason, detail: str = "") -> None:
+        """End the call (either side closed, a timeout, shutdown); the first reason stays."""
         if self.state is CallState.ENDED:
-            return []
+            return
         self._move(Trigger.END)
         self.end_reason = reason
-        return [EndCall(reason)]
+        self.end_detail = detail
 
-    def _went_live(self) -> list[Output]:
-        out: list[Output] = [rt.AppendAudio(chunk) for chunk in self._queue]
+    def _went_live(self) -> None:
+        to_model = self._to_model
+        to_model.extend(rt.AppendAudio(chunk) for chunk in self._queue)
         self._queue.clear()
         instructions = self.profile.greeting_instructions()
         if instructions and not self._greeted:
             self._greeted = True
             if self.greeting_audio is not None:
                 # The caller is already hearing it: the model only needs to know it was said.
-                out.append(rt.AddTextItem("assistant", self.profile.greeting.strip()))
+                to_model.append(rt.AddTextItem("assistant", self.profile.greeting.strip()))
             else:
-                out.append(rt.CreateResponse(instructions))
-        return out
+                to_model.append(rt.CreateResponse(instructions))
+
+    # -- time
+
+    def deadline(self) -> float | None:
+        """When :meth:`tick` is next due (the clock's time), or ``None`` once the call has ended."""
+        if self.state is CallState.ENDED:
+            return None
+        timeouts = self.timeouts
+        if self.start is None:
+            return self._created_at + timeouts.prewarm
+        due = self._last_twilio_at + timeouts.twilio_idle
+        if self.state is not CallState.LIVE:
+            due = min(due, self._started_at + timeouts.model_ready)
+        if self._limit_goodbye_at is None:
+            return min(due, self._started_at + self.profile.max_call_seconds)
+        return min(due, self._limit_goodbye_at + timeouts.time_limit_grace)
+
+    def tick(self, now: float) -> None:
+        """Apply every timeout that is due at ``now``."""
+        if self.state is CallState.ENDED:
+            return
+        timeouts = self.timeouts
+        if self.start is None:
+            if now - self._created_at >= timeouts.prewarm:
+                self.end(EndReason.NO_STREAM, f"within {timeouts.prewarm:.0f} s")
+            return
+        if self.state is not CallState.LIVE and now - self._started_at >= timeouts.model_ready:
+            self.end(EndReason.MODEL_NOT_READY, f"within {timeouts.model_ready:.0f} s")
+        elif now - self._last_twilio_at >= timeouts.twilio_idle:
+            self.end(EndReason.TWILIO_IDLE, f"nothing for {timeouts.twilio_idle:.0f} s")
+        elif self._limit_goodbye_at is None:
+            if now - self._started_at >= self.profile.max_call_seconds:
+                log.info("call %s: time limit of %d s reached", self.call_id, self.profile.max_call_seconds)
+                self._limit_goodbye_at = now
+                self.say_goodbye(TIME_LIMIT_GOODBYE)
+        elif now - self._limit_goodbye_at >= timeouts.time_limit_grace:
+            self.end(EndReason.TIME_LIMIT)
 
     # -- the Realtime side
 
-    def upstream_opened(self) -> list[Output]:
+    def upstream_opened(self) -> None:
         """The Realtime socket is open: configure the session from the profile."""
-        return [rt.UpdateSession(self.profile, self.audio_path)]
+        self._to_model.append(rt.UpdateSession(self.profile, self.audio_path))
 
-    def receive_realtime(self, event: rt.ServerEvent) -> list[Output]:
-        """Handle one Realtime server event; return what to send."""
+    def receive_realtime(self, event: rt.ServerEvent) -> None:
+        """Handle one Realtime server event; what to send is queued."""
         if self.state is CallState.ENDED:
-            return []
+            return
         if isinstance(event, rt.AudioDelta):
-            return self._on_delta(event)
-        if isinstance(event, rt.SpeechStarted):
-            return self._on_speech_started()
-        if isinstance(event, rt.SpeechStopped):
+            self._on_delta(event)
+        elif isinstance(event, rt.SpeechStarted):
+            self._on_speech_started()
+        elif isinstance(event, rt.SpeechStopped):
             self._turn_ended_at = self.clock.now()
-            return []
-        if isinstance(event, rt.ResponseCreated):
+        elif isinstance(event, rt.ResponseCreated):
             self._active_response = event.response_id
-            if self._goodbye and self._goodbye_response is None:
+            if self.goodbye is Goodbye.ASKED:
                 self._goodbye_response = event.response_id
-            return []
-        if isinstance(event, rt.OutputItemAdded):
+                self._goodbye_move(GoodbyeTrigger.RESPONSE_CREATED)
+        elif isinstance(event, rt.OutputItemAdded):
             if event.response_id not in self._dropped and event.item_type == "message":
                 # A delta may have come first (and marks may point at the item): never replace it.
                 self._current = self._items.setdefault(event.item_id, _Item(event.item_id, event.response_id))
-            return []
-        if isinstance(event, rt.AudioDone):
-            return [] if event.response_id in self._dropped else self._flush_outbound()
-        if isinstance(event, rt.ResponseDone):
-            return self._on_response_done(event)
-        if isinstance(event, rt.SessionUpdated):
-            return self._on_session_updated(event)
-        if isinstance(event, rt.AssistantTranscript):
+        elif isinstance(event, rt.AudioDone):
+            if event.response_id not in self._dropped:
+                self._flush_outbound()
+        elif isinstance(event, rt.ResponseDone):
+            self._on_response_done(event)
+        elif isinstance(event, rt.SessionUpdated):
+            self._on_session_updated(event)
+        elif isinstance(event, rt.AssistantTranscript):
             if event.response_id not in self._dropped:
                 self.stats.transcript.append(("assistant", event.transcript))
-            return []
-        if isinstance(event, rt.CallerTranscript):
+        elif isinstance(event, rt.CallerTranscript):
             self.stats.transcript.append(("caller", event.transcript))
-            return []
-        if isinstance(event, rt.ErrorEvent):
-            return self._on_error(event)
-        return []
+        elif isinstance(event, rt.ErrorEvent):
+            self._on_error(event)
 
-    def _on_session_updated(self, event: rt.SessionUpdated) -> list[Output]:
+    def _on_session_updated(self, event: rt.SessionUpdated) -> None:
         expected = self.audio_path.value
         if event.input_format not in (None, expected) or event.output_format not in (None, expected):
-            return self.end(
+            self.end(
+                EndReason.AUDIO_FORMAT_MISMATCH,
                 f"the model runs {event.input_format}/{event.output_format} audio but the bridge sends "
-                f"{expected}: the session.update was not applied"
+                f"{expected}: the session.update was not applied",
             )
-        if self.state in (CallState.WAITING_BOTH, CallState.WAITING_MODEL):
-            return self._went_live() if self._move(Trigger.MODEL_READY) is CallState.LIVE else []
-        return []
+        elif (
+            self.state in (CallState.WAITING_BOTH, CallState.WAITING_MODEL)
+            and self._move(Trigger.MODEL_READY) is CallState.LIVE
+        ):
+            self._went_live()
 
-    def _on_error(self, event: rt.ErrorEvent) -> list[Output]:
+    def _on_error(self, event: rt.ErrorEvent) -> None:
         if event.benign:
-            return []
+            return
         self.stats.upstream_errors += 1
         if self.state in (CallState.WAITING_BOTH, CallState.WAITING_MODEL):
             # Before session.updated, an error means our configuration was refused: the call cannot work.
-            return self.end(f"the model refused the session configuration: {event.code}: {event.message}")
-        return []
+            self.end(EndReason.MODEL_REFUSED_SESSION, f"{event.code}: {event.message}")
 
-    def _on_delta(self, event: rt.AudioDelta) -> list[Output]:
+    def _on_delta(self, event: rt.AudioDelta) -> None:
         if event.response_id in self._dropped:
             self.stats.late_deltas_dropped += 1
-            return []
+            return
         item = self._items.get(event.item_id)
         if item is None:
             item = self._items[event.item_id] = _Item(event.item_id, event.response_id)
@@ -332,13 +376,13 @@ class CallSession:
         item.model_bytes += len(event.audio)
         frames = self._framer.push(self._outbound.convert(event.audio))
         if self.stream_sid is None:
-            # Twilio has not started the stream: nothing may be sent to it yet (protocols.md §5.8).
+            # Twilio has not started the stream: nothing may be sent to it yet (docs/protocols.md §5.8).
             self._prestart.extend((item, frame) for frame in frames)
-            return []
-        return self._emit(frames, item, final=False)
+            return
+        self._emit(frames, item, final=False)
 
-    def _emit(self, frames: list[bytes], item: _Item, *, final: bool) -> list[Output]:
-        out: list[Output] = []
+    def _emit(self, frames: list[bytes], item: _Item, *, final: bool) -> None:
+        out = self._to_twilio
         now = self.clock.now()
         if frames and self._turn_ended_at is not None and not item.local:
             self.stats.turn_latencies_ms.append((now - self._turn_ended_at) * 1000.0)
@@ -354,7 +398,6 @@ class CallSession:
         if final and self._unmarked_frames:
             out.append(self._mark(item))
         self.stats.frames_out += len(frames)
-        return out
 
     def _mark(self, item: _Item) -> PlaceMark:
         self._mark_seq += 1
@@ -364,32 +407,30 @@ class CallSession:
         self.stats.marks_sent += 1
         return PlaceMark(name)
 
-    def _flush_outbound(self) -> list[Output]:
+    def _flush_outbound(self) -> None:
         item = self._current
         if item is None or self.stream_sid is None:
-            return []
+            return
         frames = self._framer.push(self._outbound.flush())
         tail = self._framer.flush()
         if tail is not None:
             frames.append(tail)
-        return self._emit(frames, item, final=True)
+        self._emit(frames, item, final=True)
 
-    def _on_response_done(self, event: rt.ResponseDone) -> list[Output]:
-        out: list[Output] = []
+    def _on_response_done(self, event: rt.ResponseDone) -> None:
         if event.response_id in self._dropped:
             self._dropped.discard(event.response_id)
         else:
-            out = self._flush_outbound()
+            self._flush_outbound()
         if self._active_response == event.response_id:
             self._active_response = None
-        if event.response_id == self._goodbye_response:
-            self._goodbye_done = True
-        return out + self._end_if_goodbye_heard()
+        if event.response_id == self._goodbye_response and self.goodbye is Goodbye.SPEAKING:
+            self._goodbye_move(GoodbyeTrigger.RESPONSE_DONE)
+        self._end_if_goodbye_heard()
 
-    def _end_if_goodbye_heard(self) -> list[Output]:
-        if self._goodbye_done and not self._ledger and not self._unmarked_frames:
-            return self.end("said goodbye")
-        return []
+    def _end_if_goodbye_heard(self) -> None:
+        if self.goodbye is Goodbye.SPOKEN and not self._ledger and not self._unmarked_frames:
+            self.end(EndReason.SAID_GOODBYE)
 
     # -- barge-in
 
@@ -423,33 +464,36 @@ class CallSession:
         # Floor (never past what was generated), forgiving float noise such as 249.99999 for 250.
         return item, int(max(0.0, min(heard_ms, generated_ms)) + 1e-6)
 
-    def _on_speech_started(self) -> list[Output]:
+    def _on_speech_started(self) -> None:
         if not self.live or not self.profile.turn_detection.interrupt_response:
-            return []  # interrupt_response false: the caller's speech does not interrupt the model
-        return self._barge_in()
+            return  # interrupt_response false: the caller's speech does not interrupt the model
+        self._barge_in()
 
-    def _barge_in(self) -> list[Output]:
+    def _barge_in(self) -> None:
         """Stop the model's audio: clear, truncate at what was heard, cancel, drop what comes late."""
-        out: list[Output] = []
+        to_model = self._to_model
         hearing = self.hearing_model()
         position = self.heard_position()
         active = self._active_response
+        # What was computed for Twilio but not taken yet is stale now: it never reaches the caller.
+        self._to_twilio.clear()
         if hearing:
-            out.append(ClearAudio())
+            self._to_twilio.append(ClearAudio())
             self.stats.barge_ins += 1
         if position is not None and position[0].local:
             position = None  # the bridge's own audio: the model holds the greeting as text, nothing to cut
         if position is not None:
             item, heard_ms = position
-            out.append(rt.TruncateItem(item.item_id, heard_ms))
+            to_model.append(rt.TruncateItem(item.item_id, heard_ms))
             self.stats.truncations.append((item.item_id, heard_ms))
+            log.info("call %s: barge-in: truncating %s at %d ms", self.call_id, item.item_id, heard_ms)
             # Later items of the same response were never heard: remove them from the conversation.
             later = False
             for other in self._items.values():
                 if other is item:
                     later = True
                 elif later and other.response_id == item.response_id and other.model_bytes:
-                    out.append(rt.DeleteItem(other.item_id))
+                    to_model.append(rt.DeleteItem(other.item_id))
         self._ledger.clear()
         self._unmarked_frames = 0
         self._framer.clear()
@@ -457,57 +501,58 @@ class CallSession:
         self._prestart.clear()
         self.generation += 1
         if active is not None:
-            out.append(rt.CancelResponse(active))
+            to_model.append(rt.CancelResponse(active))
             self.stats.cancels += 1
             self._dropped.add(active)
             self._active_response = None
-        return out
 
     # -- the Twilio side
 
-    def receive_twilio(self, event: tw.TwilioEvent) -> list[Output]:
-        """Handle one Twilio Media Streams event; return what to send."""
+    def receive_twilio(self, event: tw.TwilioEvent) -> None:
+        """Handle one Twilio Media Streams event; what to send is queued."""
         if self.state is CallState.ENDED:
-            return []
+            return
+        self._last_twilio_at = self.clock.now()
         if isinstance(event, tw.Media):
             self.stats.frames_in += 1
             audio = self._inbound.convert(event.payload)
             if self.state is CallState.LIVE:
-                return [rt.AppendAudio(audio)]
+                self._to_model.append(rt.AppendAudio(audio))
+                return
             self._queue.append(audio)
             if len(self._queue) > MAX_QUEUED_FRAMES:
                 self._queue.popleft()
                 self.stats.frames_queued_dropped += 1
-            return []
-        if isinstance(event, tw.Mark):
-            return self._on_mark(event.name)
-        if isinstance(event, tw.Start):
-            return self._on_start(event)
-        if isinstance(event, tw.Stop):
-            return self.end("the caller hung up")
-        if isinstance(event, tw.Dtmf):
+        elif isinstance(event, tw.Mark):
+            self._on_mark(event.name)
+        elif isinstance(event, tw.Start):
+            self._on_start(event)
+        elif isinstance(event, tw.Stop):
+            self.end(EndReason.CALLER_HUNG_UP)
+        elif isinstance(event, tw.Dtmf):
             self.stats.dtmf.append(event.digit)
             if self.state is CallState.LIVE:
-                return [rt.AddTextItem("user", f"[The caller pressed {event.digit} on the keypad.]")]
-            return []
-        return []
+                self._to_model.append(
+                    rt.AddTextItem("user", f"[The caller pressed {event.digit} on the keypad.]")
+                )
 
-    def _on_start(self, event: tw.Start) -> list[Output]:
+    def _on_start(self, event: tw.Start) -> None:
         if self.start is not None:
-            return []  # a repeated start changes nothing
+            return  # a repeated start changes nothing
         self.start = event
         self.stream_sid = event.stream_sid
-        out: list[Output] = []
+        self._started_at = self._last_twilio_at
         for item, frame in self._prestart:
-            out.extend(self._emit([frame], item, final=False))
+            self._emit([frame], item, final=False)
         self._prestart.clear()
         if self.greeting_audio is not None and self.profile.greeting_instructions():
-            out.extend(self._play_local("greeting", self.greeting_audio))
+            self._play_local("greeting", self.greeting_audio)
+            # The model is told the greeting as text, so no transcript event will carry it: note it here.
+            self.stats.transcript.append(("assistant", self.profile.greeting.strip()))
         if self._move(Trigger.STREAM_STARTED) is CallState.LIVE:
-            out.extend(self._went_live())
-        return out
+            self._went_live()
 
-    def _play_local(self, name: str, ulaw: bytes) -> list[Output]:
+    def _play_local(self, name: str, ulaw: bytes) -> None:
         """Play μ-law the bridge holds itself, framed and marked like the model's audio."""
         item = self._items[f"local:{name}"] = _Item(f"local:{name}", "", model_bytes=len(ulaw), local=True)
         self._current = item
@@ -516,32 +561,32 @@ class CallSession:
         tail = framer.flush()
         if tail is not None:
             frames.append(tail)
-        return self._emit(frames, item, final=True)
+        self._emit(frames, item, final=True)
 
-    def _on_mark(self, name: str) -> list[Output]:
+    def _on_mark(self, name: str) -> None:
         seq = int(name[1:]) if name[:1] == "m" and name[1:].isdigit() else -1
         ledger = self._ledger
         if not ledger or not ledger[0].seq <= seq <= ledger[-1].seq:
-            # Flushed by a clear, or from before it: not proof of playback (design.md §4).
+            # Flushed by a clear, or from before it: not proof of playback (docs/architecture.md).
             self.stats.marks_ignored += 1
-            return []
+            return
         now = self.clock.now()
         while ledger and ledger[0].seq <= seq:
             mark = ledger.popleft()
             mark.item.heard_bytes = mark.position
             self.stats.marks_played += 1
         self._last_echo_at = now
-        return self._end_if_goodbye_heard()
+        self._end_if_goodbye_heard()
 
-    # -- shutdown
+    # -- goodbye (shutdown, time limit)
 
-    def say_goodbye(self, text: str) -> list[Output]:
+    def say_goodbye(self, text: str) -> None:
         """Stop what is playing and ask the model to say ``text``; the call ends once it was heard."""
-        if self._goodbye or self.state is CallState.ENDED:
-            return []
+        if self.goodbye is not Goodbye.NONE or self.state is CallState.ENDED:
+            return
         if self.state is not CallState.LIVE:
-            return self.end("shutting down")
-        self._goodbye = True
-        out = self._barge_in()
-        out.append(rt.CreateResponse(f"Say exactly this to the caller, then stop: {text}"))
-        return out
+            self.end(EndReason.SHUTDOWN)
+            return
+        self._goodbye_move(GoodbyeTrigger.ASK)
+        self._barge_in()
+        self._to_model.append(rt.CreateResponse(f"Say exactly this to the caller, then stop: {text}"))

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from bridge import twilio as tw
+from bridge import webhooks
 from bridge.call import Call, TranscriptListener
 from bridge.config import AFTER_STREAM_PATH, STATUS_PATH, STREAM_PATH, VOICE_PATH
 from bridge.errors import AuthenticationFailed, MalformedMessage
 from bridge.keys import CLOCK, METRICS, PROFILE, REGISTRY, SETTINGS, STORE, TOKENS, UPSTREAM
 from bridge.metrics import Metrics
+from bridge.states import Timeouts
 from bridge.store import ProfileVersion, StoreError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def _signature_ok(request: web.Request, url: str, params: Mapping[str, Any]) -> 
     token = request.app[SETTINGS].twilio_auth_token
     if token is None:
         return True  # BRIDGE_INSECURE_DEV on loopback, warned about at start-up
-    return tw.check_signature(token.reveal(), url, params, request.headers.get("X-Twilio-Signature"))
+    return webhooks.check_signature(token.reveal(), url, params, request.headers.get("X-Twilio-Signature"))
 
 
 def _twiml(body: str, status: int = 200) -> web.Response:
@@ -61,11 +62,13 @@ async def voice(request: web.Request) -> web.Response:
     if registry.draining:
         metrics.refused.inc(label="draining")
         log.info("call %s: refused politely, the bridge is shutting down", call_sid)
-        return _twiml(tw.reject_twiml(REFUSAL))
+        return _twiml(webhooks.reject_twiml(REFUSAL))
     from_number, to_number = form.get("From", ""), form.get("To", "")
     call = await new_call(app, call_sid, from_number, to_number)
     tokens = app[TOKENS]
-    token = tw.make_stream_token(tokens.secret, call_sid, now=time.time(), ttl=settings.stream_token_ttl)
+    token = webhooks.make_stream_token(
+        tokens.secret, call_sid, now=app[CLOCK].wall(), ttl=settings.stream_token_ttl
+    )
     parameters = {
         tw.PARAM_CALL_SID: call_sid,
         tw.PARAM_FROM: from_number,
@@ -76,7 +79,7 @@ async def voice(request: web.Request) -> web.Response:
     profile = call.session.profile
     log.info("call %s: answering with profile %r, stream %s", call_sid, profile.name, settings.stream_url)
     return _twiml(
-        tw.connect_twiml(
+        webhooks.connect_twiml(
             settings.stream_url,
             parameters,
             status_callback=settings.public_url + STATUS_PATH,
@@ -99,8 +102,8 @@ async def after_stream(request: web.Request) -> web.Response:
         log.info(
             "call %s: the model failed (%s); Twilio speaks the fallback message", call_sid, outcome.reason
         )
-        return _twiml(tw.reject_twiml(outcome.fallback_message))
-    return _twiml(tw.reject_twiml(""))
+        return _twiml(webhooks.reject_twiml(outcome.fallback_message))
+    return _twiml(webhooks.reject_twiml(""))
 
 
 async def _profile_for(app: web.Application, to_number: str) -> ProfileVersion | None:
@@ -144,6 +147,7 @@ async def new_call(
         upstream=app[UPSTREAM],
         metrics=app[METRICS],
         clock=app[CLOCK],
+        timeouts=Timeouts(prewarm=settings.prewarm_timeout),
         from_number=from_number,
         to_number=to_number,
         recordings_dir=recordings,
@@ -174,8 +178,8 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     signature = request.headers.get("X-Twilio-Signature")
     if settings.twilio_auth_token is not None and not any(
-        tw.check_signature(settings.twilio_auth_token.reveal(), url, {}, signature)
-        for url in tw.websocket_signature_urls(settings.stream_url)
+        webhooks.check_signature(settings.twilio_auth_token.reveal(), url, {}, signature)
+        for url in webhooks.websocket_signature_urls(settings.stream_url)
     ):
         why = "missing X-Twilio-Signature" if not signature else "X-Twilio-Signature does not match"
         return await _refuse(ws, metrics, "bad_signature", f"{why} {settings.stream_url}")
@@ -229,9 +233,9 @@ async def run_media_stream(
     if check_token:
         token = start.custom_parameters.get(tw.PARAM_TOKEN, "")
         tokens = app[TOKENS]
-        now = time.time()
+        now = clock.wall()
         try:
-            nonce, expiry = tw.verify_stream_token(tokens.secret, start.call_sid, token, now=now)
+            nonce, expiry = webhooks.verify_stream_token(tokens.secret, start.call_sid, token, now=now)
         except AuthenticationFailed as exc:
             await _refuse(ws, metrics, "bad_token", f"call {start.call_sid}: {exc}")
             return
@@ -293,7 +297,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register every route of design.md §3."""
+    """Register every route: the Twilio webhooks and stream, health, readiness and metrics."""
     app.router.add_post(VOICE_PATH, voice)
     app.router.add_get(STREAM_PATH, stream)
     app.router.add_post(STATUS_PATH, status)

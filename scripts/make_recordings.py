@@ -1,7 +1,7 @@
 """Regenerate the sample call recordings in tests/recordings/.
 
 Each recording is a short call placed by the Twilio caller double (bridge.testing.TwilioCaller) through the
-real bridge (create_app, served on a loopback port) to the local Realtime model
+real bridge (bridge.testing.serve_bridge, on a loopback port) to the local Realtime model
 (bridge.local_model.LocalModel, an echo test), with BRIDGE_RECORDINGS_DIR set. The script checks that each
 scenario really happened, copies the recordings under stable names (gzip without a timestamp), parses them
 back and prints a summary. Run:
@@ -19,7 +19,6 @@ import contextlib
 import gzip
 import hashlib
 import shutil
-import socket
 import sys
 import tempfile
 from collections import Counter
@@ -29,14 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiohttp import web
 
-from bridge.app import create_app
-from bridge.config import load_settings
 from bridge.local_model import LocalModel
 from bridge.prompts import Profile
 from bridge.recordings import Recording, parse_recording
-from bridge.testing import TwilioCaller
+from bridge.testing import TwilioCaller, serve_bridge
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -206,12 +202,8 @@ async def run_call(
     recordings = workdir / name / "recordings"
     recordings.mkdir(parents=True)
     async with LocalModel(speed=SPEED, seed=0) as model:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
         values = {
             "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "BRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
             "BRIDGE_DATA_DIR": str(workdir / name / "data"),
             "BRIDGE_AUDIO_PATH": audio_path,
             "AZURE_OPENAI_ENDPOINT": model.endpoint,
@@ -222,19 +214,14 @@ async def run_call(
             values |= {"BRIDGE_RECORDINGS_DIR": str(recordings), "BRIDGE_RECORDINGS_GZIP": "1"}
         if dialect == "preview":
             values["AZURE_OPENAI_API_VERSION"] = "2025-04-01-preview"
-        app = create_app(load_settings(values), profile=profile, render_greetings=False)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
-        await runner.setup()
-        try:
-            await web.SockSite(runner, sock).start()
-            call = TwilioCaller(f"http://127.0.0.1:{port}", auth_token=AUTH_TOKEN, call_sid=sid("CA", name))
+        # Leaving serve_bridge drains the call: its recording is closed after this block.
+        async with serve_bridge(values, profile=profile) as bridge:
+            call = TwilioCaller(bridge.url, auth_token=AUTH_TOKEN, call_sid=sid("CA", name))
             call.stream_sid = sid("MZ", name)
             async with call:
                 async with asyncio.timeout(40):
                     notes = await scenario(call)
                 assert call.violations == [], call.violations
-        finally:
-            await runner.cleanup()  # drains the call: its recording is closed after this
     if not record:
         return Outcome(call, notes), None
     files = sorted(recordings.iterdir())

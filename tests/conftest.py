@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+import contextlib
+import struct
+import warnings
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
-from aiohttp import web
 
-from bridge.app import create_app
-from bridge.config import load_settings
 from bridge.local_model import LocalModel
 from bridge.prompts import Profile
+from bridge.testing import ServedBridge, serve_bridge
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AUTH_TOKEN = "test-twilio-auth-token"
+
+Bridge = ServedBridge
+"""A running bridge: its app, its base URL (the settings' public URL too), ``get(path)``."""
 
 
 def fixture_audio(name: str) -> bytes:
@@ -24,19 +27,34 @@ def fixture_audio(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
-@dataclass
-class Bridge:
-    """A running bridge: its app, its base URL and the settings' public URL (the same here)."""
-
-    app: web.Application
-    url: str
-    runner: web.AppRunner
-
-    async def get(self, path: str) -> tuple[int, str]:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as http, http.get(self.url + path) as resp:
-            return resp.status, await resp.text()
+def wav_file(
+    channels: Sequence[np.ndarray],
+    rate: int,
+    *,
+    encoding: str = "pcm16",
+    extensible: bool = False,
+    before_data: bytes = b"",
+) -> bytes:
+    """A WAV file written by hand (``wave`` writes PCM only): float samples in [-32768, 32767] per
+    channel, stored as ``pcm16``, ``ulaw`` (format tag 7) or ``alaw`` (6), optionally as
+    WAVE_FORMAT_EXTENSIBLE; ``before_data`` is raw chunk bytes placed between the fmt and data chunks."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+    interleaved = np.stack([np.asarray(c, dtype=np.float64) for c in channels], axis=1).reshape(-1)
+    pcm = np.clip(np.rint(interleaved), -32768, 32767).astype("<i2").tobytes()
+    tag, width = {"pcm16": (1, 2), "ulaw": (7, 1), "alaw": (6, 1)}[encoding]
+    data = {"pcm16": pcm, "ulaw": audioop.lin2ulaw(pcm, 2), "alaw": audioop.lin2alaw(pcm, 2)}[encoding]
+    n = len(channels)
+    head = struct.pack("<HIIHH", n, rate, rate * n * width, n * width, 8 * width)
+    if extensible:
+        guid = struct.pack("<H", tag) + b"\x00\x00\x00\x00\x10\x00\x80\x00\x00\xaa\x00\x38\x9b\x71"
+        fmt = struct.pack("<H", 0xFFFE) + head + struct.pack("<HHI", 22, 8 * width, 0) + guid
+    else:
+        fmt = struct.pack("<H", tag) + head
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + before_data
+    body += b"data" + struct.pack("<I", len(data)) + data + b"\x00" * (len(data) & 1)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
 @pytest.fixture
@@ -45,49 +63,35 @@ async def model() -> AsyncIterator[LocalModel]:
         yield local
 
 
-BridgeFactory = Callable[..., "AsyncIterator[Bridge]"]
-
-
 @pytest.fixture
 async def start_bridge(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
     """Start bridges on real ports; every one is cleaned up (and drained) at the end of the test."""
-    runners: list[web.AppRunner] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(
-        model: LocalModel | None,
-        *,
-        dialect: str = "ga",
-        audio_path: str = "pcm16",
-        profile: Profile | None = None,
-        render_greetings: bool = False,
-        **env: str,
-    ) -> Bridge:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        values = {
-            "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
-            "BRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
-            "BRIDGE_DATA_DIR": str(tmp_path / "data"),
-            "BRIDGE_AUDIO_PATH": audio_path,
-            **env,
-        }
-        if model is not None:
-            values |= {
-                "AZURE_OPENAI_ENDPOINT": model.endpoint,
-                "AZURE_OPENAI_DEPLOYMENT": "test-deployment",
-                "AZURE_OPENAI_API_KEY": "test-api-key",
+        async def start(
+            model: LocalModel | None,
+            *,
+            dialect: str = "ga",
+            audio_path: str = "pcm16",
+            profile: Profile | None = None,
+            render_greetings: bool = False,
+            **env: str,
+        ) -> Bridge:
+            values = {
+                "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
+                "BRIDGE_DATA_DIR": str(tmp_path / "data"),
+                "BRIDGE_AUDIO_PATH": audio_path,
+                **env,
             }
-            if dialect == "preview":
-                values["AZURE_OPENAI_API_VERSION"] = "2025-04-01-preview"
-        settings = load_settings(values)
-        app = create_app(settings, profile=profile, render_greetings=render_greetings)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=2.0)
-        await runner.setup()
-        runners.append(runner)
-        await web.SockSite(runner, sock).start()
-        return Bridge(app, f"http://127.0.0.1:{port}", runner)
+            if model is not None:
+                values |= {
+                    "AZURE_OPENAI_ENDPOINT": model.endpoint,
+                    "AZURE_OPENAI_DEPLOYMENT": "test-deployment",
+                    "AZURE_OPENAI_API_KEY": "test-api-key",
+                }
+                if dialect == "preview":
+                    values["AZURE_OPENAI_API_VERSION"] = "2025-04-01-preview"
+            served = serve_bridge(values, profile=profile, render_greetings=render_greetings)
+            return await stack.enter_async_context(served)
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+        yield start

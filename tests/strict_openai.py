@@ -1,4 +1,4 @@
-"""Strict validation of Realtime events against the openai SDK's own types (protocols.md §3).
+"""Strict validation of Realtime events against the openai SDK's own types (docs/protocols.md §3).
 
 pydantic's default validation of those unions is lax (it tries every member, allows extra keys and
 coerces strings to numbers), so: dispatch on ``type``, validate that one class strictly, and require

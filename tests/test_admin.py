@@ -468,6 +468,19 @@ async def test_call_log_and_detail(client: Client) -> None:
     assert (await client.get("/admin/calls/CAnope")).status == 404
 
 
+async def test_call_detail_shows_the_turn_count_as_a_count(client: Client) -> None:
+    await sign_in(client)
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    figures = {"turn_p50": 420.0, "turn_max": 980.4, "turns": 3.0}  # what Call.record() writes
+    await store_of(client).add_call(call("CAturns", start, latency_ms=figures))
+    await store_of(client).add_call(call("CAone", start, latency_ms={**figures, "turns": 1.0}))
+    page = await (await client.get("/admin/calls/CAturns")).text()
+    assert "420 ms" in page and "980 ms" in page
+    assert "3 turns" in page and "3 ms" not in page
+    page = await (await client.get("/admin/calls/CAone")).text()
+    assert "1 turn<" in page and "1 ms" not in page
+
+
 async def test_call_log_pages_by_time(client: Client) -> None:
     await sign_in(client)
     start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

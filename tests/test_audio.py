@@ -7,6 +7,7 @@ Kaiser lowpass (2401 taps at 24 kHz: flat to 3.76 kHz, > 110 dB down from 3.84 k
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,11 @@ from bridge.audio import (
     model_bytes_to_ms,
     pcm16_to_ulaw,
     ulaw_to_pcm16,
+    wav_to_ulaw,
 )
 from bridge.config import AudioPath
+from bridge.errors import MalformedMessage
+from tests.conftest import wav_file
 
 Float = npt.NDArray[np.float64]
 Int16 = npt.NDArray[np.int16]
@@ -484,3 +488,125 @@ def test_model_bytes_to_ms() -> None:
     assert model_bytes_to_ms(800, AudioPath.G711_ULAW) == 100.0
     assert model_bytes_to_ms(48, AudioPath.PCM16) == 1.0
     assert model_bytes_to_ms(0, AudioPath.G711_ULAW) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ WAV files
+
+
+def sine(freq: float, rate: int, seconds: float, amplitude: float) -> Float:
+    return amplitude * np.sin(2 * np.pi * freq * np.arange(round(rate * seconds)) / rate)
+
+
+def spectrum(ulaw: bytes) -> tuple[Float, Float]:
+    """Frequencies and amplitudes (in PCM16 units) of decoded μ-law at 8 kHz, Hann-windowed."""
+    x = samples(ulaw_to_pcm16(ulaw)).astype(np.float64)
+    window = np.hanning(len(x))
+    amplitude = 2 * np.abs(np.fft.rfft(x * window)) / window.sum()
+    return np.fft.rfftfreq(len(x), 1 / 8000), amplitude
+
+
+def peak(ulaw: bytes, near: float) -> tuple[float, float]:
+    """The strongest frequency within 100 Hz of ``near`` and its amplitude."""
+    freqs, amplitude = spectrum(ulaw)
+    band = np.abs(freqs - near) <= 100
+    i = int(np.argmax(np.where(band, amplitude, 0)))
+    return float(freqs[i]), float(amplitude[i])
+
+
+def test_wav_pcm16_stereo_at_16_khz_is_mixed_down_and_resampled() -> None:
+    left, right = sine(1000, 16000, 0.5, 12000), sine(2500, 16000, 0.5, 8000)
+    ulaw = wav_to_ulaw(wav_file([left, right], 16000))
+    assert len(ulaw) == 4000  # 0.5 s at 8 kHz
+    for freq, level in ((1000, 6000), (2500, 4000)):  # each channel at half its level: the mean
+        found, amplitude = peak(ulaw, freq)
+        assert found == pytest.approx(freq, abs=2)
+        assert 20 * np.log10(amplitude / level) == pytest.approx(0, abs=0.5)
+
+
+def test_wav_at_44_1_khz_keeps_the_tone_and_drops_what_the_phone_cannot_carry() -> None:
+    tone = sine(440, 44100, 1.0, 10000) + sine(6000, 44100, 1.0, 10000)  # 6 kHz: above 4 kHz Nyquist
+    ulaw = wav_to_ulaw(wav_file([tone], 44100))
+    assert len(ulaw) == 8000
+    found, amplitude = peak(ulaw, 440)
+    assert found == pytest.approx(440, abs=2)
+    assert 20 * np.log10(amplitude / 10000) == pytest.approx(0, abs=0.5)
+    freqs, spec = spectrum(ulaw)
+    assert spec[np.abs(freqs - 2000) <= 50].max() < 100  # 6 kHz would alias to 2 kHz: filtered out
+
+
+def test_a_mulaw_wav_at_8_khz_mono_is_its_data_as_is() -> None:
+    """Twilio's own recordings: WAVE format tag 7, which Python's ``wave`` refuses."""
+    tone = sine(1000, 8000, 0.25, 8000)
+    wav = wav_file([tone], 8000, encoding="ulaw")
+    assert wav_to_ulaw(wav) == pcm16_to_ulaw(pcm(tone))
+    stereo = wav_to_ulaw(wav_file([tone, tone], 8000, encoding="ulaw"))
+    assert stereo == pcm16_to_ulaw(pcm(tone))  # a mean of equal channels changes nothing
+
+
+def test_an_alaw_wav_is_decoded() -> None:
+    ulaw = wav_to_ulaw(wav_file([sine(1000, 8000, 0.5, 8000)], 8000, encoding="alaw"))
+    assert len(ulaw) == 4000
+    found, amplitude = peak(ulaw, 1000)
+    assert found == pytest.approx(1000, abs=2)
+    assert 20 * np.log10(amplitude / 8000) == pytest.approx(0, abs=0.5)
+
+
+def test_extensible_wav_odd_chunks_and_an_unset_data_size() -> None:
+    tone = sine(1000, 16000, 0.1, 8000)
+    odd = b"LIST" + (3).to_bytes(4, "little") + b"abc" + b"\x00"  # an odd chunk and its pad byte
+    wav = wav_file([tone], 16000, extensible=True, before_data=odd)
+    expected = wav_to_ulaw(wav_file([tone], 16000))
+    assert len(expected) == 800
+    assert wav_to_ulaw(wav) == expected
+    mulaw = wav_file([tone], 8000, encoding="ulaw", extensible=True)
+    assert wav_to_ulaw(mulaw) == wav_to_ulaw(wav_file([tone], 8000, encoding="ulaw"))
+    streamed = bytearray(wav_file([tone], 16000))  # a writer that never went back to set the sizes
+    streamed[40:44] = b"\xff\xff\xff\xff"
+    assert wav_to_ulaw(bytes(streamed)) == expected
+
+
+def with_format(wav: bytes, tag: int, bits: int) -> bytes:
+    """``wav`` with its fmt chunk's format tag and bits per sample changed (the data left alone)."""
+    out = bytearray(wav)
+    out[20:22] = tag.to_bytes(2, "little")
+    out[34:36] = bits.to_bytes(2, "little")
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("tag", "bits", "named"),
+    [
+        (1, 24, "24-bit PCM"),
+        (1, 8, "8-bit PCM"),
+        (3, 32, "32-bit float"),
+        (2, 4, "MS ADPCM"),
+        (0x1234, 8, "format tag 0x1234"),
+    ],
+)
+def test_unsupported_wav_formats_are_named_with_the_sox_fix(tag: int, bits: int, named: str) -> None:
+    wav = with_format(wav_file([sine(1000, 8000, 0.1, 8000)], 8000), tag, bits)
+    with pytest.raises(MalformedMessage) as info:
+        wav_to_ulaw(wav)
+    assert named in info.value.reason and "not supported" in info.value.reason
+    assert "sox in.wav -r 8000 -c 1 -e signed-integer -b 16 out.wav" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"\xff" * 100, "not a WAV file"),
+        (b"RIFF\x04\x00\x00\x00WAVE", "no complete fmt chunk"),
+        (
+            b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00"
+            + struct.pack("<HHIIHH", 1, 0, 0, 0, 0, 16)
+            + b"data\x00\x00\x00\x00",
+            "0 channels at 0 Hz",
+        ),
+    ],
+)
+def test_broken_wav_files_are_a_clear_error(data: bytes, fragment: str) -> None:
+    with pytest.raises(MalformedMessage, match=fragment):
+        wav_to_ulaw(data)
+    no_data = wav_file([sine(1000, 8000, 0.1, 8000)], 8000)[:36]
+    with pytest.raises(MalformedMessage, match="no data chunk"):
+        wav_to_ulaw(no_data)

@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import pytest
+
+from bridge.audio import ulaw_to_pcm16
+from tests.conftest import fixture_audio, wav_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +51,12 @@ async def wait_ready(port: int) -> None:
 
 
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    code, _, err = await run_cli_output(env, *args)
+    return code, err
+
+
+async def run_cli_output(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """Run ``python -m bridge ARGS``; return its exit code, stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -56,9 +66,9 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode is not None
-    return proc.returncode, err.decode()
+    return proc.returncode, out.decode(), err.decode()
 
 
 @pytest.mark.parametrize(
@@ -135,3 +145,43 @@ async def test_a_newcomer_records_a_call_replays_it_and_exports_it(tmp_path: Pat
     code, err = await run_cli(env, "export", str(recording), "--wav", str(wav), "--timeline", str(svg))
     assert code == 0, err
     assert wav.stat().st_size > 8000 and "<svg" in svg.read_text()
+
+
+def twilio_style_wav(path: Path) -> Path:
+    """The hello fixture as Twilio stores a recording: a two-channel 8 kHz μ-law WAV (format tag 7)."""
+    speech = np.frombuffer(ulaw_to_pcm16(fixture_audio("hello.ulaw")), dtype="<i2").astype(np.float64)
+    path.write_bytes(wav_file([speech, speech], 8000, encoding="ulaw"))
+    return path
+
+
+async def test_bridge_call_says_a_mulaw_wav(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(tmp_path, BRIDGE_INSECURE_DEV="1")
+    server = await spawn_server(env, port, asyncio.subprocess.DEVNULL)
+    try:
+        await wait_ready(port)
+        wav = twilio_style_wav(tmp_path / "hello.wav")
+        code, out, err = await run_cli_output(
+            env, "call", "--url", f"http://127.0.0.1:{port}", "--say", str(wav)
+        )
+    finally:
+        server.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(server.wait(), 20)
+    assert code == 0, err
+    assert "said 1.7 s" in out and "Traceback" not in err
+
+
+async def test_bridge_call_names_an_unusable_file_in_one_line(tmp_path: Path) -> None:
+    wav = bytearray(twilio_style_wav(tmp_path / "speech.wav").read_bytes())
+    wav[20:22], wav[34:36] = (1).to_bytes(2, "little"), (24).to_bytes(2, "little")  # claim 24-bit PCM
+    (tmp_path / "speech.wav").write_bytes(bytes(wav))
+    env = clean_env(tmp_path, BRIDGE_INSECURE_DEV="1")
+    for path, fragment in (
+        (tmp_path / "speech.wav", "24-bit PCM WAV is not supported"),
+        (tmp_path / "missing.wav", "cannot read it"),
+    ):
+        code, err = await run_cli(env, "call", "--url", "http://127.0.0.1:9", "--say", str(path))
+        assert code == 2, err
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"bridge call: {path}: {fragment}"), line
+    assert "sox in.wav -r 8000 -c 1" in (await run_cli(env, "call", "--say", str(tmp_path / "speech.wav")))[1]

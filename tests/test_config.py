@@ -1,4 +1,4 @@
-"""Settings: every variable of design.md §3, and one clear line for each misconfiguration."""
+"""Settings: every variable in docs/architecture.md, and one clear line for each misconfiguration."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Exports of a recorded call: the caller/heard tracks, the WAV, the SVG timeline and the summary."""
+"""Exports of a recorded call, in the order of their modules: the analysis and summary
+(bridge.recordings.analysis), the caller/heard tracks and the WAV (bridge.recordings.wav), the SVG
+timeline (bridge.recordings.timeline); then all of them on the sample recordings in tests/recordings."""
 
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import pytest
 
 from bridge.audio import ulaw_to_pcm16
 from bridge.recordings import Header, Recording, RecordingWriter, parse_recording
-from bridge.recordings.export import caller_and_heard, summary, timeline_svg, wav_bytes
+from bridge.recordings.analysis import summary
+from bridge.recordings.timeline import timeline_svg
+from bridge.recordings.wav import caller_and_heard, wav_bytes
 
 RECORDINGS = Path(__file__).parent / "recordings"
 SVG = "{http://www.w3.org/2000/svg}"
@@ -145,6 +149,46 @@ def barge_in_call() -> CallBuilder:
     return c
 
 
+# -- bridge.recordings.analysis: the call's timeline and its summary
+
+
+def test_the_summary_has_the_figures_of_the_call() -> None:
+    s = summary(barge_in_call().recording())
+    assert s["call_sid"] == "CAexport1" and s["dialect"] == "ga" and s["audio_path"] == "g711_ulaw"
+    assert s["duration_s"] == 3.3 and s["caller_audio_s"] == 3.0
+    assert s["sent_s"] == 0.7 and s["heard_s"] == 0.45
+    assert s["barge_ins"] == 1 and s["truncations"] == [("item_A", 250)]
+    assert s["dtmf"] == "5" and s["hung_up"]
+    assert s["responses"] == 2 and s["response_ids"] == ["resp_A1b2C3d4E5f6", "resp_B"]
+    assert s["generated_s"] == 0.7  # 5600 μ-law bytes
+    # VAD segments mapped onto the caller audio: 180-1200 ms and 2050-2600 ms of input, from 20 ms on.
+    assert s["vad_speech_ms"] == [(200.0, 1220.0), (2070.0, 2620.0)] and s["caller_speech_s"] == 1.57
+    assert s["turn_latencies_ms"] == [150.0, 200.0] and s["unanswered_turns"] == 0
+    assert (s["marks_sent"], s["marks_echoed"]) == (7, 6)
+
+
+def test_pcm16_and_preview_deltas_are_counted_in_their_own_format() -> None:
+    c = CallBuilder(dialect="preview", audio_path="pcm16")
+    c.response(100.0, "resp_P", "item_P", bytes(4800), preview=True)  # 100 ms at 24 kHz PCM16
+    s = summary(c.recording())
+    assert s["responses"] == 1 and s["generated_s"] == 0.1
+
+
+def test_dropped_prestart_frames_shift_the_vad_mapping() -> None:
+    c = CallBuilder()
+    for k in range(10):  # the first 5 frames were never appended (dropped before the session was live)
+        c.caller(20.0 * k, tone_frame(k), append=k >= 5)
+    c.model_in(300.0, {"type": "input_audio_buffer.speech_started", "audio_start_ms": 20})
+    c.model_in(350.0, {"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 60})
+    # 100 ms of caller audio was never appended: input 20-60 ms is call 120-160 ms.
+    assert summary(c.recording())["vad_speech_ms"] == [(120.0, 160.0)]
+    svg = timeline_svg(c.recording())
+    ET.fromstring(svg)
+
+
+# -- bridge.recordings.wav: the caller and heard tracks (where the analysis placed the audio) and the WAV
+
+
 def test_the_caller_track_is_contiguous_despite_jitter() -> None:
     left, right = caller_and_heard(barge_in_call().recording())
     assert left.dtype == np.int16 and len(left) == len(right) == 3300 * 8
@@ -210,38 +254,7 @@ def test_the_wav_has_both_tracks_at_8_khz() -> None:
     assert np.array_equal(frames[:, 0], left) and np.array_equal(frames[:, 1], right)
 
 
-def test_the_summary_has_the_figures_of_the_call() -> None:
-    s = summary(barge_in_call().recording())
-    assert s["call_sid"] == "CAexport1" and s["dialect"] == "ga" and s["audio_path"] == "g711_ulaw"
-    assert s["duration_s"] == 3.3 and s["caller_audio_s"] == 3.0
-    assert s["sent_s"] == 0.7 and s["heard_s"] == 0.45
-    assert s["barge_ins"] == 1 and s["truncations"] == [("item_A", 250)]
-    assert s["dtmf"] == "5" and s["hung_up"]
-    assert s["responses"] == 2 and s["response_ids"] == ["resp_A1b2C3d4E5f6", "resp_B"]
-    assert s["generated_s"] == 0.7  # 5600 μ-law bytes
-    # VAD segments mapped onto the caller audio: 180-1200 ms and 2050-2600 ms of input, from 20 ms on.
-    assert s["vad_speech_ms"] == [(200.0, 1220.0), (2070.0, 2620.0)] and s["caller_speech_s"] == 1.57
-    assert s["turn_latencies_ms"] == [150.0, 200.0] and s["unanswered_turns"] == 0
-    assert (s["marks_sent"], s["marks_echoed"]) == (7, 6)
-
-
-def test_pcm16_and_preview_deltas_are_counted_in_their_own_format() -> None:
-    c = CallBuilder(dialect="preview", audio_path="pcm16")
-    c.response(100.0, "resp_P", "item_P", bytes(4800), preview=True)  # 100 ms at 24 kHz PCM16
-    s = summary(c.recording())
-    assert s["responses"] == 1 and s["generated_s"] == 0.1
-
-
-def test_dropped_prestart_frames_shift_the_vad_mapping() -> None:
-    c = CallBuilder()
-    for k in range(10):  # the first 5 frames were never appended (dropped before the session was live)
-        c.caller(20.0 * k, tone_frame(k), append=k >= 5)
-    c.model_in(300.0, {"type": "input_audio_buffer.speech_started", "audio_start_ms": 20})
-    c.model_in(350.0, {"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 60})
-    # 100 ms of caller audio was never appended: input 20-60 ms is call 120-160 ms.
-    assert summary(c.recording())["vad_speech_ms"] == [(120.0, 160.0)]
-    svg = timeline_svg(c.recording())
-    ET.fromstring(svg)
+# -- bridge.recordings.timeline: the SVG timeline
 
 
 def texts(svg: str) -> list[str]:
@@ -267,6 +280,21 @@ def test_text_from_the_recording_is_escaped() -> None:
     c.model_in(20.0, {"type": "response.output_audio.delta", "response_id": "<b>&", "delta": "AAAA"})
     labels = texts(timeline_svg(c.recording()))
     assert any('CA<&">' in t for t in labels) and "<b>&" in labels
+
+
+def test_a_long_call_draws_a_bounded_number_of_ticks() -> None:
+    c = CallBuilder()
+    c.play(0.0, [tone_frame(k) for k in range(30_000)], step=20.0)  # 10 minutes, a mark every 100 ms
+    for n in range(1, 6001):
+        c.echo(100.0 * n, f"m{n}")
+    svg = timeline_svg(c.recording())
+    root = ET.fromstring(svg)
+    assert len(list(root.iter(f"{SVG}line"))) < 1000
+    assert len(svg) < 400_000
+    assert any("1 in 25 drawn" in t for t in texts(svg))
+
+
+# -- all three on unusual recordings
 
 
 def test_a_caller_only_capture_exports() -> None:
@@ -303,19 +331,7 @@ def test_an_empty_call_and_a_truncated_recording_export() -> None:
     assert any("cut short" in t for t in texts(timeline_svg(cut)))
 
 
-def test_a_long_call_draws_a_bounded_number_of_ticks() -> None:
-    c = CallBuilder()
-    c.play(0.0, [tone_frame(k) for k in range(30_000)], step=20.0)  # 10 minutes, a mark every 100 ms
-    for n in range(1, 6001):
-        c.echo(100.0 * n, f"m{n}")
-    svg = timeline_svg(c.recording())
-    root = ET.fromstring(svg)
-    assert len(list(root.iter(f"{SVG}line"))) < 1000
-    assert len(svg) < 400_000
-    assert any("1 in 25 drawn" in t for t in texts(svg))
-
-
-# -- real recordings made by the bridge (tests/recordings, when present)
+# -- the sample recordings made by the bridge (tests/recordings, part of the repository: never skipped)
 
 
 def load(path: Path) -> Recording:
@@ -324,16 +340,17 @@ def load(path: Path) -> Recording:
         return parse_recording(list(f), name=path.name)
 
 
-REAL = sorted([*RECORDINGS.glob("*.jsonl.gz"), *RECORDINGS.glob("*.jsonl")]) if RECORDINGS.is_dir() else []
-needs_recordings = pytest.mark.skipif(not RECORDINGS.is_dir(), reason="tests/recordings is absent")
+REAL = sorted([*RECORDINGS.glob("*.jsonl.gz"), *RECORDINGS.glob("*.jsonl")]) or [RECORDINGS / "*.jsonl.gz"]
+"""The sample recordings; none found gives one path that does not exist, so the tests fail, not skip."""
 
 
-@needs_recordings
 def test_the_recordings_directory_has_recordings() -> None:
-    assert REAL, "tests/recordings has no *.jsonl.gz"
+    assert RECORDINGS.is_dir(), f"{RECORDINGS} is missing: the sample recordings are part of the repository"
+    assert any(p.name.endswith(".jsonl.gz") and p.is_file() for p in REAL), (
+        "tests/recordings has no *.jsonl.gz"
+    )
 
 
-@needs_recordings
 @pytest.mark.parametrize("path", REAL, ids=[p.name for p in REAL])
 def test_every_real_recording_exports(path: Path) -> None:
     rec = load(path)
@@ -347,7 +364,6 @@ def test_every_real_recording_exports(path: Path) -> None:
     assert s["heard_s"] <= s["sent_s"]
 
 
-@needs_recordings
 def test_the_real_barge_in_recording_cuts_the_heard_audio() -> None:
     rec = load(RECORDINGS / "barge-in.jsonl.gz")
     s = summary(rec)

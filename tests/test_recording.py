@@ -1,17 +1,21 @@
-"""The recording format (writer, reader, captures, truncation) and recording of real calls."""
+"""The recording format (writer, reader, captures, truncation), recording files, and real calls recorded."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bridge.clock import ManualClock
 from bridge.errors import MalformedMessage
 from bridge.local_model import LocalModel
-from bridge.recordings import REDACTED, Event, Header, RecordingWriter, parse_recording
+from bridge.recordings import REDACTED, Event, Header, RecordingFile, RecordingWriter, parse_recording
+from bridge.recordings.files import GZIP_FLUSH_SECONDS
 from bridge.testing import TwilioCaller
 from tests.conftest import AUTH_TOKEN, fixture_audio
 
@@ -114,6 +118,56 @@ def test_bad_files_say_what_is_wrong(lines: list[str], fragment: str) -> None:
 def test_event_wire_of_a_json_message_is_compact_json() -> None:
     event = Event(1.0, "twilio", "in", msg={"event": "mark", "mark": {"name": "m1"}})
     assert json.loads(event.wire) == {"event": "mark", "mark": {"name": "m1"}}
+
+
+# -- recording files
+
+
+def readable_gzip_lines(path: Path) -> list[str]:
+    """The complete lines a reader gets out of a gzip file now, while its writer still has it open."""
+    text = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(path.read_bytes()).decode("utf-8")
+    return [line for line in text.splitlines(keepends=True) if line.endswith("\n")]
+
+
+def test_a_gzip_recording_is_flushed_once_the_flush_interval_of_clock_time_passed(tmp_path: Path) -> None:
+    clock = ManualClock()
+    path = tmp_path / "call.jsonl.gz"
+    sink = RecordingFile(path, clock)
+    lines = [f'{{"t": {n}}}\n' for n in range(6)]
+    try:
+        sink(lines[0])
+        clock.set(GZIP_FLUSH_SECONDS / 2)
+        sink(lines[1])
+        clock.set(math.nextafter(GZIP_FLUSH_SECONDS, 0.0))  # the last instant before the interval is up
+        sink(lines[2])
+        assert readable_gzip_lines(path) == []
+        clock.set(GZIP_FLUSH_SECONDS)
+        sink(lines[3])  # the first line once the interval is up: everything so far can be read
+        assert readable_gzip_lines(path) == lines[:4]
+        sink(lines[4])  # the interval starts again from that flush
+        clock.set(GZIP_FLUSH_SECONDS * 1.5)
+        sink(lines[5])
+        assert readable_gzip_lines(path) == lines[:4]
+    finally:
+        sink.close()
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        assert list(f) == lines
+
+
+def test_a_plain_recording_reaches_the_file_line_by_line(tmp_path: Path) -> None:
+    clock = ManualClock()
+    path = tmp_path / "call.jsonl"
+    sink = RecordingFile(path, clock)
+    try:
+        sink('{"t": 0}\n')
+        assert path.read_text(encoding="utf-8") == '{"t": 0}\n'
+        sink('{"t": 1}\n')
+        assert path.read_text(encoding="utf-8") == '{"t": 0}\n{"t": 1}\n'
+    finally:
+        sink.close()
+
+
+# -- recording real calls
 
 
 def read(path: Path) -> list[str]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 
 from bridge import realtime as rt
@@ -10,9 +14,65 @@ from bridge.clock import ManualClock
 from bridge.config import AudioPath
 from bridge.errors import IllegalTransition
 from bridge.prompts import Profile, TurnDetection
-from bridge.session import CallSession, CallState, ClearAudio, EndCall, PlaceMark, PlayAudio, Trigger
+from bridge.session import (
+    CallSession,
+    CallState,
+    ClearAudio,
+    EndReason,
+    Goodbye,
+    PlaceMark,
+    PlayAudio,
+    Timeouts,
+    Trigger,
+)
 
 SID = "MZ" + "0" * 32
+
+
+@dataclass(frozen=True)
+class Ended:
+    """In a step's outputs: this step ended the call."""
+
+    reason: EndReason
+    detail: str = ""
+
+
+class Driven:
+    """A session as the driver runs it: each step returns what it queued for both sockets (Twilio's
+    first, the order the driver sends them in), then :class:`Ended` when that step ended the call."""
+
+    def __init__(self, session: CallSession) -> None:
+        self.session = session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def _step(self, action: Callable[..., None], *args: Any) -> list[object]:
+        ended = self.session.ended
+        action(*args)
+        out: list[object] = [*self.session.twilio_to_send(), *self.session.model_to_send()]
+        if self.session.ended and not ended:
+            assert self.session.end_reason is not None
+            out.append(Ended(self.session.end_reason, self.session.end_detail))
+        return out
+
+    def receive_twilio(self, event: tw.TwilioEvent) -> list[object]:
+        return self._step(self.session.receive_twilio, event)
+
+    def receive_realtime(self, event: rt.ServerEvent) -> list[object]:
+        return self._step(self.session.receive_realtime, event)
+
+    def upstream_opened(self) -> list[object]:
+        return self._step(self.session.upstream_opened)
+
+    def say_goodbye(self, text: str) -> list[object]:
+        return self._step(self.session.say_goodbye, text)
+
+    def end(self, reason: EndReason, detail: str = "") -> list[object]:
+        return self._step(self.session.end, reason, detail)
+
+    def tick(self, now: float) -> list[object]:
+        return self._step(self.session.tick, now)
 
 
 def start_event() -> tw.Start:
@@ -43,14 +103,14 @@ def updated(fmt: str) -> rt.SessionUpdated:
 
 def make(
     path: AudioPath = AudioPath.G711_ULAW, *, greeting: str = "Hi there", interrupt: bool = True
-) -> tuple[CallSession, ManualClock]:
+) -> tuple[Driven, ManualClock]:
     clock = ManualClock(100.0)
     profile = Profile(greeting=greeting, turn_detection=TurnDetection(interrupt_response=interrupt))
-    session = CallSession(call_id="CA-test", profile=profile, audio_path=path, clock=clock)
+    session = Driven(CallSession(call_id="CA-test", profile=profile, audio_path=path, clock=clock))
     return session, clock
 
 
-def live(path: AudioPath = AudioPath.G711_ULAW, **kw: object) -> tuple[CallSession, ManualClock]:
+def live(path: AudioPath = AudioPath.G711_ULAW, **kw: object) -> tuple[Driven, ManualClock]:
     session, clock = make(path, **kw)  # type: ignore[arg-type]
     session.upstream_opened()
     session.receive_twilio(start_event())
@@ -59,7 +119,7 @@ def live(path: AudioPath = AudioPath.G711_ULAW, **kw: object) -> tuple[CallSessi
     return session, clock
 
 
-def respond(session: CallSession, response: str, item: str, audio: bytes) -> list[object]:
+def respond(session: Driven, response: str, item: str, audio: bytes) -> list[object]:
     out: list[object] = []
     out += session.receive_realtime(rt.ResponseCreated(response))
     out += session.receive_realtime(rt.OutputItemAdded(response, item, "message"))
@@ -128,11 +188,12 @@ def test_illegal_transition_raises_and_changes_nothing() -> None:
 
 def test_stop_ends_the_call_and_nothing_is_sent_after() -> None:
     session, _ = live()
-    assert session.receive_twilio(tw.Stop(SID, "AC", "CA", 9)) == [EndCall("the caller hung up")]
+    assert session.receive_twilio(tw.Stop(SID, "AC", "CA", 9)) == [Ended(EndReason.CALLER_HUNG_UP)]
     assert session.ended
     assert session.receive_twilio(media()) == []
     assert session.receive_realtime(rt.AudioDelta("r", "i", b"\x00" * 800)) == []
-    assert session.end("again") == []
+    assert session.end(EndReason.SHUTDOWN) == []
+    assert session.end_reason is EndReason.CALLER_HUNG_UP  # the first reason stays
 
 
 def test_a_refused_session_update_ends_the_call_with_the_reason() -> None:
@@ -140,14 +201,14 @@ def test_a_refused_session_update_ends_the_call_with_the_reason() -> None:
     outs = session.receive_realtime(
         rt.ErrorEvent("invalid_value", "voice is bad", "invalid_request_error", "x", None)
     )
-    assert len(outs) == 1 and isinstance(outs[0], EndCall)
-    assert "voice is bad" in outs[0].reason
+    assert len(outs) == 1 and isinstance(outs[0], Ended)
+    assert outs[0].reason is EndReason.MODEL_REFUSED_SESSION and "voice is bad" in outs[0].detail
 
 
 def test_a_session_with_the_wrong_audio_format_ends_the_call() -> None:
     session, _ = make(AudioPath.PCM16)
     (end,) = session.receive_realtime(updated("g711_ulaw"))
-    assert isinstance(end, EndCall) and "pcm16" in end.reason
+    assert isinstance(end, Ended) and end.reason is EndReason.AUDIO_FORMAT_MISMATCH and "pcm16" in end.detail
 
 
 def test_benign_cancel_error_is_ignored() -> None:
@@ -308,7 +369,7 @@ def test_goodbye_stops_playback_speaks_and_ends_once_heard() -> None:
     assert session.receive_realtime(rt.ResponseDone("r2", "completed", None)) == []
     clock.advance(0.1)
     (end,) = session.receive_twilio(mark("m3"))
-    assert isinstance(end, EndCall) and end.reason == "said goodbye"
+    assert end == Ended(EndReason.SAID_GOODBYE)
 
 
 def test_a_delta_before_output_item_added_keeps_the_items_counts() -> None:
@@ -362,12 +423,14 @@ def test_unknown_and_stale_mark_names_are_ignored() -> None:
 
 def test_a_prerendered_greeting_plays_at_stream_start_and_the_model_is_told() -> None:
     clock = ManualClock(100.0)
-    session = CallSession(
-        call_id="CA",
-        profile=Profile(greeting="Hi there"),
-        audio_path=AudioPath.PCM16,
-        clock=clock,
-        greeting_audio=b"\x11" * 1000,
+    session = Driven(
+        CallSession(
+            call_id="CA",
+            profile=Profile(greeting="Hi there"),
+            audio_path=AudioPath.PCM16,
+            clock=clock,
+            greeting_audio=b"\x11" * 1000,
+        )
     )
     outs = session.receive_twilio(start_event())  # the model is not even ready yet
     plays = [o for o in outs if isinstance(o, PlayAudio)]
@@ -386,3 +449,111 @@ def test_turn_latency_is_measured_from_the_end_of_the_callers_turn() -> None:
     clock.advance(0.42)
     respond(session, "r1", "i1", b"\x30" * 800)
     assert session.stats.turn_latencies_ms == [pytest.approx(420)]
+
+
+# -- time: every timeout is the session's, decided by tick(now); deadline() says when it is due
+
+
+def timed(max_call_seconds: int = 60) -> tuple[Driven, ManualClock]:
+    clock = ManualClock(100.0)
+    profile = Profile(greeting="", max_call_seconds=max_call_seconds)
+    timeouts = Timeouts(prewarm=5.0, model_ready=3.0, twilio_idle=15.0, time_limit_grace=20.0)
+    session = CallSession(
+        call_id="CA-t", profile=profile, audio_path=AudioPath.G711_ULAW, clock=clock, timeouts=timeouts
+    )
+    return Driven(session), clock
+
+
+def test_a_prewarmed_call_without_a_stream_ends_at_its_deadline() -> None:
+    session, clock = timed()
+    assert session.deadline() == 105.0
+    clock.set(104.9)
+    assert session.tick(clock.now()) == []
+    clock.set(105.0)
+    assert session.tick(clock.now()) == [Ended(EndReason.NO_STREAM, "within 5 s")]
+    assert session.deadline() is None
+
+
+def test_a_stream_whose_model_never_confirms_ends_after_model_ready() -> None:
+    session, clock = timed()
+    clock.advance(1.0)
+    session.receive_twilio(start_event())  # the stream starts at 101: the model has until 104
+    assert session.deadline() == 104.0
+    clock.set(104.0)
+    (end,) = session.tick(clock.now())
+    assert end == Ended(EndReason.MODEL_NOT_READY, "within 3 s")
+
+
+def test_twilio_silence_ends_a_live_call_and_each_frame_moves_the_deadline() -> None:
+    session, clock = timed()
+    session.receive_twilio(start_event())
+    session.receive_realtime(updated("g711_ulaw"))
+    assert session.live and session.deadline() == 115.0
+    clock.advance(10.0)
+    session.receive_twilio(media())
+    assert session.deadline() == 125.0
+    clock.set(124.9)
+    assert session.tick(clock.now()) == []
+    clock.set(125.0)
+    assert session.tick(clock.now()) == [Ended(EndReason.TWILIO_IDLE, "nothing for 15 s")]
+
+
+def test_the_time_limit_asks_for_a_goodbye_then_ends_after_the_grace() -> None:
+    session, clock = timed(max_call_seconds=12)
+    session.receive_twilio(start_event())
+    session.receive_realtime(updated("g711_ulaw"))
+    clock.set(112.0)
+    session.receive_twilio(media())  # Twilio is still there
+    outs = session.tick(clock.now())
+    assert isinstance(outs[-1], rt.CreateResponse) and "time limit" in (outs[-1].instructions or "")
+    assert session.goodbye is Goodbye.ASKED
+    assert session.deadline() == 127.0  # Twilio's idle deadline comes before the grace
+    clock.set(126.0)
+    session.receive_twilio(media())
+    assert session.deadline() == 132.0  # the grace: 112 + 20
+    clock.set(132.0)
+    session.receive_twilio(media())
+    assert session.tick(clock.now()) == [Ended(EndReason.TIME_LIMIT)]
+
+
+def test_a_goodbye_moves_along_its_table_only() -> None:
+    session, _ = live()
+    session.say_goodbye("Bye")
+    assert session.goodbye is Goodbye.ASKED
+    assert session.say_goodbye("Bye again") == []  # asked once
+    session.receive_realtime(rt.ResponseCreated("r9"))
+    assert session.goodbye is Goodbye.SPEAKING
+    session.receive_realtime(rt.ResponseDone("r8", "completed", None))  # another response: no move
+    assert session.goodbye is Goodbye.SPEAKING
+    session.receive_realtime(rt.ResponseDone("r9", "completed", None))
+    assert session.goodbye is Goodbye.SPOKEN
+
+
+def test_a_prerendered_greeting_is_in_the_transcript() -> None:
+    clock = ManualClock(100.0)
+    session = CallSession(
+        call_id="CA",
+        profile=Profile(greeting="Hi there"),
+        audio_path=AudioPath.G711_ULAW,
+        clock=clock,
+        greeting_audio=b"\x11" * 400,
+    )
+    session.receive_twilio(start_event())
+    assert session.stats.transcript == [("assistant", "Hi there")]
+
+
+def test_a_barge_in_drops_twilio_commands_not_taken_yet() -> None:
+    session, clock = live()
+    session.session.receive_realtime(rt.ResponseCreated("r1"))
+    session.session.receive_realtime(rt.AudioDelta("r1", "i1", b"\x30" * 800))  # queued, not taken
+    clock.advance(0.01)
+    outs = session.receive_realtime(rt.SpeechStarted(100, "u1"))
+    assert outs[0] == ClearAudio()
+    assert not any(isinstance(o, PlayAudio | PlaceMark) for o in outs)
+
+
+def test_end_reasons_say_whether_the_call_completed_and_whether_the_model_failed() -> None:
+    assert EndReason.CALLER_HUNG_UP.completed and EndReason.SAID_GOODBYE.completed
+    assert not EndReason.TWILIO_IDLE.completed
+    assert EndReason.MODEL_DROPPED.model_failed and EndReason.MODEL_UNREACHABLE.model_failed
+    assert not EndReason.CALLER_HUNG_UP.model_failed and not EndReason.MODEL_NOT_READY.model_failed

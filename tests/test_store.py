@@ -26,7 +26,8 @@ from bridge.store import (
     open_store,
     sqlite_path,
 )
-from bridge.store.sqlite import MIGRATIONS, SQLiteStore
+from bridge.store.schema import MIGRATIONS
+from bridge.store.sqlite import SQLiteStore
 
 SALES = Profile(name="sales", instructions="Sell.", numbers=("+14155550100", "+14155550101"))
 SUPPORT = Profile(

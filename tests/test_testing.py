@@ -9,6 +9,7 @@ loosely (about ±40 ms): the machine may be loaded.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from bridge.config import STREAM_PATH, VOICE_PATH
 from bridge.errors import MalformedMessage
-from bridge.testing import PlayedMark, TwilioCaller, TwilioCallerError
+from bridge.testing import PlayedMark, TwilioCaller, TwilioCallerError, serve_bridge
 from bridge.twilio import (
     PARAM_CALL_SID,
     PARAM_TOKEN,
@@ -30,15 +31,12 @@ from bridge.twilio import (
     Stop,
     TwilioEvent,
     UnknownEvent,
-    check_signature,
-    connect_twiml,
     parse_message,
-    reject_twiml,
     serialize_clear,
     serialize_mark,
     serialize_media,
-    websocket_signature_urls,
 )
+from bridge.webhooks import check_signature, connect_twiml, reject_twiml, websocket_signature_urls
 
 AUTH_TOKEN = "f" * 32
 PUBLIC_URL = "https://bridge.example.com"
@@ -452,9 +450,10 @@ async def test_clear_flushes_audio_and_echoes_pending_marks_as_not_played(bridge
         cleared_at = await caller.wait_for_clear()
         await bridge.wait_for(lambda: len(bridge.mark_echoes()) == 2)
         heard = len(caller.played)
-        await asyncio.sleep(0.1)
-        assert len(caller.played) == heard  # nothing plays after a clear
         assert caller.buffered_seconds() == 0
+        # Nothing plays after a clear, however long playback runs on (no waiting: the FIFO is empty).
+        assert caller.playback.advance(asyncio.get_running_loop().time() + 60) == []
+        assert len(caller.played) == heard
 
     assert cleared_at == pytest.approx(sent["clear"], abs=SLACK)
     assert caller.clears == [cleared_at]
@@ -566,7 +565,10 @@ async def test_bridge_closing_the_stream_is_seen_and_stops_playback(bridge: Fake
         with pytest.raises(TwilioCallerError, match="closed"):
             await caller.wait_for_played(0.5)
         heard = len(caller.played)
-        await asyncio.sleep(0.05)
+        # Playback stopped with the socket: once its task is over (awaited, not slept on), nothing plays.
+        players = [t for t in asyncio.all_tasks() if t.get_name().startswith("twilio-caller-play")]
+        if players:  # a task still finishing its cancellation; a finished one has left all_tasks()
+            await asyncio.wait(players)
         assert len(caller.played) == heard
         await caller.speak(tone(160))  # returns quietly: the stream is gone
     assert heard == pytest.approx(800, abs=SLACK * 8000)
@@ -593,3 +595,24 @@ async def test_using_the_stream_before_connecting_is_an_error() -> None:
     with pytest.raises(TwilioCallerError, match="not connected"):
         await caller.speak(b"\xff")
     await caller.close()
+
+
+# --- serve_bridge ----------------------------------------------------------------------------------------
+
+
+async def test_serve_bridge_serves_on_a_free_loopback_port_and_frees_it(tmp_path: Any) -> None:
+    env = {"TWILIO_AUTH_TOKEN": AUTH_TOKEN, "BRIDGE_DATA_DIR": str(tmp_path)}
+    async with serve_bridge(env) as served:
+        assert served.url == f"http://127.0.0.1:{served.port}"
+        assert served.settings.public_url == served.url  # filled in: the port is known once bound
+        assert await served.get("/healthz") == (200, "ok\n")
+        async with TwilioCaller(served.url, auth_token=AUTH_TOKEN) as caller:
+            status, body = await caller.post_voice()  # signed over the public URL it chose
+            assert status == 200, body
+            caller.accept_twiml(body)
+        assert caller.stream_url == served.url.replace("http://", "ws://") + STREAM_PATH
+    with socket.socket() as sock:  # the port is free again: it can be bound
+        sock.bind(("127.0.0.1", served.port))
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await http.get(served.url + "/healthz")

@@ -11,6 +11,7 @@ managed-identity hosts), so the chain reaches the managed identity and stops the
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -24,6 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp import web
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import InvalidStatus
+from websockets.protocol import State
 
 import bridge.upstream
 from bridge.config import Dialect
@@ -31,7 +35,7 @@ from bridge.errors import UpstreamRejected, UpstreamUnavailable
 from bridge.local_model import LocalModel
 from bridge.realtime import adapter_for
 from bridge.testing import TwilioCaller
-from bridge.upstream import ENTRA_SCOPE, Target, Upstream, realtime_url
+from bridge.upstream import ENTRA_SCOPE, SEND_HIGH_WATER, FastWriter, Target, Upstream, realtime_url
 from tests.conftest import AUTH_TOKEN
 
 pytestmark = pytest.mark.timeout(60)
@@ -136,6 +140,37 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> tuple[float, ...]:
     return delays
 
 
+@dataclass
+class Dial:
+    """One handshake the bridge attempted, seen from its side: when, and the HTTP status it got."""
+
+    url: str
+    at: float
+    status: int | None = None
+    """101 when the socket opened, the refusal's status otherwise; ``None`` if it failed without one."""
+
+
+@pytest.fixture
+def dials(monkeypatch: pytest.MonkeyPatch) -> list[Dial]:
+    """Every handshake ``Upstream`` attempts, in order: wraps the ``connect`` it dials with."""
+    real = bridge.upstream.connect
+    seen: list[Dial] = []
+
+    async def counting(url: str, **kwargs: Any) -> ClientConnection:
+        dial = Dial(url, time.monotonic())
+        seen.append(dial)
+        try:
+            ws = await real(url, **kwargs)
+        except InvalidStatus as exc:
+            dial.status = exc.response.status_code
+            raise
+        dial.status = 101
+        return ws
+
+    monkeypatch.setattr(bridge.upstream, "connect", counting)
+    return seen
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (bound, then released)."""
     with socket.socket() as sock:
@@ -158,8 +193,8 @@ def target(
 
 
 async def connect_and_close(upstream: Upstream) -> None:
-    ws, _ = await upstream.connect()
-    await ws.close()
+    realtime = await upstream.connect()
+    await realtime.close()
 
 
 # --- 1. URLs ----------------------------------------------------------------------------------------------
@@ -223,10 +258,11 @@ async def test_a_quoted_deployment_name_reaches_the_server_intact(dialect: str) 
 async def test_api_key_is_sent_as_api_key_header_only(dialect: str) -> None:
     async with LocalModel(api_key=KEY) as model:
         upstream = Upstream(target(model, dialect=dialect))
-        ws, adapter = await upstream.connect()
+        realtime = await upstream.connect()
+        ws = realtime.ws
         conn = await model.wait_for_connection()
         assert conn.dialect == dialect
-        assert type(adapter) is type(adapter_for(upstream.target.dialect))
+        assert type(realtime.adapter) is type(adapter_for(upstream.target.dialect))
         assert conn.headers["api-key"] == KEY
         assert "authorization" not in conn.headers
         if dialect == "ga":
@@ -380,13 +416,17 @@ async def test_403_and_404_name_the_setting_to_fix_and_are_not_retried(
 
 @pytest.mark.parametrize("status", [429, 503])
 async def test_a_transient_refusal_is_retried(
-    status: int, fast_retries: tuple[float, ...], caplog: pytest.LogCaptureFixture
+    status: int, fast_retries: tuple[float, ...], dials: list[Dial], caplog: pytest.LogCaptureFixture
 ) -> None:
     async with LocalModel() as model:
         model.reject_next(status, count=1)
         upstream = Upstream(target(model))
         with caplog.at_level(logging.WARNING, logger="bridge.upstream"):
             await connect_and_close(upstream)
+        # Two handshakes: the refused one, then the retry, after the first back-off, which opened.
+        assert [d.status for d in dials] == [status, 101]
+        assert dials[0].url == dials[1].url == upstream.target.url
+        assert dials[1].at - dials[0].at >= fast_retries[0] * 0.9
         assert len(model.connections) == 1
         (warning,) = [r for r in caplog.records if r.name == "bridge.upstream"]
         assert f"HTTP {status}" in warning.getMessage()
@@ -394,7 +434,7 @@ async def test_a_transient_refusal_is_retried(
 
 
 async def test_429_every_time_gives_up_after_the_retries(
-    fast_retries: tuple[float, ...], caplog: pytest.LogCaptureFixture
+    fast_retries: tuple[float, ...], dials: list[Dial], caplog: pytest.LogCaptureFixture
 ) -> None:
     attempts = len(fast_retries) + 1
     async with LocalModel() as model:
@@ -406,12 +446,14 @@ async def test_429_every_time_gives_up_after_the_retries(
         ):
             await upstream.connect()
         assert "HTTP 429" in str(c.value)
+        assert [d.status for d in dials] == [429] * attempts
         assert sum(r.name == "bridge.upstream" for r in caplog.records) == attempts
         # Exactly `attempts` handshakes were refused: the next connect goes through at once.
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="bridge.upstream"):
             await connect_and_close(upstream)
         assert not [r for r in caplog.records if r.name == "bridge.upstream"]
+        assert [d.status for d in dials[attempts:]] == [101]
         await upstream.close()
 
 
@@ -488,3 +530,51 @@ async def test_the_secret_free_check_would_catch_a_leak(caplog: pytest.LogCaptur
         await connect_and_close(upstream)
         await upstream.close()
     assert KEY in caplog.text
+
+
+# --- FastWriter: the one class that relies on websockets' internals --------------------------------------
+
+
+async def test_fast_writer_pins_the_websockets_internals_it_relies_on() -> None:
+    """Writes at once while the socket is open and idle, in order with ordinary sends; declines (so the
+    caller uses ``send``) while a fragmented send is in progress and once the socket is closing."""
+    async with LocalModel(api_key=KEY) as model:
+        realtime = await Upstream(target(model)).connect()
+        ws = realtime.ws
+        conn = await model.wait_for_connection()
+        writer = FastWriter(ws)
+        # The internals it reads exist and mean what it assumes.
+        assert ws.send_in_progress is None
+        assert ws.protocol.state is State.OPEN
+        assert ws.transport.get_write_buffer_size() < SEND_HIGH_WATER
+        cancel = '{"type":"response.cancel"}'
+        assert writer.try_write(cancel)
+        await ws.send('{"type":"input_audio_buffer.clear"}')
+        assert writer.try_write(cancel)
+        async with asyncio.timeout(5):
+            while len(conn.received) < 3:
+                await asyncio.sleep(0.01)
+        assert conn.received_types()[-3:] == [
+            "response.cancel",
+            "input_audio_buffer.clear",
+            "response.cancel",
+        ]
+
+        # A fragmented message in progress: a frame written now would land inside it.
+        release = asyncio.Event()
+
+        async def fragments() -> AsyncIterator[str]:
+            yield '{"type":"input_audio_buffer.'
+            await release.wait()
+            yield 'clear"}'
+
+        sending = asyncio.create_task(ws.send(fragments()))
+        while ws.send_in_progress is None:
+            await asyncio.sleep(0)
+        assert not writer.try_write(cancel)
+        release.set()
+        await sending
+        assert writer.try_write(cancel)
+
+        await ws.close()
+        assert not writer.try_write(cancel)  # closed: send() is the one to raise ConnectionClosed

@@ -8,6 +8,7 @@ cannot make the admin UI hand out arbitrary files.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,13 @@ from bridge.config import Settings
 from bridge.errors import BridgeError
 from bridge.keys import STORE
 from bridge.recordings import load_recording
-from bridge.recordings.export import timeline_svg
+from bridge.recordings.timeline import timeline_svg
 from bridge.store import CallRecord, NotFound
 
 PAGE_SIZE = 50
 RECORDING_ROOTS = web.AppKey("bridge_admin_recording_roots", tuple[Path, ...])
+LATENCY_COUNTS = {"turns": ("turn", "turns")}
+"""Entries of a record's ``latency_ms`` that are counts, not milliseconds: key -> (singular, plural)."""
 
 
 def recording_roots(settings: Settings) -> tuple[Path, ...]:
@@ -102,8 +105,23 @@ async def call_detail(request: web.Request) -> web.Response:
         )
     names = {s.profile_id: s.latest.profile.name for s in await store.list_profiles()}
     recorded = recording_file(record, request.app[RECORDING_ROOTS]) is not None
-    context = {"record": record, "names": names, "recorded": recorded}
+    latency = latency_facts(record.latency_ms)
+    context = {"record": record, "names": names, "recorded": recorded, "latency": latency}
     return page(request, "call.html", context, title=f"Call {record.call_sid}")
+
+
+def latency_facts(latency_ms: Mapping[str, float]) -> list[tuple[str, str]]:
+    """A record's latency figures for the page: ``("turn p50", "420 ms")``, ``("turns", "3 turns")``."""
+    facts: list[tuple[str, str]] = []
+    for key, value in latency_ms.items():
+        label = key.replace("_", " ")
+        if key in LATENCY_COUNTS:
+            singular, plural = LATENCY_COUNTS[key]
+            count = round(value)
+            facts.append((label, f"{count} {singular if count == 1 else plural}"))
+        else:
+            facts.append((label, f"{value:.0f} ms"))
+    return facts
 
 
 async def _recorded(request: web.Request) -> tuple[CallRecord, Path]:

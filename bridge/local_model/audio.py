@@ -93,7 +93,10 @@ BEEP = _tone(660.0, 300)
 
 
 def threshold_to_rms(threshold: float) -> float:
-    """The frame RMS (PCM16 units) that counts as speech for a VAD ``threshold``: ``-70 + 60·t`` dBFS."""
+    """The frame RMS (PCM16 units) that counts as speech for a VAD ``threshold``: ``-70 + 60·t`` dBFS.
+
+    ``threshold`` t maps linearly in dB: 0.5 is -40 dBFS, well under telephone speech (about -30 to -15 dBFS)
+    and well over line silence and low noise (under -55 dBFS)."""
     return 32768.0 * 10 ** ((-70.0 + 60.0 * threshold) / 20.0)
 
 

@@ -1,5 +1,8 @@
 """Call recordings: the JSON Lines format (:mod:`.format`), the files calls are written to and read from
-(:mod:`.files`), and their export as a stereo WAV, a summary and an SVG timeline (:mod:`.export`)."""
+(:mod:`.files`), and their exports: the analysis of a call into its timeline and summary
+(:mod:`.analysis`), the stereo WAV of what each side heard (:mod:`.wav`) and the SVG timeline
+(:mod:`.timeline`). The exports (numpy) are imported from their modules, not re-exported here, so that
+the call path does not load them."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from bridge.recordings.files import load_recording
 
 def export_command(args: argparse.Namespace) -> int:
     """``bridge export``: write the WAV and/or the timeline of one recording."""
-    from bridge.recordings.export import caller_and_heard, timeline_svg, wav_bytes
+    from bridge.recordings.timeline import timeline_svg
+    from bridge.recordings.wav import caller_and_heard, wav_bytes
 
     if args.wav is None and args.timeline is None:
         print("bridge export: say what to write: --wav FILE and/or --timeline FILE.svg", file=sys.stderr)

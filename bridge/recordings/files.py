@@ -1,12 +1,16 @@
-"""Recording files: the sink a call writes its recording to, and the loader that reads one back."""
+"""Recording files: the sink a call writes its recording to, and the loader that reads one back.
+
+The file I/O of a call's recording, kept out of the pure :mod:`.format`. Time comes only from the
+injected :class:`~bridge.clock.Clock` (the call's), so that tests drive the gzip flush with a manual clock.
+"""
 
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from time import monotonic
 from typing import IO, Any
 
+from bridge.clock import Clock
 from bridge.recordings.format import Recording, parse_recording
 
 GZIP_FLUSH_SECONDS = 1.0
@@ -23,23 +27,31 @@ def load_recording(path: Path) -> Recording:
 
 
 class RecordingFile:
-    """The sink of one call's recording: every line reaches the OS at once (gzip: every second)."""
+    """The sink of one call's recording: every line reaches the OS at once (gzip: every second).
 
-    def __init__(self, path: Path) -> None:
+    A gzip file is sync-flushed on the first line written once :data:`GZIP_FLUSH_SECONDS` of ``clock``
+    time have passed since the last flush (or the opening): then everything written so far can be read
+    back, though the file is still open.
+    """
+
+    def __init__(self, path: Path, clock: Clock) -> None:
         self.path = path
+        self._clock = clock
         self._gzip = path.name.endswith(".gz")
         self._file: IO[str] = (
             gzip.open(path, "wt", encoding="utf-8")  # noqa: SIM115 - closed by close()
             if self._gzip
             else open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed by close()
         )
-        self._flushed = monotonic()
+        self._flushed = clock.now()
 
     def __call__(self, line: str) -> None:
         self._file.write(line)
-        if self._gzip and monotonic() - self._flushed >= GZIP_FLUSH_SECONDS:
-            self._file.flush()
-            self._flushed = monotonic()
+        if self._gzip:
+            now = self._clock.now()
+            if now - self._flushed >= GZIP_FLUSH_SECONDS:
+                self._file.flush()
+                self._flushed = now
 
     def close(self) -> None:
         """Flush and close the file."""

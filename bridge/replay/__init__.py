@@ -1,20 +1,19 @@
-"""Replay recorded calls through a real bridge: the engine (:mod:`.engine`), the ``bridge replay`` command
-(:mod:`.cli`) and the pytest plugin (:mod:`.pytest_plugin`, fixture ``bridge_replay``)."""
+"""Replay recorded calls through a real bridge: the engine (:mod:`.engine`), its virtual clock
+(:mod:`.loop`) and comparison (:mod:`.compare`), the ``bridge replay`` command (:mod:`.cli`) and the pytest
+plugin (:mod:`.pytest_plugin`, fixture ``bridge_replay``)."""
 
 from __future__ import annotations
 
+from bridge.replay.compare import compare_client_events
 from bridge.replay.engine import (
     ModelChoice,
     RecordedModel,
     ReplayResult,
-    Speed,
-    VirtualTimeLoop,
-    compare_client_events,
     profile_of,
     replay_file,
     replay_recording,
-    run,
 )
+from bridge.replay.loop import Speed, VirtualTimeLoop, run
 
 __all__ = [
     "ModelChoice",

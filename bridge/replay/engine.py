@@ -13,10 +13,11 @@ How a replay works
   ``local`` -- the local model; ``azure`` -- the configured deployment.
 * With ``--model recorded`` the client events the bridge sends now are compared with the recording's:
   the session config exactly, every other event in order, with tolerances for audio (length) and for
-  truncation points (ms), ignoring event ids. Any difference is a divergence, reported in plain words.
+  truncation points (ms), ignoring event ids. Any difference is a divergence, reported in plain words
+  (:mod:`bridge.replay.compare`).
 * **Speed**: ``realtime`` runs on the wall clock; ``fast`` runs the bridge, the double and the recorded
   model on one event loop whose clock jumps ahead whenever every party is idle (a virtual clock), so a
-  ten-minute call replays in seconds with identical timing.
+  ten-minute call replays in seconds with identical timing (:mod:`bridge.replay.loop`).
 """
 
 from __future__ import annotations
@@ -24,110 +25,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import selectors
-import socket
 import tempfile
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import orjson
-import pybase64
 from aiohttp import web
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from bridge.app import create_app
 from bridge.clock import LoopClock
-from bridge.config import load_settings
 from bridge.errors import ConfigError
 from bridge.keys import METRICS, STORE
 from bridge.local_model import LocalModel
 from bridge.prompts import Profile, profile_from_mapping
 from bridge.recordings import Event, Recording, load_recording
-from bridge.testing import TwilioCaller
+from bridge.replay.compare import compare_client_events
+from bridge.replay.loop import Speed, VirtualTimeLoop, run
+from bridge.testing import TwilioCaller, serve_bridge
+
+__all__ = [
+    "ModelChoice",
+    "RecordedModel",
+    "ReplayResult",
+    "Speed",
+    "VirtualTimeLoop",
+    "compare_client_events",
+    "profile_of",
+    "replay_file",
+    "replay_recording",
+    "run",
+]
 
 ModelChoice = Literal["recorded", "local", "azure"]
-Speed = Literal["fast", "realtime"]
-T = TypeVar("T")
 
-TRUNCATE_TOLERANCE_MS = {"fast": 25, "realtime": 60}
-"""How far a replayed truncation point may be from the recorded one."""
-AUDIO_TOLERANCE_MS = 40
-"""How far the total caller audio sent to the model may differ."""
 END_GRACE_S = 3.0
 """After the last recorded event, how long the replay waits for the call to end on its own."""
-
-
-# --- a virtual clock for fast replays --------------------------------------------------------------
-
-
-class _JumpingSelector(selectors.DefaultSelector):
-    """A selector that, when nothing is ready, moves the clock to the next timer instead of waiting.
-
-    Every party of an in-process replay runs on the one loop, and loopback TCP delivers in ``send``, so
-    "no socket is readable and no callback is ready" means nothing can happen before the next timer.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 0.0
-        self.threads_busy = 0
-        """Work handed to threads (the store's SQLite calls): its end wakes the loop through I/O."""
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready: list[tuple[selectors.SelectorKey, int]] = super().select(0)
-        if ready or timeout == 0:
-            return ready
-        if timeout is None or self.threads_busy:
-            # Only outside work can wake us (a thread, or no timer at all): wait for it for real,
-            # without moving the virtual clock.
-            result: list[tuple[selectors.SelectorKey, int]] = super().select(timeout)
-            return result
-        self.now += timeout
-        return []
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """An event loop on virtual time: sleeps and timeouts pass instantly when the loop is idle."""
-
-    def __init__(self) -> None:
-        self._jumping = _JumpingSelector()
-        super().__init__(self._jumping)
-
-    def time(self) -> float:
-        """Virtual seconds since the loop was made."""
-        return float(self._jumping.now)
-
-    def run_in_executor(  # type: ignore[override]
-        self, executor: Any, func: Callable[..., T], *args: Any
-    ) -> asyncio.Future[T]:
-        """As usual, but the clock must not jump while a thread works: its result is the next event."""
-        future = super().run_in_executor(executor, func, *args)
-        self._jumping.threads_busy += 1
-
-        def done(_: asyncio.Future[T]) -> None:
-            self._jumping.threads_busy -= 1
-
-        future.add_done_callback(done)
-        return future
-
-    async def shutdown_default_executor(self, *args: Any, **kwargs: Any) -> None:
-        """Joining the executor's threads happens in a thread too: keep the clock still meanwhile
-        (Python 3.12+ would otherwise see its join timeout pass at once)."""
-        self._jumping.threads_busy += 1
-        try:
-            await super().shutdown_default_executor(*args, **kwargs)
-        finally:
-            self._jumping.threads_busy -= 1
-
-
-def run(main: Coroutine[Any, Any, T], *, speed: Speed) -> T:
-    """Run ``main`` on a fresh loop: virtual time for ``fast``, the wall clock for ``realtime``."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = VirtualTimeLoop if speed == "fast" else None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
 
 
 # --- the recorded model ----------------------------------------------------------------------------
@@ -252,81 +187,6 @@ class RecordedModel:
             previous = (loop.time(), cue.event.t)
 
 
-# --- comparing -------------------------------------------------------------------------------------
-
-
-def _audio_ms(events: Sequence[Mapping[str, Any]], audio_path: str) -> float:
-    total = sum(len(pybase64.b64decode(str(e.get("audio", "")))) for e in events)
-    return total / (48.0 if audio_path == "pcm16" else 8.0)
-
-
-def _strip(event: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in event.items() if k != "event_id"}
-
-
-def compare_client_events(
-    recorded: Sequence[Mapping[str, Any]],
-    replayed: Sequence[Mapping[str, Any]],
-    *,
-    audio_path: str,
-    speed: Speed,
-) -> list[str]:
-    """What the bridge sent to the model now, against the recording: a list of differences in words."""
-    problems: list[str] = []
-    appends = "input_audio_buffer.append"
-    rec_audio = _audio_ms([e for e in recorded if e.get("type") == appends], audio_path)
-    new_audio = _audio_ms([e for e in replayed if e.get("type") == appends], audio_path)
-    if abs(rec_audio - new_audio) > AUDIO_TOLERANCE_MS:
-        problems.append(
-            f"caller audio sent to the model: {rec_audio:.0f} ms in the recording, {new_audio:.0f} ms now"
-        )
-    old = [_strip(e) for e in recorded if e.get("type") != appends]
-    new = [_strip(e) for e in replayed if e.get("type") != appends]
-    tolerance = TRUNCATE_TOLERANCE_MS[speed]
-    for index in range(max(len(old), len(new))):
-        if index >= len(new):
-            problems.append(
-                f"missing #{index + 1}: {_describe(old[index])} (the recording has it, the replay not)"
-            )
-            continue
-        if index >= len(old):
-            problems.append(
-                f"extra #{index + 1}: {_describe(new[index])} (the replay sent it, the recording not)"
-            )
-            continue
-        a, b = old[index], new[index]
-        if a.get("type") != b.get("type"):
-            problems.append(f"#{index + 1}: the recording has {_describe(a)}, the replay sent {_describe(b)}")
-            break  # everything after a change of order would only repeat it
-        if a.get("type") == "conversation.item.truncate":
-            end_a, end_b = int(a.get("audio_end_ms", -1)), int(b.get("audio_end_ms", -1))
-            if a.get("item_id") != b.get("item_id") or abs(end_a - end_b) > tolerance:
-                problems.append(
-                    f"#{index + 1} conversation.item.truncate: {a.get('item_id')} at {end_a} ms "
-                    f"in the recording, {b.get('item_id')} at {end_b} ms now (tolerance {tolerance} ms)"
-                )
-        elif a != b:
-            problems.append(f"#{index + 1} {a.get('type')}: {_diff(a, b)}")
-    return problems
-
-
-def _describe(event: Mapping[str, Any]) -> str:
-    kind = str(event.get("type", "?"))
-    if kind == "conversation.item.truncate":
-        return f"{kind} {event.get('item_id')} at {event.get('audio_end_ms')} ms"
-    if kind == "response.cancel":
-        return f"{kind} {event.get('response_id', '')}".rstrip()
-    return kind
-
-
-def _diff(a: Any, b: Any, path: str = "") -> str:
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key):
-                return _diff(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-    return f"{path or 'value'} was {a!r}, now {b!r}"
-
-
 # --- one replay ------------------------------------------------------------------------------------
 
 
@@ -387,12 +247,6 @@ def profile_of(recording: Recording) -> Profile:
     return profile_from_mapping(data) if data else Profile()
 
 
-def _free_socket() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
 async def replay_recording(
     recording: Recording,
     *,
@@ -409,18 +263,19 @@ async def replay_recording(
     result = ReplayResult(name=name, model=model, speed=speed)
     recorded_model: RecordedModel | None = None
     local: LocalModel | None = None
-    runner: web.AppRunner | None = None
     app: web.Application | None = None
     token = auth_token or secrets.token_hex(16)
     header = recording.header
-    try:
+    async with contextlib.AsyncExitStack() as stack:  # on exit: the bridge, then the model
         env: dict[str, str] = {}
         if model == "recorded":
             recorded_model = RecordedModel(recording)
+            stack.push_async_callback(recorded_model.close)
             await recorded_model.start()
             env |= {"AZURE_OPENAI_ENDPOINT": recorded_model.endpoint, "AZURE_OPENAI_API_KEY": "replay"}
         elif model == "local":
             local = LocalModel()
+            stack.push_async_callback(local.close)
             await local.start()
             env |= {"AZURE_OPENAI_ENDPOINT": local.endpoint, "AZURE_OPENAI_API_KEY": "replay"}
         else:
@@ -431,29 +286,23 @@ async def replay_recording(
                 env["AZURE_OPENAI_API_VERSION"] = "2025-04-01-preview"
         base_url = url
         if base_url is None:
-            sock = _free_socket()
-            port = sock.getsockname()[1]
             data_dir = tempfile.mkdtemp(prefix="bridge-replay-")
             env |= {
                 "TWILIO_AUTH_TOKEN": token,
-                "BRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
                 "BRIDGE_DATA_DIR": data_dir,
                 "BRIDGE_AUDIO_PATH": header.audio_path,
             }
-            settings = load_settings(env)
-            app = create_app(
-                settings, profile=profile_of(recording), clock=LoopClock(), render_greetings=False
+            bridge = await stack.enter_async_context(
+                serve_bridge(env, profile=profile_of(recording), clock=LoopClock(), shutdown_timeout=1.0)
             )
-            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
+            app = bridge.app
             if header.greeting_audio:  # the call played a pre-rendered greeting: so does its replay
                 default = await app[STORE].default_profile()
                 if default is not None:
                     await app[STORE].set_greeting_audio(
                         default.profile_id, default.version, header.greeting_audio
                     )
-            base_url = f"http://127.0.0.1:{port}"
+            base_url = bridge.url
         await _play_caller(recording, base_url, token, result)
         if recorded_model is not None:
             result.client_events = recorded_model.received
@@ -495,13 +344,6 @@ async def replay_recording(
             for key, hist in (("inbound", metrics.inbound_delay), ("outbound", metrics.outbound_delay)):
                 if hist.count:
                     result.added_latency_ms[key] = round(hist.sum / hist.count * 1000.0, 3)
-    finally:
-        if runner is not None:
-            await runner.cleanup()
-        if recorded_model is not None:
-            await recorded_model.close()
-        if local is not None:
-            await local.close()
     return result
 
 

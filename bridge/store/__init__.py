@@ -1,7 +1,8 @@
 """The store: prompt profiles with their version history, pre-rendered greetings and call records.
 
 ``open_store(database)`` picks the backend that ``BRIDGE_DATABASE`` names; the rest of the bridge sees only
-the :class:`Store` protocol (:mod:`bridge.store.base`). Backends: SQLite (:mod:`bridge.store.sqlite`).
+the :class:`Store` protocol (:mod:`bridge.store.base`). Backends: SQLite (:mod:`bridge.store.sqlite`,
+its tables in :mod:`bridge.store.schema`).
 ``bridge prompts export|import`` is :mod:`bridge.store.cli`.
 """
 

@@ -4,7 +4,8 @@ One connection per store, used from worker threads (``asyncio.to_thread``) one o
 asyncio lock queues the operations without tying up threads, a thread lock keeps the connection safe
 even when an awaiting task is cancelled while its thread still runs. Every operation is one transaction;
 writes take the write lock up front (BEGIN IMMEDIATE), so a save's version check and its insert see the
-same database, also across processes sharing the file (WAL, busy_timeout).
+same database, also across processes sharing the file (WAL, busy_timeout). The tables, their migrations
+and the mapping of rows to records are :mod:`bridge.store.schema`.
 """
 
 # SQL text is composed from this module's constants only; values always go through placeholders.
@@ -20,12 +21,11 @@ import re
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import datetime
 from typing import Any, TypeVar
 
-from bridge.errors import ConfigError, LocalError, StoreError
-from bridge.prompts import Profile, ProfileError, profile_from_mapping, profile_to_mapping
+from bridge.errors import LocalError, StoreError
+from bridge.prompts import Profile, profile_from_mapping, profile_to_mapping
 from bridge.store.base import (
     CallRecord,
     Conflict,
@@ -34,135 +34,22 @@ from bridge.store.base import (
     ProfileSummary,
     ProfileVersion,
     StaleVersion,
-    UnreadableProfile,
+)
+from bridge.store.schema import (
+    CALL_COLUMNS,
+    LATEST_JOIN,
+    MIGRATIONS,
+    VERSION_COLUMNS,
+    call_of,
+    call_values,
+    connect,
+    parse_time,
+    time_text,
+    utc_now,
+    version_of,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    # 1: the initial schema. A profile's name and numbers are its latest version's; they are copied into
-    # profiles.name and routes so that uniqueness and routing look at the latest versions only.
-    (
-        """CREATE TABLE profiles (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            name TEXT NOT NULL,
-            latest_version INTEGER NOT NULL,
-            created_at TEXT NOT NULL
-        )""",
-        """CREATE TABLE profile_versions (
-            profile_id INTEGER NOT NULL REFERENCES profiles(id),
-            version INTEGER NOT NULL CHECK (version >= 1),
-            data TEXT NOT NULL,
-            author TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            comment TEXT NOT NULL DEFAULT '',
-            rolled_back_from INTEGER,
-            greeting_audio BLOB,
-            PRIMARY KEY (profile_id, version)
-        )""",
-        """CREATE TABLE routes (
-            number TEXT PRIMARY KEY,
-            profile_id INTEGER NOT NULL REFERENCES profiles(id)
-        )""",
-        "CREATE INDEX routes_by_profile ON routes(profile_id)",
-        """CREATE TABLE default_profile (
-            only INTEGER PRIMARY KEY CHECK (only = 1),
-            profile_id INTEGER NOT NULL REFERENCES profiles(id)
-        )""",
-        """CREATE TABLE calls (
-            call_sid TEXT PRIMARY KEY,
-            started_at TEXT NOT NULL,
-            ended_at TEXT NOT NULL,
-            from_number TEXT NOT NULL DEFAULT '',
-            to_number TEXT NOT NULL DEFAULT '',
-            profile_id INTEGER,
-            profile_version INTEGER,
-            end_reason TEXT NOT NULL DEFAULT '',
-            transcript TEXT NOT NULL DEFAULT '[]',
-            barge_ins INTEGER NOT NULL DEFAULT 0,
-            truncations TEXT NOT NULL DEFAULT '[]',
-            latency TEXT NOT NULL DEFAULT '{}',
-            upstream_errors INTEGER NOT NULL DEFAULT 0,
-            recording_path TEXT,
-            test_call INTEGER NOT NULL DEFAULT 0
-        )""",
-    ),
-    # 2: the call list is read newest first, overall and per profile.
-    (
-        "CREATE INDEX calls_by_start ON calls(started_at)",
-        "CREATE INDEX calls_by_profile ON calls(profile_id, started_at)",
-    ),
-)
-"""Schema migrations, applied in order on open, one transaction each; ``PRAGMA user_version`` counts them.
-Never edit one that has shipped: append."""
-
-BUSY_TIMEOUT_MS = 10_000
 _T = TypeVar("_T")
-_VERSION = (
-    "v.profile_id, v.version, v.data, v.author, v.created_at, v.comment, v.rolled_back_from, "
-    "v.greeting_audio IS NOT NULL"
-)
-_LATEST = "profiles p JOIN profile_versions v ON v.profile_id = p.id AND v.version = p.latest_version"
-_CALL = (
-    "call_sid, started_at, ended_at, from_number, to_number, profile_id, profile_version, end_reason, "
-    "transcript, barge_ins, truncations, latency, upstream_errors, recording_path, test_call"
-)
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _time_text(moment: datetime) -> str:
-    """ISO-8601 UTC with a fixed width, so that text order is time order. Naive times are taken as UTC."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _time(text: str) -> datetime:
-    return datetime.fromisoformat(text).astimezone(UTC)
-
-
-def _version_of(row: Sequence[Any]) -> ProfileVersion:
-    profile_id, version, data, author, created_at, comment, rolled_back_from, has_audio = row
-    try:
-        mapping = json.loads(data)
-        if not isinstance(mapping, dict):
-            raise ValueError("not a JSON object")
-        profile = profile_from_mapping(mapping)
-    except ProfileError as exc:
-        raise UnreadableProfile(profile_id, version, exc.problems) from exc
-    except ValueError as exc:
-        raise UnreadableProfile(profile_id, version, {"data": f"is not a profile: {exc}"}) from exc
-    return ProfileVersion(
-        profile_id=int(profile_id),
-        version=int(version),
-        profile=profile,
-        author=str(author),
-        created_at=_time(created_at),
-        comment=str(comment),
-        rolled_back_from=None if rolled_back_from is None else int(rolled_back_from),
-        has_greeting_audio=bool(has_audio),
-    )
-
-
-def _call_of(row: Sequence[Any]) -> CallRecord:
-    return CallRecord(
-        call_sid=row[0],
-        started_at=_time(row[1]),
-        ended_at=_time(row[2]),
-        from_number=row[3],
-        to_number=row[4],
-        profile_id=row[5],
-        profile_version=row[6],
-        end_reason=row[7],
-        transcript=tuple((str(role), str(text)) for role, text in json.loads(row[8])),
-        barge_ins=int(row[9]),
-        truncations=tuple((str(item), int(ms)) for item, ms in json.loads(row[10])),
-        latency_ms={str(k): float(v) for k, v in json.loads(row[11]).items()},
-        upstream_errors=int(row[12]),
-        recording_path=row[13],
-        test_call=bool(row[14]),
-    )
 
 
 def _latest_version(conn: sqlite3.Connection, profile_id: int) -> int:
@@ -203,54 +90,6 @@ def _conflicts(conn: sqlite3.Connection, proposed: Sequence[tuple[int | None, Pr
     return problems
 
 
-def _migrate(conn: sqlite3.Connection, migrations: Sequence[Sequence[str]], where: str) -> None:
-    for target in range(1, len(migrations) + 1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            current = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if current > len(migrations):
-                raise ConfigError(
-                    f"BRIDGE_DATABASE: {where} was written by a newer bridge (schema version {current}, "
-                    f"this bridge knows {len(migrations)}): upgrade the bridge"
-                )
-            if current < target:
-                for statement in migrations[target - 1]:
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {target:d}")
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-
-
-def _connect(path: str, migrations: Sequence[Sequence[str]]) -> sqlite3.Connection:
-    if path != ":memory:":
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(
-                f"BRIDGE_DATABASE: cannot create the directory of {path}: {exc.strerror or exc}"
-            ) from exc
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise ConfigError(f"BRIDGE_DATABASE: cannot open {path}: {exc}") from exc
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        _migrate(conn, migrations, path)
-    except sqlite3.Error as exc:
-        conn.close()
-        raise ConfigError(f"BRIDGE_DATABASE: {path} is not a usable SQLite database: {exc}") from exc
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
 class SQLiteStore:
     """The default :class:`Store`: one SQLite file, created with its directory on first open.
 
@@ -269,7 +108,7 @@ class SQLiteStore:
         cls,
         path: str | os.PathLike[str],
         *,
-        now: Callable[[], datetime] = _utc_now,
+        now: Callable[[], datetime] = utc_now,
         migrations: Sequence[Sequence[str]] = MIGRATIONS,
     ) -> SQLiteStore:
         """Open (creating or upgrading) the database at ``path``; ``":memory:"`` for a private one.
@@ -278,7 +117,7 @@ class SQLiteStore:
         Raises :class:`~bridge.errors.ConfigError` when the file cannot be used.
         """
         where = os.fspath(path)
-        conn = await asyncio.to_thread(_connect, where, migrations)
+        conn = await asyncio.to_thread(connect, where, migrations)
         return cls(conn, where, now)
 
     async def __aenter__(self) -> SQLiteStore:
@@ -329,10 +168,10 @@ class SQLiteStore:
 
         def work(conn: sqlite3.Connection) -> list[ProfileSummary]:
             rows = conn.execute(
-                f"SELECT d.profile_id IS NOT NULL, {_VERSION} FROM {_LATEST} "
+                f"SELECT d.profile_id IS NOT NULL, {VERSION_COLUMNS} FROM {LATEST_JOIN} "
                 "LEFT JOIN default_profile d ON d.profile_id = p.id ORDER BY p.name COLLATE NOCASE, p.id"
             ).fetchall()
-            return [ProfileSummary(int(row[1]), _version_of(row[1:]), bool(row[0])) for row in rows]
+            return [ProfileSummary(int(row[1]), version_of(row[1:]), bool(row[0])) for row in rows]
 
         return await self._run(work)
 
@@ -342,19 +181,20 @@ class SQLiteStore:
         def work(conn: sqlite3.Connection) -> ProfileVersion:
             if version is None:
                 row = conn.execute(
-                    f"SELECT {_VERSION} FROM {_LATEST} WHERE p.id = ?", (profile_id,)
+                    f"SELECT {VERSION_COLUMNS} FROM {LATEST_JOIN} WHERE p.id = ?", (profile_id,)
                 ).fetchone()
                 if row is None:
                     raise NotFound(f"no profile {profile_id}")
             else:
                 row = conn.execute(
-                    f"SELECT {_VERSION} FROM profile_versions v WHERE v.profile_id = ? AND v.version = ?",
+                    f"SELECT {VERSION_COLUMNS} FROM profile_versions v "
+                    "WHERE v.profile_id = ? AND v.version = ?",
                     (profile_id, version),
                 ).fetchone()
                 if row is None:
                     _latest_version(conn, profile_id)
                     raise NotFound(f"profile {profile_id} has no version {version}")
-            return _version_of(row)
+            return version_of(row)
 
         return await self._run(work)
 
@@ -364,10 +204,11 @@ class SQLiteStore:
         def work(conn: sqlite3.Connection) -> list[ProfileVersion]:
             _latest_version(conn, profile_id)
             rows = conn.execute(
-                f"SELECT {_VERSION} FROM profile_versions v WHERE v.profile_id = ? ORDER BY v.version DESC",
+                f"SELECT {VERSION_COLUMNS} FROM profile_versions v "
+                "WHERE v.profile_id = ? ORDER BY v.version DESC",
                 (profile_id,),
             ).fetchall()
-            return [_version_of(row) for row in rows]
+            return [version_of(row) for row in rows]
 
         return await self._run(work)
 
@@ -410,13 +251,13 @@ class SQLiteStore:
         def work(conn: sqlite3.Connection) -> ProfileVersion:
             _latest_version(conn, profile_id)
             row = conn.execute(
-                f"SELECT {_VERSION}, v.greeting_audio FROM profile_versions v "
+                f"SELECT {VERSION_COLUMNS}, v.greeting_audio FROM profile_versions v "
                 "WHERE v.profile_id = ? AND v.version = ?",
                 (profile_id, to_version),
             ).fetchone()
             if row is None:
                 raise NotFound(f"profile {profile_id} has no version {to_version}")
-            old = _version_of(row[:-1])
+            old = version_of(row[:-1])
             change = ProfileChange(old.profile, profile_id, expected_version)
             note = comment or f"rollback to version {to_version}"
             (written,) = self._write(conn, [(change, old.profile)], author, note, to_version, row[-1])
@@ -441,7 +282,7 @@ class SQLiteStore:
         problems = _conflicts(conn, [(change.profile_id, profile) for change, profile in changes])
         if problems:
             raise Conflict(problems)
-        created_at = _time_text(self._now())
+        created_at = time_text(self._now())
         written: list[ProfileVersion] = []
         for change, profile in changes:
             if change.profile_id is None:
@@ -478,7 +319,7 @@ class SQLiteStore:
                     version=version,
                     profile=profile,
                     author=author,
-                    created_at=_time(created_at),
+                    created_at=parse_time(created_at),
                     comment=comment,
                     rolled_back_from=rolled_back_from,
                     has_greeting_audio=greeting_audio is not None,
@@ -514,9 +355,9 @@ class SQLiteStore:
 
         def work(conn: sqlite3.Connection) -> ProfileVersion | None:
             row = conn.execute(
-                f"SELECT {_VERSION} FROM {_LATEST} JOIN default_profile d ON d.profile_id = p.id"
+                f"SELECT {VERSION_COLUMNS} FROM {LATEST_JOIN} JOIN default_profile d ON d.profile_id = p.id"
             ).fetchone()
-            return None if row is None else _version_of(row)
+            return None if row is None else version_of(row)
 
         return await self._run(work)
 
@@ -526,14 +367,16 @@ class SQLiteStore:
 
         def work(conn: sqlite3.Connection) -> ProfileVersion | None:
             row = conn.execute(
-                f"SELECT {_VERSION} FROM {_LATEST} JOIN routes r ON r.profile_id = p.id WHERE r.number = ?",
+                f"SELECT {VERSION_COLUMNS} FROM {LATEST_JOIN} "
+                "JOIN routes r ON r.profile_id = p.id WHERE r.number = ?",
                 (number,),
             ).fetchone()
             if row is None:
                 row = conn.execute(
-                    f"SELECT {_VERSION} FROM {_LATEST} JOIN default_profile d ON d.profile_id = p.id"
+                    f"SELECT {VERSION_COLUMNS} FROM {LATEST_JOIN} "
+                    "JOIN default_profile d ON d.profile_id = p.id"
                 ).fetchone()
-            return None if row is None else _version_of(row)
+            return None if row is None else version_of(row)
 
         return await self._run(work)
 
@@ -569,26 +412,12 @@ class SQLiteStore:
 
     async def add_call(self, record: CallRecord) -> None:
         """Store a call record (replacing one with the same CallSid)."""
-        values = (
-            record.call_sid,
-            _time_text(record.started_at),
-            _time_text(record.ended_at),
-            record.from_number,
-            record.to_number,
-            record.profile_id,
-            record.profile_version,
-            record.end_reason,
-            json.dumps([list(pair) for pair in record.transcript], ensure_ascii=False),
-            record.barge_ins,
-            json.dumps([list(pair) for pair in record.truncations]),
-            json.dumps(dict(record.latency_ms)),
-            record.upstream_errors,
-            record.recording_path,
-            int(record.test_call),
-        )
+        values = call_values(record)
 
         def work(conn: sqlite3.Connection) -> None:
-            conn.execute(f"INSERT OR REPLACE INTO calls ({_CALL}) VALUES ({', '.join('?' * 15)})", values)
+            conn.execute(
+                f"INSERT OR REPLACE INTO calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * 15)})", values
+            )
 
         await self._run(work, write=True)
 
@@ -600,7 +429,7 @@ class SQLiteStore:
         params: list[Any] = []
         if before is not None:
             where.append("started_at < ?")
-            params.append(_time_text(before))
+            params.append(time_text(before))
         if profile_id is not None:
             where.append("profile_id = ?")
             params.append(profile_id)
@@ -609,9 +438,10 @@ class SQLiteStore:
 
         def work(conn: sqlite3.Connection) -> list[CallRecord]:
             rows = conn.execute(
-                f"SELECT {_CALL} FROM calls {clause} ORDER BY started_at DESC, call_sid DESC LIMIT ?", params
+                f"SELECT {CALL_COLUMNS} FROM calls {clause} ORDER BY started_at DESC, call_sid DESC LIMIT ?",
+                params,
             ).fetchall()
-            return [_call_of(row) for row in rows]
+            return [call_of(row) for row in rows]
 
         return await self._run(work)
 
@@ -619,9 +449,9 @@ class SQLiteStore:
         """One call record; raises :class:`NotFound`."""
 
         def work(conn: sqlite3.Connection) -> CallRecord:
-            row = conn.execute(f"SELECT {_CALL} FROM calls WHERE call_sid = ?", (call_sid,)).fetchone()
+            row = conn.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE call_sid = ?", (call_sid,)).fetchone()
             if row is None:
                 raise NotFound(f"no call {call_sid}")
-            return _call_of(row)
+            return call_of(row)
 
         return await self._run(work)

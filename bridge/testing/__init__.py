@@ -12,13 +12,18 @@ from bridge.testing.caller import (
     TwilioCaller,
     TwilioCallerError,
 )
+from bridge.testing.playback import Playback
+from bridge.testing.server import ServedBridge, serve_bridge
 
 __all__ = [
     "DEFAULT",
     "DEFAULT_ACCOUNT_SID",
     "FRAME_BYTES",
     "ULAW_SILENCE",
+    "Playback",
     "PlayedMark",
+    "ServedBridge",
     "TwilioCaller",
     "TwilioCallerError",
+    "serve_bridge",
 ]

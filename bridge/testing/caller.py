@@ -1,6 +1,6 @@
 """Public helpers for tests of the bridge: :class:`TwilioCaller`, a Twilio caller double.
 
-The double speaks Twilio's side of a call over real sockets, as Twilio does (protocols.md §1.2-1.4):
+The double speaks Twilio's side of a call over real sockets, as Twilio does (docs/protocols.md §1.2-1.4):
 
 1. ``POST /twilio/voice`` with the form Twilio sends and an ``X-Twilio-Signature`` over the *public* URL;
 2. the ``<Connect><Stream>`` TwiML is read; the stream socket is opened to the URL written there (its host
@@ -8,8 +8,9 @@ The double speaks Twilio's side of a call over real sockets, as Twilio does (pro
 3. ``connected`` then ``start`` (with the TwiML ``<Parameter>``s), then caller audio at real pace;
 4. what the bridge sends back is played like Twilio plays it: media in one FIFO at 8 bytes per ms, marks in
    the same FIFO and echoed when playback reaches them, ``clear`` dropping all buffered audio and echoing
-   every pending mark at once. Every outbound message is checked like Twilio would; a violation is recorded
-   in :attr:`TwilioCaller.violations`, not raised, so one test can see them all.
+   every pending mark at once (the model is :class:`~bridge.testing.playback.Playback`). Every outbound
+   message is checked like Twilio would (:mod:`bridge.testing.checks`); a violation is recorded in
+   :attr:`TwilioCaller.violations`, not raised, so one test can see them all.
 
 Times are the event loop's clock (``loop.time()``), the clock a bridge running in the same loop uses.
 
@@ -28,20 +29,25 @@ import asyncio
 import contextlib
 import enum
 import secrets
-import xml.etree.ElementTree as ET
-from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
-from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 import orjson
-import pybase64
-from twilio.request_validator import RequestValidator
 
 from bridge.config import STREAM_PATH, VOICE_PATH
+from bridge.testing import messages
+from bridge.testing.checks import (
+    BINARY_FRAME,
+    OutboundClear,
+    OutboundMark,
+    OutboundMedia,
+    TwilioCallerError,
+    check_outbound,
+    read_stream_twiml,
+)
+from bridge.testing.playback import BYTES_PER_SECOND, Playback, PlayedMark
 
 __all__ = [
     "DEFAULT",
@@ -56,20 +62,8 @@ __all__ = [
 FRAME_BYTES: Final = 160
 """One 20 ms μ-law frame, what Twilio sends per ``media`` message."""
 FRAME_SECONDS: Final = 0.020
-BYTES_PER_SECOND: Final = 8000
-"""μ-law at 8 kHz: 8 bytes per ms, for playback and for ``heard_seconds``."""
 ULAW_SILENCE: Final = b"\xff"
 DEFAULT_ACCOUNT_SID: Final = "AC" + "5f1e0c2b8a9d4e7f" * 2
-
-_OUTBOUND_FIELDS: Final[dict[str, frozenset[str]]] = {
-    "media": frozenset({"event", "streamSid", "media"}),
-    "mark": frozenset({"event", "streamSid", "mark"}),
-    "clear": frozenset({"event", "streamSid"}),
-}
-
-
-class TwilioCallerError(AssertionError):
-    """The bridge did not behave as Twilio needs (a bad webhook answer, a closed stream, ...)."""
 
 
 class _Default(enum.Enum):
@@ -78,24 +72,6 @@ class _Default(enum.Enum):
 
 DEFAULT: Final = _Default.DEFAULT
 """Sentinel for :meth:`TwilioCaller.connect_stream`: sign the upgrade as Twilio would."""
-
-
-@dataclass
-class PlayedMark:
-    """A mark the double echoed back to the bridge."""
-
-    name: str
-    played: bool
-    """True: playback reached it; False: a ``clear`` flushed it first."""
-    at: float
-    """Loop time of the echo."""
-
-
-class _QueuedMark:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
 
 
 class TwilioCaller:
@@ -141,11 +117,10 @@ class TwilioCaller:
         self.parameters: dict[str, str] = {}
 
         # What the caller heard: the playback emulation.
+        self.playback = Playback()
+        """Twilio's playback FIFO for this call; :attr:`played` and :attr:`marks` are its."""
         self.received_media: list[tuple[float, bytes]] = []
         """``(loop time, payload)`` of every outbound ``media``, as it arrived."""
-        self.played = bytearray()
-        """μ-law actually played, in order; flushed audio is never in it."""
-        self.marks: list[PlayedMark] = []
         self.clears: list[float] = []
         """Loop times at which a ``clear`` arrived."""
         self.violations: list[str] = []
@@ -168,12 +143,16 @@ class TwilioCaller:
         self._changed = asyncio.Event()
         self._audio_arrived = asyncio.Event()
         self._closing = False
-        # Playback FIFO: audio chunks and marks; the head chunk is played from _head_offset on. Played
-        # bytes are counted from _epoch (when playback last started from empty), so there is no drift.
-        self._queue: deque[bytes | _QueuedMark] = deque()
-        self._head_offset = 0
-        self._epoch = 0.0
-        self._epoch_bytes = 0
+
+    @property
+    def played(self) -> bytearray:
+        """μ-law actually played, in order; flushed audio is never in it."""
+        return self.playback.played
+
+    @property
+    def marks(self) -> list[PlayedMark]:
+        """Every mark echoed back to the bridge, played or flushed, in echo order."""
+        return self.playback.marks
 
     # --- the call ---------------------------------------------------------------------------------------
 
@@ -195,22 +174,14 @@ class TwilioCaller:
         A 200 answer is kept in :attr:`twiml` (parsed into :attr:`stream_url` and :attr:`parameters` by
         :meth:`dial`). Use it to test refusals (draining, no capacity) that :meth:`dial` would raise on.
         """
-        form = {
-            "CallSid": self.call_sid,
-            "AccountSid": self.account_sid,
-            "From": self.from_,
-            "To": self.to,
-            "Direction": "inbound",
-            "CallStatus": "ringing",
-            "ApiVersion": "2010-04-01",
-            **self.extra_form,
-        }
-        headers = {"User-Agent": "TwilioProxy/1.1", "Accept": "*/*"}
-        if self.auth_token is not None:
-            signed_url = self.public_url + VOICE_PATH
-            headers["X-Twilio-Signature"] = RequestValidator(self.auth_token).compute_signature(
-                signed_url, form
-            )
+        form = messages.voice_form(
+            call_sid=self.call_sid,
+            account_sid=self.account_sid,
+            from_=self.from_,
+            to=self.to,
+            extra=self.extra_form,
+        )
+        headers = messages.voice_headers(self.auth_token, self.public_url + VOICE_PATH, form)
         async with self._get_session().post(self.base_url + VOICE_PATH, data=form, headers=headers) as resp:
             body = await resp.text()
             self.voice_status = resp.status
@@ -224,25 +195,7 @@ class TwilioCaller:
 
     def accept_twiml(self, body: str) -> None:
         """Take the stream URL and parameters from the webhook's TwiML (as :meth:`dial` does)."""
-        try:
-            root = ET.fromstring(body)  # noqa: S314 -- the bridge under test is trusted
-        except ET.ParseError as exc:
-            raise TwilioCallerError(f"the webhook's answer is not XML: {body[:300]!r}") from exc
-        stream = root.find("./Connect/Stream")
-        if root.tag != "Response" or stream is None:
-            raise TwilioCallerError(f"the TwiML has no <Response><Connect><Stream>: {body[:300]!r}")
-        url = stream.get("url")
-        if not url:
-            raise TwilioCallerError("<Stream> has no url")
-        url = urljoin(self.public_url + VOICE_PATH, url)  # Twilio allows a relative url
-        parts = urlsplit(url)
-        if parts.scheme != "wss" and not (parts.scheme == "ws" and self.public_url.startswith("http://")):
-            raise TwilioCallerError(f"<Stream url={url!r}> is not wss:// (ws:// only for an http:// bridge)")
-        if parts.query:
-            # Twilio error 31920: a query string can fail the stream handshake.
-            raise TwilioCallerError(f"<Stream url={url!r}> has a query string; use <Parameter>s")
-        self.stream_url = url
-        self.parameters = {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+        self.stream_url, self.parameters = read_stream_twiml(body, self.public_url)
 
     async def connect_stream(
         self,
@@ -263,48 +216,29 @@ class TwilioCaller:
             scheme, rest = self.public_url.split("://", 1)
             self.stream_url = ("wss" if scheme == "https" else "ws") + "://" + rest + STREAM_PATH
         if signature is DEFAULT:
-            signature = (
-                None
-                if self.auth_token is None
-                else RequestValidator(self.auth_token).compute_signature(self.stream_url, {})
-            )
-        headers = {"User-Agent": "Twilio.TmeWs/1.0"}
-        if signature is not None:
-            headers["x-twilio-signature"] = signature  # Twilio sends it lowercase on upgrades
+            signature = messages.sign(self.auth_token, self.stream_url, {})
         self._ws = await self._get_session().ws_connect(
-            self._dial_url(self.stream_url), headers=headers, autoping=True, heartbeat=None
+            messages.socket_url(self.stream_url, self.base_url),
+            headers=messages.stream_headers(signature),
+            autoping=True,
+            heartbeat=None,
         )
         loop = asyncio.get_running_loop()
         self._stream_t0 = loop.time()
-        self._epoch = self._stream_t0
-        await self._send({"event": "connected", "protocol": "Call", "version": "1.0.0"}, numbered=False)
-        custom = dict(self.parameters if parameters is None else parameters)
+        await self._send(messages.connected(), numbered=False)
+        custom = self.parameters if parameters is None else parameters
         await self._send(
-            {
-                "event": "start",
-                "sequenceNumber": None,
-                "start": {
-                    "accountSid": self.account_sid,
-                    "streamSid": self.stream_sid,
-                    "callSid": self.call_sid,
-                    "tracks": ["inbound"],
-                    "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-                    "customParameters": custom,
-                },
-                "streamSid": self.stream_sid,
-            }
+            messages.start(
+                stream_sid=self.stream_sid,
+                account_sid=self.account_sid,
+                call_sid=self.call_sid,
+                custom=custom,
+            )
         )
         self._tasks = [
             asyncio.create_task(self._read(self._ws), name=f"twilio-caller-read-{self.call_sid}"),
             asyncio.create_task(self._play(), name=f"twilio-caller-play-{self.call_sid}"),
         ]
-
-    def _dial_url(self, stream_url: str) -> str:
-        parts = urlsplit(stream_url)
-        base = urlsplit(self.base_url)
-        return urlunsplit(
-            ("wss" if base.scheme == "https" else "ws", base.netloc, parts.path, parts.query, "")
-        )
 
     # --- what the caller sends ---------------------------------------------------------------------------
 
@@ -340,17 +274,9 @@ class TwilioCaller:
             self._chunk += 1
             try:
                 await self._send(
-                    {
-                        "event": "media",
-                        "sequenceNumber": None,
-                        "media": {
-                            "track": "inbound",
-                            "chunk": str(self._chunk),
-                            "timestamp": str(timestamp),
-                            "payload": pybase64.b64encode_as_string(frame),
-                        },
-                        "streamSid": self.stream_sid,
-                    }
+                    messages.media(
+                        stream_sid=self.stream_sid, chunk=self._chunk, timestamp=timestamp, payload=frame
+                    )
                 )
             except ConnectionResetError:
                 break
@@ -376,26 +302,16 @@ class TwilioCaller:
     async def send_dtmf(self, digit: str) -> None:
         """The caller presses a key: a ``dtmf`` event."""
         self._require_stream()
-        await self._send(
-            {
-                "event": "dtmf",
-                "streamSid": self.stream_sid,
-                "sequenceNumber": None,
-                "dtmf": {"track": "inbound_track", "digit": digit},
-            }
-        )
+        await self._send(messages.dtmf(stream_sid=self.stream_sid, digit=digit))
 
     async def hang_up(self) -> None:
         """The caller hangs up: ``stop``, then the socket closes; waits until it has."""
         ws = self._require_stream()
         with contextlib.suppress(ConnectionResetError):  # the bridge closed first: nothing to say
             await self._send(
-                {
-                    "event": "stop",
-                    "sequenceNumber": None,
-                    "streamSid": self.stream_sid,
-                    "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
-                }
+                messages.stop(
+                    stream_sid=self.stream_sid, account_sid=self.account_sid, call_sid=self.call_sid
+                )
             )
         await ws.close()
         await self.wait_closed()
@@ -405,12 +321,11 @@ class TwilioCaller:
 
     def heard_seconds(self) -> float:
         """Seconds of the bridge's audio played so far (as of the last playback tick)."""
-        return len(self.played) / BYTES_PER_SECOND
+        return self.playback.heard_seconds()
 
     def buffered_seconds(self) -> float:
         """Seconds of the bridge's audio buffered and not yet played."""
-        queued = sum(len(item) for item in self._queue if isinstance(item, bytes))
-        return (queued - self._head_offset) / BYTES_PER_SECOND
+        return self.playback.buffered_seconds()
 
     async def wait_for_played(self, seconds: float, timeout: float = 10) -> None:  # noqa: ASYNC109 -- a test helper's API
         """Wait until at least ``seconds`` of the bridge's audio has been played.
@@ -536,7 +451,7 @@ class TwilioCaller:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await self._on_text(msg.data)
                 elif msg.type == aiohttp.WSMsgType.BINARY:
-                    self._violation("a binary frame (Twilio error 31950)")
+                    self._violation(BINARY_FRAME)
         finally:
             self.close_code = ws.close_code
             for task in self._tasks:
@@ -548,16 +463,17 @@ class TwilioCaller:
     async def _play(self) -> None:
         """Advance playback by elapsed loop time every tick; echo marks as playback reaches them."""
         loop = asyncio.get_running_loop()
+        playback = self.playback
         while True:
-            if not self._queue:  # idle: sleep until audio arrives rather than tick for nothing
+            if playback.idle:  # idle: sleep until audio arrives rather than tick for nothing
                 self._audio_arrived.clear()
                 await self._audio_arrived.wait()
             await asyncio.sleep(self.tick)
-            before = len(self.played)
-            echoes = self._advance(loop.time())
+            before = len(playback.played)
+            echoes = playback.advance(loop.time())
             if echoes:
                 await self._echo(echoes)
-            if len(self.played) != before or echoes:
+            if len(playback.played) != before or echoes:
                 self._notify()
 
     def _violation(self, reason: str) -> None:
@@ -565,119 +481,33 @@ class TwilioCaller:
         self._notify()
 
     async def _on_text(self, data: str) -> None:
-        try:
-            message = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            self._violation(f"not JSON (Twilio error 31951): {data[:80]!r}")
-            return
-        if type(message) is not dict:
-            self._violation(f"not a JSON object (Twilio error 31951): {data[:80]!r}")
-            return
-        event = message.get("event")
-        allowed = _OUTBOUND_FIELDS.get(event) if type(event) is str else None
-        if allowed is None:
-            self._violation(f"event {event!r} is not media, mark or clear (Twilio error 31951)")
-            return
-        keys = message.keys()
-        if keys != allowed:
-            extra = sorted(keys - allowed)
-            missing = sorted(allowed - keys)
-            self._violation(f"{event}: unknown fields {extra}, missing fields {missing} (Twilio error 31951)")
-            return
-        if message["streamSid"] != self.stream_sid:
-            self._violation(f"{event}: streamSid {message['streamSid']!r} is not this stream's (31951)")
+        checked = check_outbound(data, self.stream_sid)
+        for reason in checked.violations:
+            self._violation(reason)
+        message = checked.message
+        if message is None:
             return
         now = asyncio.get_running_loop().time()
-        if event == "media":
-            await self._on_media(message["media"], now)
-        elif event == "mark":
-            mark = message["mark"]
-            if type(mark) is not dict or mark.keys() != {"name"} or type(mark["name"]) is not str:
-                self._violation(f'mark: "mark" must be {{"name": string}}, not {mark!r} (31951)')
-                return
-            echoes = self._advance(now)
-            self._queue.append(_QueuedMark(mark["name"]))
-            echoes += self._advance(now)  # an empty buffer: echoed at once
-            await self._echo(echoes)
+        if isinstance(message, OutboundMedia):
+            self.received_media.append((now, message.payload))
+            echoes = self.playback.media(message.payload, now)
+            if message.payload:
+                self._audio_arrived.set()
+            if echoes:
+                await self._echo(echoes)
+        elif isinstance(message, OutboundMark):
+            await self._echo(self.playback.mark(message.name, now))
         else:
-            await self._on_clear(now)
+            assert isinstance(message, OutboundClear)
+            reached, flushed = self.playback.clear(now)
+            self.clears.append(now)
+            await self._echo(reached + flushed)
         self._notify()
 
-    async def _on_media(self, media: object, now: float) -> None:
-        if type(media) is not dict or media.keys() != {"payload"} or type(media["payload"]) is not str:
-            self._violation(f'media: "media" must be {{"payload": string}}, not {str(media)[:80]} (31951)')
-            return
-        try:
-            payload = pybase64.b64decode(media["payload"], validate=True)
-        except ValueError:
-            self._violation("media: payload is not valid base64 (31951)")
-            return
-        if payload.startswith(b"RIFF"):
-            self._violation("media: payload has a WAV header; it would play as noise")
-        self.received_media.append((now, payload))
-        echoes = self._advance(now)  # catch up first: the new audio queues behind what is playing
-        if payload:
-            self._queue.append(payload)
-            self._audio_arrived.set()
-        if echoes:
-            await self._echo(echoes)
-
-    async def _on_clear(self, now: float) -> None:
-        echoes = self._advance(now)  # what played until now, played
-        flushed = [item.name for item in self._queue if isinstance(item, _QueuedMark)]
-        self._queue.clear()
-        self._head_offset = 0
-        self._epoch = now
-        self._epoch_bytes = 0
-        self.clears.append(now)
-        await self._echo(echoes, flushed)
-
-    def _advance(self, now: float) -> list[str]:
-        """Play the FIFO up to ``now``; return the marks playback reached, in order (already recorded)."""
-        queue = self._queue
-        reached: list[str] = []
-        budget = int((now - self._epoch) * BYTES_PER_SECOND) - self._epoch_bytes
-        while queue:
-            head = queue[0]
-            if isinstance(head, _QueuedMark):
-                queue.popleft()
-                reached.append(head.name)
-                continue
-            if budget <= 0:
-                break
-            offset = self._head_offset
-            take = min(len(head) - offset, budget)
-            self.played += head[offset : offset + take]
-            budget -= take
-            self._epoch_bytes += take
-            if offset + take == len(head):
-                queue.popleft()
-                self._head_offset = 0
-            else:
-                self._head_offset = offset + take
-        if not queue:  # idle: the next audio starts playing when it arrives
-            self._epoch = now
-            self._epoch_bytes = 0
-        for name in reached:
-            self.marks.append(PlayedMark(name, True, now))
-        return reached
-
-    async def _echo(self, played: list[str], flushed: list[str] | None = None) -> None:
-        """Echo marks to the bridge, ``played`` first; ``flushed`` ones are recorded as not played."""
-        now = asyncio.get_running_loop().time()
-        names = list(played)
-        if flushed:
-            self.marks.extend(PlayedMark(name, False, now) for name in flushed)
-            names += flushed
+    async def _echo(self, names: list[str]) -> None:
+        """Echo marks to the bridge, in order (playback has recorded them)."""
         try:
             for name in names:
-                await self._send(
-                    {
-                        "event": "mark",
-                        "sequenceNumber": None,
-                        "streamSid": self.stream_sid,
-                        "mark": {"name": name},
-                    }
-                )
+                await self._send(messages.mark(stream_sid=self.stream_sid, name=name))
         except ConnectionResetError:
             pass  # the socket is closing; the reader will see it end

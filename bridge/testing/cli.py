@@ -10,22 +10,28 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.errors import BridgeError
+from bridge.audio import wav_to_ulaw
+from bridge.errors import BridgeError, MalformedMessage
 from bridge.testing.caller import TwilioCaller
 
 
+class SpeechFileError(BridgeError):
+    """A ``--say`` file cannot be read or used; the message names the file, what is wrong and the fix."""
+
+
 def _speech(path: Path) -> bytes:
-    """Raw μ-law as is; a WAV (8 kHz, mono, 16-bit) encoded to μ-law."""
-    import wave
-
-    from bridge.audio import pcm16_to_ulaw
-
-    if path.suffix.lower() != ".wav":
-        return path.read_bytes()
-    with wave.open(str(path), "rb") as w:
-        if (w.getframerate(), w.getnchannels(), w.getsampwidth()) != (8000, 1, 2):
-            raise BridgeError(f"{path}: use an 8 kHz mono 16-bit WAV (sox in.wav -r 8000 -c 1 -b 16 out.wav)")
-        return pcm16_to_ulaw(w.readframes(w.getnframes()))
+    """The caller's speech in ``path`` as 8 kHz μ-law: a WAV (PCM16, μ-law or A-law; any rate; mono or
+    stereo) converted by :func:`bridge.audio.wav_to_ulaw`, anything else taken as raw 8 kHz μ-law."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SpeechFileError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
+    if path.suffix.lower() != ".wav" and not data.startswith(b"RIFF"):
+        return data  # raw μ-law (.ulaw), as Twilio sends it
+    try:
+        return wav_to_ulaw(data)
+    except MalformedMessage as exc:
+        raise SpeechFileError(f"{path}: {exc.reason}") from exc
 
 
 async def _listen(call: TwilioCaller, limit: float, quiet: float = 1.0) -> None:
@@ -58,9 +64,14 @@ async def _call(args: argparse.Namespace, speech: list[bytes]) -> TwilioCaller:
 
 
 def call_command(args: argparse.Namespace) -> int:
-    """``bridge call``: one simulated call; exit 1 when the bridge refused it or said nothing."""
+    """``bridge call``: one simulated call; exit 1 when the bridge refused it or said nothing, 2 when a
+    ``--say`` file is unusable."""
     try:
         speech = [_speech(path) for path in args.say]
+    except SpeechFileError as exc:
+        print(f"bridge call: {exc}", file=sys.stderr)
+        return 2
+    try:
         call = asyncio.run(_call(args, speech))
     except (BridgeError, OSError, AssertionError) as exc:
         print(f"bridge call: {exc}", file=sys.stderr)
@@ -71,7 +82,7 @@ def call_command(args: argparse.Namespace) -> int:
     )
     if args.heard is not None:
         from bridge.audio import ulaw_to_pcm16
-        from bridge.recordings.export import wav_bytes
+        from bridge.recordings.wav import wav_bytes
 
         heard = np.frombuffer(ulaw_to_pcm16(bytes(call.played)), dtype="<i2")
         args.heard.write_bytes(wav_bytes(heard, heard))

@@ -1,7 +1,7 @@
 /*
  * The in-browser test call of a prompt profile (bridge/admin/testcall.py is the server side).
  *
- * The page plays Twilio's part of a Media Stream (shared/protocols.md §1), so staff hear exactly what a
+ * The page plays Twilio's part of a Media Stream (docs/protocols.md §1), so staff hear exactly what a
  * caller would:
  *   - microphone -> AudioWorklet (ScriptProcessor where there is none) -> windowed-sinc lowpass and
  *     decimation to 8 kHz -> G.711 μ-law -> `connected`, `start`, then 160-byte (20 ms) `media` frames;

@@ -431,7 +431,9 @@ async def test_vad_marks_speech_on_the_session_timeline(model: LocalModel, diale
     if dialect_ == "preview":
         completed = await client.until("conversation.item.input_audio_transcription.completed")
         assert completed[-1]["transcript"] == "(caller speech, 0.9 s)"  # 200 padding + 400 + 300 silence
-    await asyncio.sleep(0.05)
+    # A barrier, not a sleep: the model answers events in order, and "no active response" proves none began.
+    await client.send(type="response.cancel")
+    assert (await client.until("error"))[-1]["error"]["code"] == "response_cancel_not_active"
     conn = model.connections[0]
     assert "response.created" not in conn.sent_types()  # create_response false
     check_types(dialect_, conn.sent)
@@ -612,10 +614,9 @@ async def test_one_response_at_a_time_and_cancel(dialect: str) -> None:
         assert 0 < generated < 1500 * 48
         item_id = done["output"][0]["id"]
         assert model.connections[0].item_audio_ms(item_id) == generated / 48
-        await asyncio.sleep(0.1)
-        assert client.events[-1]["type"] == "response.done"  # nothing after the end
-        await client.send(type="response.cancel")
+        await client.send(type="response.cancel")  # answered in order: nothing came between the end and this
         assert (await client.recv())["error"]["code"] == "response_cancel_not_active"
+        assert client.events[-2]["type"] == "response.done"  # nothing after the end
         check_types(dialect, client.events)
         await client.ws.close()
 
@@ -637,8 +638,12 @@ async def test_barge_in_cancels_the_response_with_turn_detected(dialect: str) ->
         assert done["status_details"]["reason"] == "turn_detected"
         after_start = kinds[kinds.index("input_audio_buffer.speech_started") :]
         assert audio_delta not in after_start
-        await asyncio.sleep(0.1)
-        assert all(e["type"] != audio_delta for e in model.connections[0].sent[-6:])
+        # A barrier, not a sleep: "no active response" proves the cancelled one sends nothing more.
+        await client.send(type="response.cancel")
+        assert (await client.until("error"))[-1]["error"]["code"] == "response_cancel_not_active"
+        sent = model.connections[0].sent
+        last_done = max(i for i, e in enumerate(sent) if e["type"] == "response.done")
+        assert all(e["type"] != audio_delta for e in sent[last_done:])
         check_types(dialect, client.events)
         await client.ws.close()
 
