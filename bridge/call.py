@@ -249,7 +249,12 @@ class Call:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.session.tick(self.clock.now())
+        try:
+            self.session.tick(self.clock.now())
+        except Exception as exc:  # a bug: a loop callback has no task to report it, so end the call here
+            log.error("call %s: internal error in the session's tick", self.call_sid, exc_info=exc)
+            self._end(EndReason.INTERNAL_ERROR, repr(exc))
+            return
         self._spawn(self._flush())
         self._arm()
 
@@ -270,6 +275,11 @@ class Call:
             self.metrics.upstream_errors.inc(label="connect")
             self._log(logging.ERROR, "cannot open the Realtime session: %s", exc)
             self._end(EndReason.MODEL_UNREACHABLE, str(exc))
+            return
+        except Exception as exc:  # unexpected, but the model's leg failed: the caller hears the fallback
+            self.metrics.upstream_errors.inc(label="connect")
+            log.error("call %s: cannot open the Realtime session", self.call_sid, exc_info=exc)
+            self._end(EndReason.MODEL_UNREACHABLE, repr(exc))
             return
         if self.finished.is_set():
             await model.close()
@@ -391,10 +401,11 @@ class Call:
     async def _flush(self, received: float | None = None) -> None:
         """Send what the session queued, Twilio's first (a barge-in's ``clear`` before its truncate)."""
         session = self.session
+        # Both queues are taken before the first await: a barge-in's truncate must never overtake its clear.
         to_twilio = session.twilio_to_send()
+        to_model = session.model_to_send()
         if to_twilio:
             await self._send_twilio(to_twilio, received)
-        to_model = session.model_to_send()
         if to_model:
             await self._send_model(to_model)
         if session.ended and not self.finished.is_set():
@@ -514,7 +525,10 @@ class Call:
         reason = self.session.end_reason or EndReason.SHUTDOWN
         self.metrics.calls.inc(label="completed" if reason.completed else "ended")
         if self._on_end is not None:
-            await self._on_end(self)
+            try:
+                await self._on_end(self)
+            except Exception:  # the record must not stop the teardown of the other calls (a drain)
+                log.exception("call %s: its outcome or record could not be kept", self.call_sid)
         stats = self.session.stats
         self._log(
             logging.INFO,

@@ -119,7 +119,12 @@ class CallRegistry:
         if remaining:
             try:
                 async with asyncio.timeout(GOODBYE_TIMEOUT):
-                    await asyncio.gather(*(c.goodbye(goodbye) for c in remaining))
+                    said = await asyncio.gather(
+                        *(c.goodbye(goodbye) for c in remaining), return_exceptions=True
+                    )
+                    for call, result in zip(remaining, said, strict=True):
+                        if isinstance(result, Exception):
+                            log.error("call %s: the goodbye failed", call.call_sid, exc_info=result)
                     await asyncio.gather(*(c.finished.wait() for c in remaining))
             except TimeoutError:
                 log.info("draining: %d calls did not finish their goodbye in time", len(remaining))

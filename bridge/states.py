@@ -117,6 +117,8 @@ _MODEL_FAILED = frozenset(
         EndReason.MODEL_CLOSED,
         EndReason.MODEL_DROPPED,
         EndReason.MODEL_WRONG_DIALECT,
+        # Our own bug ended a live call: the caller is better served by the fallback than by a hang-up.
+        EndReason.INTERNAL_ERROR,
     }
 )
 

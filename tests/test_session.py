@@ -556,4 +556,5 @@ def test_end_reasons_say_whether_the_call_completed_and_whether_the_model_failed
     assert EndReason.CALLER_HUNG_UP.completed and EndReason.SAID_GOODBYE.completed
     assert not EndReason.TWILIO_IDLE.completed
     assert EndReason.MODEL_DROPPED.model_failed and EndReason.MODEL_UNREACHABLE.model_failed
+    assert EndReason.INTERNAL_ERROR.model_failed  # our bug: the caller hears the fallback, not a hang-up
     assert not EndReason.CALLER_HUNG_UP.model_failed and not EndReason.MODEL_NOT_READY.model_failed
