@@ -48,6 +48,7 @@ async def test_a_prewarmed_call_that_gets_no_stream_ends_on_its_timer_and_closes
     assert call.end_reason is EndReason.NO_STREAM
     await asyncio.wait_for(conn.closed.wait(), 5)  # the registry tore it down: its Realtime socket is gone
     assert registry.claim(call.call_sid) is None
+    await settle(lambda: call.call_sid in registry.outcomes)  # kept at the end of the teardown
     assert registry.outcomes[call.call_sid].reason is EndReason.NO_STREAM
     assert not registry.outcomes[call.call_sid].model_failed
 
