@@ -393,7 +393,7 @@ def wav_to_ulaw(data: bytes) -> bytes:
     audio = audio[: len(audio) - len(audio) % frame]  # a partial last frame is dropped
     if tag == 7 and channels == 1 and rate == 8000:
         return bytes(audio)
-    pcm: bytes = audio if tag == 1 else (audioop.ulaw2lin if tag == 7 else audioop.alaw2lin)(audio, 2)
+    pcm: bytes = audio if tag == 1 else ulaw_to_pcm16(audio) if tag == 7 else audioop.alaw2lin(audio, 2)
     x: _Float = np.frombuffer(pcm, dtype=_PCM16).astype(np.float64)
     if channels > 1:
         x = x.reshape(-1, channels).mean(axis=1)

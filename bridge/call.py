@@ -173,10 +173,8 @@ class Call:
         self._seen_unknown: set[str] = set()
         self._malformed: dict[str, int] = {}
         self._torn_down = False
-        # What the session counted that metrics have not yet been told.
-        self._frames_counted = 0
-        self._barge_ins_counted = 0
-        self._truncations_counted = 0
+        self._counted = (0, 0, 0)
+        """The session's frames out, barge-ins and truncations that metrics have been told of."""
         self.recorder: CallRecorder | None = None
         if recordings_dir is not None:
             self.recorder = self._open_recording(recordings_dir, recording_suffix)
@@ -233,9 +231,12 @@ class Call:
             return
         exc = task.exception()
         if exc is not None:
-            # A bug, not a peer's fault: say so with the call id, and end the call rather than leave it mute.
-            log.error("call %s: internal error in %s", self.call_sid, task.get_coro(), exc_info=exc)
-            self._end(EndReason.INTERNAL_ERROR, repr(exc))
+            self._internal_error(task.get_coro(), exc)
+
+    def _internal_error(self, where: object, exc: BaseException) -> None:
+        """A bug, not a peer's fault: say so with the call id, and end the call rather than leave it mute."""
+        log.error("call %s: internal error in %s", self.call_sid, where, exc_info=exc)
+        self._end(EndReason.INTERNAL_ERROR, repr(exc))
 
     def _arm(self) -> None:
         """Set the call's one timer for the session's next deadline."""
@@ -251,9 +252,8 @@ class Call:
         self._timer = None
         try:
             self.session.tick(self.clock.now())
-        except Exception as exc:  # a bug: a loop callback has no task to report it, so end the call here
-            log.error("call %s: internal error in the session's tick", self.call_sid, exc_info=exc)
-            self._end(EndReason.INTERNAL_ERROR, repr(exc))
+        except Exception as exc:  # a loop callback has no task to report it: end the call here
+            self._internal_error("the session's tick", exc)
             return
         self._spawn(self._flush())
         self._arm()
@@ -271,15 +271,16 @@ class Call:
         began = self.clock.now()
         try:
             model = await self.upstream.connect(tap=self._tap("model"))
-        except UpstreamError as exc:
+        except Exception as exc:  # unexpected ones too: the model leg failed, the caller hears the fallback
+            expected = isinstance(exc, UpstreamError)
             self.metrics.upstream_errors.inc(label="connect")
-            self._log(logging.ERROR, "cannot open the Realtime session: %s", exc)
-            self._end(EndReason.MODEL_UNREACHABLE, str(exc))
-            return
-        except Exception as exc:  # unexpected, but the model's leg failed: the caller hears the fallback
-            self.metrics.upstream_errors.inc(label="connect")
-            log.error("call %s: cannot open the Realtime session", self.call_sid, exc_info=exc)
-            self._end(EndReason.MODEL_UNREACHABLE, repr(exc))
+            log.error(
+                "call %s: cannot open the Realtime session: %s",
+                self.call_sid,
+                exc if expected else repr(exc),
+                exc_info=None if expected else exc,
+            )
+            self._end(EndReason.MODEL_UNREACHABLE, str(exc) if expected else repr(exc))
             return
         if self.finished.is_set():
             await model.close()
@@ -405,14 +406,16 @@ class Call:
         to_twilio = session.twilio_to_send()
         to_model = session.model_to_send()
         if to_twilio:
-            await self._send_twilio(to_twilio, received)
+            await self._send_twilio(to_twilio)
         if to_model:
             await self._send_model(to_model)
+        if to_twilio or len(session.stats.truncations) != self._counted[2]:
+            self._count_sent(received)
         if session.ended and not self.finished.is_set():
             self._finished()  # the session decided (Twilio's stop, the goodbye heard, a timeout)
 
-    async def _send_twilio(self, commands: list[TwilioCommand], received: float | None) -> None:
-        session, stream, metrics = self.session, self._twilio, self.metrics
+    async def _send_twilio(self, commands: list[TwilioCommand]) -> None:
+        session, stream = self.session, self._twilio
         sid = session.stream_sid
         if stream is None or sid is None:
             return  # the session queues nothing for Twilio before its start: a pre-warm ending
@@ -424,19 +427,21 @@ class Call:
                 await stream.send(command.wire(sid))
         except ConnectionError as exc:
             self._end(EndReason.TWILIO_FAILED, str(exc))
-            return
-        stats = session.stats
-        frames = stats.frames_out - self._frames_counted
-        barge_ins = stats.barge_ins - self._barge_ins_counted
-        if frames:
-            self._frames_counted = stats.frames_out
-            metrics.frames_out.inc(frames)
-            if received is not None:
+
+    def _count_sent(self, received: float | None) -> None:
+        """Bring the process's counters up to the session's own after a batch was sent (frames, barge-ins,
+        truncations), and time the batch from the event that caused it."""
+        stats, metrics, counted = self.session.stats, self.metrics, self._counted
+        now = (stats.frames_out, stats.barge_ins, len(stats.truncations))
+        frames, barge_ins, truncations = (a - b for a, b in zip(now, counted, strict=True))
+        self._counted = now
+        metrics.frames_out.inc(frames)
+        metrics.barge_ins.inc(barge_ins)
+        metrics.truncations.inc(truncations)
+        if received is not None:
+            if frames:
                 metrics.outbound_delay.observe(self.clock.now() - received)
-        if barge_ins:
-            self._barge_ins_counted = stats.barge_ins
-            metrics.barge_ins.inc(barge_ins)
-            if received is not None:
+            if barge_ins:
                 metrics.clear_delay.observe(self.clock.now() - received)
 
     async def _send_model(self, commands: list[rt.ClientCommand]) -> None:
@@ -446,10 +451,6 @@ class Call:
                 logging.WARNING, "dropping %d commands: the Realtime session is not open", len(commands)
             )
             return
-        truncations = len(self.session.stats.truncations) - self._truncations_counted
-        if truncations:
-            self._truncations_counted += truncations
-            self.metrics.truncations.inc(truncations)
         try:
             for command in commands:
                 await model.send(command)

@@ -270,38 +270,44 @@ class CallSession:
 
     def deadline(self) -> float | None:
         """When :meth:`tick` is next due (the clock's time), or ``None`` once the call has ended."""
-        if self.state is CallState.ENDED:
-            return None
-        timeouts = self.timeouts
-        if self.start is None:
-            return self._created_at + timeouts.prewarm
-        due = self._last_twilio_at + timeouts.twilio_idle
-        if self.state is not CallState.LIVE:
-            due = min(due, self._started_at + timeouts.model_ready)
-        if self._limit_goodbye_at is None:
-            return min(due, self._started_at + self.profile.max_call_seconds)
-        return min(due, self._limit_goodbye_at + timeouts.time_limit_grace)
+        return None if self.state is CallState.ENDED else self._next_timeout()[0]
 
     def tick(self, now: float) -> None:
         """Apply every timeout that is due at ``now``."""
-        if self.state is CallState.ENDED:
-            return
+        while self.state is not CallState.ENDED:
+            due, reason = self._next_timeout()
+            if now < due:
+                return
+            if reason is not None:
+                self.end(reason, self._timeout_detail(reason))
+                return
+            log.info("call %s: time limit of %d s reached", self.call_id, self.profile.max_call_seconds)
+            self._limit_goodbye_at = now
+            self.say_goodbye(TIME_LIMIT_GOODBYE)
+
+    def _next_timeout(self) -> tuple[float, EndReason | None]:
+        """The earliest timeout and what it ends the call with (``None``: the time-limit goodbye is due)."""
         timeouts = self.timeouts
         if self.start is None:
-            if now - self._created_at >= timeouts.prewarm:
-                self.end(EndReason.NO_STREAM, f"within {timeouts.prewarm:.0f} s")
-            return
-        if self.state is not CallState.LIVE and now - self._started_at >= timeouts.model_ready:
-            self.end(EndReason.MODEL_NOT_READY, f"within {timeouts.model_ready:.0f} s")
-        elif now - self._last_twilio_at >= timeouts.twilio_idle:
-            self.end(EndReason.TWILIO_IDLE, f"nothing for {timeouts.twilio_idle:.0f} s")
-        elif self._limit_goodbye_at is None:
-            if now - self._started_at >= self.profile.max_call_seconds:
-                log.info("call %s: time limit of %d s reached", self.call_id, self.profile.max_call_seconds)
-                self._limit_goodbye_at = now
-                self.say_goodbye(TIME_LIMIT_GOODBYE)
-        elif now - self._limit_goodbye_at >= timeouts.time_limit_grace:
-            self.end(EndReason.TIME_LIMIT)
+            return self._created_at + timeouts.prewarm, EndReason.NO_STREAM
+        due: list[tuple[float, EndReason | None]] = []
+        if self.state is not CallState.LIVE:  # first: on a tie, the silent model is the reason
+            due.append((self._started_at + timeouts.model_ready, EndReason.MODEL_NOT_READY))
+        due.append((self._last_twilio_at + timeouts.twilio_idle, EndReason.TWILIO_IDLE))
+        if self._limit_goodbye_at is None:
+            due.append((self._started_at + self.profile.max_call_seconds, None))
+        else:
+            due.append((self._limit_goodbye_at + timeouts.time_limit_grace, EndReason.TIME_LIMIT))
+        return min(due, key=lambda entry: entry[0])
+
+    def _timeout_detail(self, reason: EndReason) -> str:
+        timeouts = self.timeouts
+        seconds = {
+            EndReason.NO_STREAM: f"within {timeouts.prewarm:.0f} s",
+            EndReason.MODEL_NOT_READY: f"within {timeouts.model_ready:.0f} s",
+            EndReason.TWILIO_IDLE: f"nothing for {timeouts.twilio_idle:.0f} s",
+        }
+        return seconds.get(reason, "")
 
     # -- the Realtime side
 
