@@ -104,21 +104,26 @@ class TwilioStream:
         self.ws = ws
         self._tap = tap
 
-    async def receive(self) -> WSMessage:
-        """The next message (recorded when it is data)."""
+    def receive(self) -> Awaitable[WSMessage]:
+        """What to await for the next message (recorded when it is data). Unrecorded, it is aiohttp's own
+        ``receive``: no extra coroutine per frame."""
+        return self.ws.receive() if self._tap is None else self._receive_recorded()
+
+    async def _receive_recorded(self) -> WSMessage:
         msg = await self.ws.receive()
         if self._tap is not None and (msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY):
             self._tap("in", msg.data)
         return msg
 
-    async def send(self, text: str) -> None:
-        """Send one message unless the socket is closed; raises ``ConnectionError`` if it fails."""
+    def send(self, text: str) -> Awaitable[None] | None:
+        """Send one message: returns what to await, or ``None`` when the socket is closed (nothing is
+        sent then; the reader ends the call). Awaiting raises ``ConnectionError`` if the send fails."""
         ws = self.ws
         if ws.closed:
-            return
+            return None
         if self._tap is not None:
             self._tap("out", text)
-        await ws.send_str(text)
+        return ws.send_str(text)
 
 
 class Call:
@@ -407,8 +412,14 @@ class Call:
         to_model = session.model_to_send()
         if to_twilio:
             await self._send_twilio(to_twilio)
-        if to_model:
-            await self._send_model(to_model)
+        model = self._model  # set before upstream_opened(): the session queues nothing for it before
+        try:
+            for command in to_model:
+                pending = model.write(command) if model is not None else None  # None: written at once
+                if pending is not None:
+                    await pending
+        except ConnectionClosed:
+            self._end(EndReason.MODEL_DROPPED, "while sending")
         if to_twilio or len(session.stats.truncations) != self._counted[2]:
             self._count_sent(received)
         if session.ended and not self.finished.is_set():
@@ -424,7 +435,9 @@ class Call:
             for command in commands:
                 if session.generation != generation:
                     break  # a barge-in (by the other reader) happened while sending: the rest is stale
-                await stream.send(command.wire(sid))
+                pending = stream.send(command.wire(sid))
+                if pending is not None:
+                    await pending
         except ConnectionError as exc:
             self._end(EndReason.TWILIO_FAILED, str(exc))
 
@@ -443,19 +456,6 @@ class Call:
                 metrics.outbound_delay.observe(self.clock.now() - received)
             if barge_ins:
                 metrics.clear_delay.observe(self.clock.now() - received)
-
-    async def _send_model(self, commands: list[rt.ClientCommand]) -> None:
-        model = self._model
-        if model is None:
-            self._log(
-                logging.WARNING, "dropping %d commands: the Realtime session is not open", len(commands)
-            )
-            return
-        try:
-            for command in commands:
-                await model.send(command)
-        except ConnectionClosed:
-            self._end(EndReason.MODEL_DROPPED, "while sending")
 
     # -- bad input, logged and skipped
 
