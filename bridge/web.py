@@ -100,7 +100,9 @@ async def after_stream(request: web.Request) -> web.Response:
     outcome = app[REGISTRY].outcomes.get(call_sid)
     if outcome is not None and outcome.model_failed:
         log.info(
-            "call %s: the model failed (%s); Twilio speaks the fallback message", call_sid, outcome.reason
+            "call %s: the model failed (%s); Twilio speaks the fallback message",
+            call_sid,
+            outcome.reason.value,
         )
         return _twiml(webhooks.reject_twiml(outcome.fallback_message))
     return _twiml(webhooks.reject_twiml(""))
