@@ -86,14 +86,14 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
     if settings.azure is not None:
         target = Target.from_azure(settings.azure)
     else:
-        model = LocalModel(record=False)
+        model = LocalModel(record=False, session_seconds=settings.local_model_session_seconds)
         await model.start()
         target = Target(model.endpoint, LOCAL_DEPLOYMENT, settings.dialect, None, "local")
         log.warning(
             "no AZURE_OPENAI_ENDPOINT: calls are answered by the built-in local model at %s (an echo test)",
             model.endpoint,
         )
-    upstream = app[UPSTREAM] = Upstream(target)
+    upstream = app[UPSTREAM] = Upstream(target, clock=app[CLOCK], metrics=app[METRICS])
     try:
         yield
     finally:
@@ -115,7 +115,7 @@ def _greetings(render: bool) -> Callable[[web.Application], AsyncIterator[None]]
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         """The greeting renderer; seeds a fresh store with the first prompt profile, greeting rendered."""
         settings, store = app[SETTINGS], app[STORE]
-        greetings = app[GREETINGS] = Greetings(app[UPSTREAM], store, settings.audio_path)
+        greetings = app[GREETINGS] = Greetings(app[UPSTREAM], store, settings.audio_path, render=render)
         try:
             if not await store.list_profiles():
                 first = await store.create(app[PROFILE], author="bridge", comment="first start")

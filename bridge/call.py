@@ -15,9 +15,13 @@ Life of a call
    :attr:`Call.finished`; ``run`` then closes both sockets and cancels both readers, so nothing outlives
    the call. :attr:`Call.end_reason` says why, as an :class:`~bridge.session.EndReason`.
 
-The Realtime side is one :class:`~bridge.upstream.RealtimeConnection`, which the driver could replace
-without the session noticing; the recording tap is a wrapper around each socket (:class:`TwilioStream`,
-and the connection's ``tap``), so every message is recorded exactly where it crosses.
+The Realtime side is one :class:`~bridge.upstream.RealtimeConnection` per Realtime session of the call
+(numbered 1, 2, 3…): the session decides when another is needed (a rollover, a reconnection; see
+``rollover.py``) and queues :data:`~bridge.legs.LegCommand` values, which the driver carries out -- open
+one (with the process's connect policy), send to one, close one -- before it sends the serving session's
+commands, and it reports each socket's opening, failure and end back to the session. The recording tap
+is a wrapper around each socket (:class:`TwilioStream`, and each connection's ``tap``), so every message
+is recorded exactly where it crosses, with the number of its Realtime session.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +41,14 @@ from bridge import realtime as rt
 from bridge import twilio as tw
 from bridge.clock import Clock
 from bridge.config import AudioPath
-from bridge.errors import DialectMismatch, MalformedMessage, UpstreamError
+from bridge.errors import DialectMismatch, MalformedMessage, UpstreamError, UpstreamRejected
+from bridge.legs import CloseLeg, LegCommand, OpenLeg
 from bridge.metrics import Metrics
 from bridge.prompts import Profile, profile_to_mapping
 from bridge.recordings import Direction, Header, RecordingFile, RecordingWriter, Source
 from bridge.session import DEFAULT_TIMEOUTS, CallSession
 from bridge.states import EndReason, Timeouts
-from bridge.store import CallRecord
+from bridge.store import CallRecord, ModelSession
 from bridge.twilio import TwilioCommand
 from bridge.upstream import RealtimeConnection, Tap, Upstream
 
@@ -69,22 +74,29 @@ class CallRecorder:
         self._clock = clock
         self._started_at = started_at
 
-    def tap(self, source: Source) -> Tap:
-        """What a socket calls with each message that crosses it."""
+    def tap(self, source: Source, session: int = 1) -> Tap:
+        """What a socket calls with each message that crosses it (``session``: its Realtime session)."""
 
         def tap(direction: Direction, wire: str | bytes) -> None:
-            self.write(source, direction, wire)
+            self.write(source, direction, wire, session=session)
 
         return tap
 
-    def write(self, source: Source, direction: Direction, wire: str | bytes, at: float | None = None) -> None:
+    def write(
+        self,
+        source: Source,
+        direction: Direction,
+        wire: str | bytes,
+        at: float | None = None,
+        session: int = 1,
+    ) -> None:
         """Record one message (``at``: when it crossed, if not now)."""
         writer = self._writer
         if writer is None:
             return
         now = self._clock.now() if at is None else at
         try:
-            writer.write((now - self._started_at) * 1000.0, source, direction, wire)
+            writer.write((now - self._started_at) * 1000.0, source, direction, wire, session)
         except OSError as exc:  # a full disk must not end the call
             log.error("recording %s stopped: %s", self.path, exc)
             self.close()
@@ -146,6 +158,7 @@ class Call:
         profile_id: int | None = None,
         profile_version: int | None = None,
         greeting_audio: bytes | None = None,
+        hold_audio: bytes | None = None,
         test_call: bool = False,
         on_transcript: TranscriptListener | None = None,
         on_end: Callable[[Call], Awaitable[None]] | None = None,
@@ -159,6 +172,7 @@ class Call:
             greeting_audio=greeting_audio,
             timeouts=timeouts,
         )
+        self.session.hold_audio = hold_audio or None
         self.profile_id, self.profile_version = profile_id, profile_version
         self.from_number, self.to_number = from_number, to_number
         self.test_call = test_call
@@ -171,7 +185,8 @@ class Call:
         self._on_transcript = on_transcript
         self._on_end = on_end
         self._twilio: TwilioStream | None = None
-        self._model: RealtimeConnection | None = None
+        self._legs: dict[int, RealtimeConnection] = {}
+        """The open Realtime sessions of the call, by number (the serving one is the session's ``leg``)."""
         self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -180,6 +195,8 @@ class Call:
         self._torn_down = False
         self._counted = (0, 0, 0)
         """The session's frames out, barge-ins and truncations that metrics have been told of."""
+        self._counted_legs = (0, 0, 0)
+        """The session's rollovers, reconnections and reconnection gaps that metrics have been told of."""
         self.recorder: CallRecorder | None = None
         if recordings_dir is not None:
             self.recorder = self._open_recording(recordings_dir, recording_suffix)
@@ -216,8 +233,8 @@ class Call:
             return None
         return CallRecorder(RecordingWriter(header, sink), sink, self.clock, self.started_at)
 
-    def _tap(self, source: Source) -> Tap | None:
-        return self.recorder.tap(source) if self.recorder is not None else None
+    def _tap(self, source: Source, session: int = 1) -> Tap | None:
+        return self.recorder.tap(source, session) if self.recorder is not None else None
 
     def _log(self, level: int, message: str, *args: object) -> None:
         log.log(level, "call %s: " + message, self.call_sid, *args)
@@ -290,13 +307,34 @@ class Call:
         if self.finished.is_set():
             await model.close()
             return
-        self._model = model
+        self._legs[1] = model
         self.session.upstream_opened()
         await self._flush()
         self.metrics.connect_time.observe(self.clock.now() - began)
-        self._spawn(self._read_model(model))
+        self._spawn(self._read_model(1, model))
 
-    async def _read_model(self, model: RealtimeConnection) -> None:
+    async def _open_leg(self, command: OpenLeg) -> None:
+        """Open Realtime session ``command.number`` for the session (a rollover or a reconnection)."""
+        number = command.number
+        try:
+            model = await self.upstream.connect(
+                tap=self._tap("model", number), budget=command.budget, wait_for_breaker=True
+            )
+        except UpstreamError as exc:
+            self.metrics.upstream_errors.inc(label="connect")
+            self._log(logging.WARNING, "cannot open Realtime session %d: %s", number, exc)
+            self.session.leg_failed(number, str(exc), fatal=isinstance(exc, UpstreamRejected))
+            await self._flush()
+            return
+        if self.finished.is_set():
+            await model.close()
+            return
+        self._legs[number] = model
+        self.session.leg_opened(number)
+        await self._flush()
+        self._spawn(self._read_model(number, model))
+
+    async def _read_model(self, number: int, model: RealtimeConnection) -> None:
         session, clock = self.session, self.clock
         reason, detail = EndReason.MODEL_CLOSED, ""
         try:
@@ -312,7 +350,7 @@ class Call:
                     continue
                 if isinstance(event, rt.ErrorEvent):
                     self._on_model_error(event)
-                session.receive_realtime(event)
+                session.receive_realtime(event, number)
                 await self._flush(received)
                 if self._on_transcript is not None and isinstance(
                     event, rt.AssistantTranscript | rt.CallerTranscript
@@ -327,9 +365,22 @@ class Call:
         except ConnectionClosed as exc:
             reason = EndReason.MODEL_DROPPED
             detail = str(exc.rcvd.code) if exc.rcvd else "no close frame"
+        if self._legs.get(number) is not model:
+            return  # the bridge closed it (a rollover, or the call's end)
+        del self._legs[number]
         if not self.finished.is_set():
-            self._log(logging.WARNING, "%s%s", reason.value, f" ({detail})" if detail else "")
-        self._end(reason, detail)
+            self._log(
+                logging.WARNING,
+                "Realtime session %d: %s%s",
+                number,
+                reason.value,
+                f" ({detail})" if detail else "",
+            )
+        self.session.leg_closed(number, reason, detail)
+        if not self.session.ended:
+            await self._flush()
+        else:
+            self._end(reason, detail)
 
     async def _tell_transcript(self, event: rt.AssistantTranscript | rt.CallerTranscript) -> None:
         listener = self._on_transcript
@@ -405,25 +456,68 @@ class Call:
     # -- one write path per socket
 
     async def _flush(self, received: float | None = None) -> None:
-        """Send what the session queued, Twilio's first (a barge-in's ``clear`` before its truncate)."""
+        """Send what the session queued: Twilio's first (a barge-in's ``clear`` before its truncate), then
+        what is owed to other Realtime sessions, then the serving session's commands."""
         session = self.session
-        # Both queues are taken before the first await: a barge-in's truncate must never overtake its clear.
+        # Every queue is taken before the first await: a barge-in's truncate must never overtake its clear,
+        # and the serving session is the one that was serving when its commands were queued.
         to_twilio = session.twilio_to_send()
+        to_legs = session.legs_to_send()
         to_model = session.model_to_send()
+        serving = session.leg
         if to_twilio:
             await self._send_twilio(to_twilio)
-        model = self._model  # set before upstream_opened(): the session queues nothing for it before
+        if to_legs:
+            await self._do_legs(to_legs)
+        if to_model:
+            await self._send_model(serving, to_model)
+        if to_twilio or len(session.stats.truncations) != self._counted[2]:
+            self._count_sent(received)
+        if session.rearm:
+            session.rearm = False
+            self._arm()
+        if session.ended and not self.finished.is_set():
+            self._finished()  # the session decided (Twilio's stop, the goodbye heard, a timeout)
+
+    async def _send_model(self, number: int, commands: list[rt.ClientCommand]) -> None:
+        """Send ``commands`` to Realtime session ``number`` (the session queues nothing for one not open)."""
+        model = self._legs.get(number)
+        if model is None:
+            return
         try:
-            for command in to_model:
-                pending = model.write(command) if model is not None else None  # None: written at once
+            for command in commands:
+                pending = model.write(command)  # None: written at once
                 if pending is not None:
                     await pending
         except ConnectionClosed:
-            self._end(EndReason.MODEL_DROPPED, "while sending")
-        if to_twilio or len(session.stats.truncations) != self._counted[2]:
-            self._count_sent(received)
-        if session.ended and not self.finished.is_set():
-            self._finished()  # the session decided (Twilio's stop, the goodbye heard, a timeout)
+            if self._legs.get(number) is model:
+                del self._legs[number]
+                self.session.leg_closed(number, EndReason.MODEL_DROPPED, "while sending")
+                if self.session.ended:
+                    self._end(EndReason.MODEL_DROPPED, "while sending")
+
+    async def _do_legs(self, commands: list[LegCommand]) -> None:
+        """Carry out what the session asked of its other Realtime sessions, in order."""
+        for command in commands:
+            if isinstance(command, OpenLeg):
+                self._spawn(self._open_leg(command))
+            elif isinstance(command, CloseLeg):
+                model = self._legs.pop(command.number, None)
+                if model is not None:
+                    self._spawn(model.close())
+            else:
+                await self._send_model(command.number, command.commands)
+        self._count_legs()
+
+    def _count_legs(self) -> None:
+        stats, metrics = self.session.stats, self.metrics
+        rollovers, reconnects, gaps = self._counted_legs
+        for cause in stats.reconnects[reconnects:]:
+            metrics.reconnects.inc(label=cause)
+        for gap in stats.reconnect_gaps[gaps:]:
+            metrics.reconnect_gap.observe(gap)
+        metrics.rollovers.inc(stats.rollovers - rollovers)
+        self._counted_legs = (stats.rollovers, len(stats.reconnects), len(stats.reconnect_gaps))
 
     async def _send_twilio(self, commands: list[TwilioCommand]) -> None:
         session, stream = self.session, self._twilio
@@ -505,8 +599,7 @@ class Call:
         closers: list[Coroutine[Any, Any, None]] = []
         if self._twilio is not None and not self._twilio.ws.closed:
             closers.append(self._close_twilio(self._twilio.ws))
-        if self._model is not None:
-            closers.append(self._model.close())
+        closers.extend(model.close() for model in self._legs.values())
         if closers:
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT * 2):
@@ -581,4 +674,24 @@ class Call:
             upstream_errors=stats.upstream_errors,
             recording_path=str(self.recording_path) if self.recording_path else None,
             test_call=self.test_call,
+            sessions=self._sessions(),
+        )
+
+    def _sessions(self) -> tuple[ModelSession, ...]:
+        """The call's Realtime sessions, with wall-clock times, for the call record."""
+
+        def wall(t: float) -> datetime:
+            return self.started_wall + timedelta(seconds=t - self.started_at)
+
+        now = self.clock.now()
+        return tuple(
+            ModelSession(
+                number=info.number,
+                started_at=wall(info.opened_at),
+                ended_at=wall(info.ended_at if info.ended_at is not None else now),
+                began=info.began,
+                ended=info.ended or "the call ended",
+                session_id=info.session_id,
+            )
+            for info in self.session.legs.values()
         )

@@ -118,6 +118,14 @@ class Settings:
     stream_token_ttl: float = 30.0
     """How long the one-time stream token in the TwiML stays valid."""
     log_level: str = "INFO"
+    rollover_margin: float = 120.0
+    """A Realtime session is swapped this long before its ``expires_at``."""
+    max_session_seconds: float = 1500.0
+    """The lifetime taken for a Realtime session whose service sends no ``expires_at``."""
+    model_idle_timeout: float = 10.0
+    """While the model owes an event, this long without one is a dead connection: reconnect."""
+    local_model_session_seconds: float = 1800.0
+    """The built-in local model's session cap (as Azure's: 30 minutes); lower it to watch a rollover."""
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -317,4 +325,8 @@ def load_settings(
         prewarm_timeout=_number(env, "BRIDGE_PREWARM_TIMEOUT", 10.0, 0.1, 120.0),
         stream_token_ttl=_number(env, "BRIDGE_STREAM_TOKEN_TTL", 30.0, 1.0, 600.0),
         log_level=level,
+        rollover_margin=_number(env, "BRIDGE_ROLLOVER_MARGIN", 120.0, 1.0, 3600.0),
+        max_session_seconds=_number(env, "BRIDGE_MAX_SESSION_SECONDS", 1500.0, 10.0, 86400.0),
+        model_idle_timeout=_number(env, "BRIDGE_MODEL_IDLE_TIMEOUT", 10.0, 1.0, 300.0),
+        local_model_session_seconds=_number(env, "BRIDGE_LOCAL_MODEL_SESSION_SECONDS", 1800.0, 5.0, 86400.0),
     )

@@ -56,6 +56,11 @@ class UpstreamUnavailable(UpstreamError):
 
     retryable = True
 
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds the service asked us to wait (its ``Retry-After``), when it said."""
+
 
 class UpstreamRejected(UpstreamError):
     """Connecting failed in a way that will fail again (401, 403, 404: fix the settings)."""

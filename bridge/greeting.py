@@ -1,8 +1,13 @@
-"""Pre-rendered greetings: a profile version's greeting spoken once, in its voice, and stored.
+"""Pre-rendered prompts: a profile version's greeting, and "one moment, please", spoken once in its voice.
 
 When staff save a version, its greeting is rendered through the configured model (the local model when
 there is none) and stored with the version; calls play it the instant the stream starts, without
 waiting for the model, and the model is told it was said.
+
+The hold prompt ("one moment, please") is played when a call's Realtime session is being replaced and the
+caller would otherwise hear silence (``rollover.py``). It is rendered the same way, once per voice and
+audio path in each process, in the background when the first call with that voice begins, and kept in
+memory: it is a second of audio and never changes.
 """
 
 from __future__ import annotations
@@ -25,11 +30,22 @@ log = logging.getLogger(__name__)
 RENDER_TIMEOUT = 30.0
 
 
+HOLD_TEXT = "One moment, please."
+HOLD_INSTRUCTIONS = f"Say exactly this, calmly, and nothing else: {HOLD_TEXT}"
+
+
 async def render_greeting(upstream: Upstream, profile: Profile, audio_path: AudioPath) -> bytes:
     """Have the model say ``profile``'s greeting; return it as raw μ-law 8 kHz (what Twilio plays)."""
     instructions = profile.greeting_instructions()
     if instructions is None:
         return b""
+    return await render_speech(upstream, profile, audio_path, instructions)
+
+
+async def render_speech(
+    upstream: Upstream, profile: Profile, audio_path: AudioPath, instructions: str
+) -> bytes:
+    """Have the model say what ``instructions`` ask in ``profile``'s voice; return raw μ-law 8 kHz."""
     model = await upstream.connect()
     transcoder = OutboundTranscoder(audio_path)
     audio = bytearray()
@@ -60,12 +76,37 @@ async def render_greeting(upstream: Upstream, profile: Profile, audio_path: Audi
 
 
 class Greetings:
-    """Renders greetings in the background and stores them with their version; one per app."""
+    """Renders greetings in the background and stores them with their version, and keeps the hold prompt
+    of each voice; one per app (``render``: False renders nothing, for tests that do not need it)."""
 
-    def __init__(self, upstream: Upstream, store: Store, audio_path: AudioPath) -> None:
+    def __init__(
+        self, upstream: Upstream, store: Store, audio_path: AudioPath, *, render: bool = True
+    ) -> None:
         self.upstream, self.store, self.audio_path = upstream, store, audio_path
+        self.render = render
         self._tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
         self.failures: dict[tuple[int, int], str] = {}
+        self._holds: dict[tuple[str, AudioPath], bytes] = {}
+        self._hold_tasks: dict[tuple[str, AudioPath], asyncio.Task[None]] = {}
+
+    def hold_audio(self, profile: Profile, audio_path: AudioPath) -> bytes | None:
+        """The hold prompt in ``profile``'s voice, or ``None`` while it is rendered (started here)."""
+        key = (profile.voice, audio_path)
+        audio = self._holds.get(key)
+        if audio is None and self.render and key not in self._hold_tasks:
+            task = asyncio.get_running_loop().create_task(self._render_hold(key, profile))
+            self._hold_tasks[key] = task
+            task.add_done_callback(lambda _: self._hold_tasks.pop(key, None))
+        return audio
+
+    async def _render_hold(self, key: tuple[str, AudioPath], profile: Profile) -> None:
+        try:
+            audio = await render_speech(self.upstream, profile, key[1], HOLD_INSTRUCTIONS)
+        except (BridgeError, OSError, TimeoutError) as exc:
+            log.warning("hold prompt in voice %s not rendered: %s", key[0], exc)
+            return
+        if audio:
+            self._holds[key] = audio
 
     def prepare(self, version: ProfileVersion) -> asyncio.Task[None]:
         """Start rendering ``version``'s greeting (idempotent); the task stores it when done."""
@@ -97,6 +138,7 @@ class Greetings:
 
     async def close(self) -> None:
         """Stop renders in progress."""
-        for task in list(self._tasks.values()):
+        tasks = [*self._tasks.values(), *self._hold_tasks.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -118,6 +118,18 @@ class Metrics:
         self.clear_delay = Histogram(
             "bridge_clear_latency_seconds", "speech_started received to Twilio clear sent."
         )
+        self.rollovers = Counter("bridge_rollovers_total", "Planned swaps to a new Realtime session.")
+        self.reconnects = Counter(
+            "bridge_reconnects_total", "Realtime sessions lost in a live call and replaced.", "cause"
+        )
+        self.reconnect_gap = Histogram(
+            "bridge_reconnect_gap_seconds",
+            "From a lost Realtime session to the swap to its replacement.",
+            (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
+        )
+        self.breaker = Gauge(
+            "bridge_upstream_breaker_state", "Realtime connect breaker: 0 closed, 0.5 probing, 1 open."
+        )
         self.connect_time = Histogram(
             "bridge_upstream_connect_seconds",
             "Realtime connect and session.update.",

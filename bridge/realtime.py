@@ -23,7 +23,7 @@ import pybase64
 
 from bridge.config import AudioPath, Dialect
 from bridge.errors import DialectMismatch, MalformedMessage
-from bridge.prompts import Profile
+from bridge.prompts import Profile, Transcription
 
 # --- server events (Realtime → bridge) ------------------------------------------------------------
 
@@ -114,6 +114,16 @@ class AssistantTranscript:
 
 
 @dataclass(frozen=True, slots=True)
+class AssistantTranscriptDelta:
+    """``response.output_audio_transcript.delta`` / ``response.audio_transcript.delta``: what the model is
+    saying, as it says it (what a new session is told of an answer cut off by a drop)."""
+
+    response_id: str
+    item_id: str
+    delta: str
+
+
+@dataclass(frozen=True, slots=True)
 class CallerTranscript:
     """``conversation.item.input_audio_transcription.completed``: what the caller said."""
 
@@ -144,6 +154,35 @@ class ErrorEvent:
         """``response_cancel_not_active``: our cancel raced the server's own (docs/protocols.md §5.2)."""
         return self.code == "response_cancel_not_active"
 
+    @property
+    def fatal(self) -> bool:
+        """The service will not serve this call on any session: a bad key, no quota, a policy refusal.
+        Retrying cannot help; the caller hears the profile's fallback message."""
+        return self.code in FATAL_ERROR_CODES
+
+    @property
+    def session_lost(self) -> bool:
+        """The session is ending or broken (``session_expired`` at the cap, a ``server_error``): the bridge
+        moves the call to a new session."""
+        return self.code == "session_expired" or self.error_type == "server_error"
+
+
+FATAL_ERROR_CODES = frozenset(
+    {
+        "invalid_api_key",
+        "insufficient_quota",
+        "account_deactivated",
+        "billing_hard_limit_reached",
+        "billing_not_active",
+        "unauthorized",
+        "access_denied",
+        "content_policy_violation",
+        "DeploymentNotFound",
+        "model_not_found",
+    }
+)
+"""``error`` codes after which no session will serve the call (docs/protocols.md §2.4)."""
+
 
 @dataclass(frozen=True, slots=True)
 class OtherEvent:
@@ -170,6 +209,7 @@ ServerEvent = (
     | AudioDelta
     | AudioDone
     | AssistantTranscript
+    | AssistantTranscriptDelta
     | CallerTranscript
     | ItemTruncated
     | ErrorEvent
@@ -226,10 +266,12 @@ class DeleteItem:
 
 @dataclass(frozen=True, slots=True)
 class AddTextItem:
-    """``conversation.item.create`` with a text message (a DTMF digit, a note for the model)."""
+    """``conversation.item.create`` with a text message (a DTMF digit, a note for the model, a turn carried
+    into a new session); ``item_id``: the id the bridge gives the item, when it must refer to it later."""
 
     role: str
     text: str
+    item_id: str | None = None
 
 
 ClientCommand = (
@@ -281,12 +323,16 @@ def turn_detection_wire(profile: Profile) -> dict[str, Any]:
     }
 
 
-def _transcription_wire(profile: Profile) -> dict[str, Any] | None:
-    if profile.transcription is None:
-        return None
-    out: dict[str, Any] = {"model": profile.transcription.model}
-    if profile.transcription.language:
-        out["language"] = profile.transcription.language
+DEFAULT_TRANSCRIPTION = Transcription()
+"""Used when a profile asks for none: the caller's words are what a new session is told of the call
+(``bridge.conversation``), so every session transcribes them."""
+
+
+def _transcription_wire(profile: Profile) -> dict[str, Any]:
+    transcription = profile.transcription or DEFAULT_TRANSCRIPTION
+    out: dict[str, Any] = {"model": transcription.model}
+    if transcription.language:
+        out["language"] = transcription.language
     return out
 
 
@@ -297,6 +343,7 @@ class Adapter(ABC):
     _audio_delta = ""
     _audio_done = ""
     _transcript_done = ""
+    _transcript_delta = ""
     _known_other: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
@@ -341,7 +388,10 @@ class Adapter(ABC):
         elif isinstance(command, DeleteItem):
             event = {"type": "conversation.item.delete", "item_id": command.item_id}
         else:
-            event = {"type": "conversation.item.create", "item": self._text_item(command.role, command.text)}
+            item = self._text_item(command.role, command.text)
+            if command.item_id is not None:
+                item = {"id": command.item_id, **item}
+            event = {"type": "conversation.item.create", "item": item}
         event["event_id"] = self._event_id()
         return event
 
@@ -395,6 +445,8 @@ class Adapter(ABC):
             return OutputItemAdded(_str(d, "response_id"), _str(item, "id"), str(item.get("type", "")))
         if kind == self._audio_done:
             return AudioDone(_str(d, "response_id"), _str(d, "item_id"))
+        if kind == self._transcript_delta:
+            return AssistantTranscriptDelta(_str(d, "response_id"), _str(d, "item_id"), _str(d, "delta"))
         if kind == self._transcript_done:
             return AssistantTranscript(_str(d, "response_id"), _str(d, "item_id"), _str(d, "transcript"))
         if kind == "conversation.item.input_audio_transcription.completed":
@@ -465,13 +517,13 @@ class GAAdapter(Adapter):
     _audio_delta = "response.output_audio.delta"
     _audio_done = "response.output_audio.done"
     _transcript_done = "response.output_audio_transcript.done"
+    _transcript_delta = "response.output_audio_transcript.delta"
     _known_other = frozenset(
         {
             "conversation.item.added",
             "conversation.item.done",
             "conversation.item.input_audio_transcription.segment",
             "input_audio_buffer.timeout_triggered",
-            "response.output_audio_transcript.delta",
             "response.output_text.delta",
             "response.output_text.done",
         }
@@ -528,9 +580,8 @@ class PreviewAdapter(Adapter):
     _audio_delta = "response.audio.delta"
     _audio_done = "response.audio.done"
     _transcript_done = "response.audio_transcript.done"
-    _known_other = frozenset(
-        {"response.audio_transcript.delta", "response.text.delta", "response.text.done", "response.cancelled"}
-    )
+    _transcript_delta = "response.audio_transcript.delta"
+    _known_other = frozenset({"response.text.delta", "response.text.done", "response.cancelled"})
 
     def session_config(self, profile: Profile, audio_path: AudioPath) -> dict[str, Any]:
         """A flat preview ``session`` (§2.2)."""

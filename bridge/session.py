@@ -27,6 +27,15 @@ with the clock, never past the next unechoed mark.
 Responses and goodbyes (:data:`~bridge.states.GOODBYE_TRANSITIONS`): a goodbye (shutdown, time limit) is
 asked for, spoken by the next response, and the call ends once the caller has heard it (its last mark).
 
+Realtime sessions (:data:`~bridge.states.LINK_TRANSITIONS`, ``legs.py``): a live call may go through
+several. A rollover is due before the serving session's ``expires_at``: the next session is opened and
+configured (its ``session.update``, then the conversation so far from ``conversation.py``) while the old one
+serves, and swapped to at a turn boundary (the caller silent, no answer owed or running, nothing playing),
+or, past the force time, at the first moment no answer is running or owed and the caller is silent. A lost
+session (a drop, ``session_expired``, a ``server_error``, the idle watchdog) is replaced the same way, the
+caller's audio held meanwhile and a pre-rendered "one moment" played when the gap grows. The swap is one
+step: caller audio up to it went to the old session, from it to the new one.
+
 Barge-in (``input_audio_buffer.speech_started`` while the caller hears the model): Twilio ``clear``
 first, then ``conversation.item.truncate`` at the proved position (clamped to what the model generated),
 ``response.cancel`` only while that response is active, and every later delta of it is dropped. The
@@ -37,15 +46,18 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
 
 from bridge import realtime as rt
 from bridge import twilio as tw
 from bridge.audio import Framer, InboundTranscoder, OutboundTranscoder, model_bytes_to_ms
 from bridge.clock import Clock
 from bridge.config import AudioPath
+from bridge.conversation import Conversation
 from bridge.errors import IllegalTransition
+from bridge.legs import LegCommand, LegInfo
+from bridge.playback import Item, Mark, Stats
 from bridge.prompts import Profile
+from bridge.rollover import MAX_QUEUED_FRAMES, Due, Rollover
 from bridge.states import (
     GOODBYE_TRANSITIONS,
     TRANSITIONS,
@@ -53,6 +65,7 @@ from bridge.states import (
     EndReason,
     Goodbye,
     GoodbyeTrigger,
+    Link,
     Timeouts,
     Trigger,
 )
@@ -77,12 +90,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ULAW_BYTES_PER_MS = 8
 MARK_EVERY_FRAMES = 5
 """A mark after every 5 frames (100 ms) bounds the interpolation between proofs of playback."""
 DEFAULT_TIMEOUTS = Timeouts()
-MAX_QUEUED_FRAMES = 50 * 30
-"""Caller audio held while the model is not ready yet: 30 s. Older frames go first beyond that."""
+UTTERANCE_FRAMES = 50 * 15
+"""The caller's current utterance is kept (15 s at most) to give it again to a session that replaces one
+lost while the caller spoke."""
+PRE_SPEECH_FRAMES = 25
+"""And the 500 ms before the VAD's ``speech_started`` (the service's prefix padding is 300 ms)."""
 
 
 TIME_LIMIT_GOODBYE = (
@@ -90,58 +105,7 @@ TIME_LIMIT_GOODBYE = (
 )
 
 
-# --- ledger ---------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Item:
-    """One assistant message item and how much of its audio was generated, sent and heard."""
-
-    item_id: str
-    response_id: str
-    model_bytes: int = 0
-    """Bytes of model audio received (the model's own format): what truncate is clamped to."""
-    sent_bytes: int = 0
-    """μ-law bytes sent to Twilio for this item."""
-    heard_bytes: int = 0
-    """μ-law bytes proved played: the position of this item's last echoed mark."""
-    local: bool = False
-    """Audio the bridge played itself (a pre-rendered greeting): not the model's to truncate."""
-
-
-@dataclass(slots=True)
-class _Mark:
-    """A mark in flight: when it echoes, ``item`` was played up to ``position`` μ-law bytes."""
-
-    seq: int
-    item: _Item
-    position: int
-    segment_sent_at: float
-    """When the first frame between the previous mark and this one was sent."""
-
-
-@dataclass(slots=True)
-class Stats:
-    """What happened on the call, for metrics and the call record."""
-
-    frames_in: int = 0
-    frames_out: int = 0
-    frames_queued_dropped: int = 0
-    marks_sent: int = 0
-    marks_played: int = 0
-    marks_ignored: int = 0
-    barge_ins: int = 0
-    truncations: list[tuple[str, int]] = field(default_factory=list)
-    cancels: int = 0
-    late_deltas_dropped: int = 0
-    upstream_errors: int = 0
-    dtmf: list[str] = field(default_factory=list)
-    transcript: list[tuple[str, str]] = field(default_factory=list)
-    turn_latencies_ms: list[float] = field(default_factory=list)
-    """End of the caller's turn (``speech_stopped``) to the first frame of the answer sent."""
-
-
-class CallSession:
+class CallSession(Rollover):
     """The sans-I/O state of one call; see the module docstring for how it works."""
 
     def __init__(
@@ -174,7 +138,7 @@ class CallSession:
         self._outbound = OutboundTranscoder(audio_path)
         self._framer = Framer()
         self._queue: deque[bytes] = deque()
-        self._prestart: list[tuple[_Item, bytes]] = []
+        self._prestart: list[tuple[Item, bytes]] = []
         self._greeted = False
         self.greeting_audio = greeting_audio or None
         """A pre-rendered greeting (μ-law 8 kHz), played the instant the stream starts."""
@@ -191,14 +155,44 @@ class CallSession:
         self._goodbye_response: str | None = None
         self._active_response: str | None = None
         self._dropped: set[str] = set()
-        self._items: dict[str, _Item] = {}
-        self._current: _Item | None = None
+        self._items: dict[str, Item] = {}
+        self._current: Item | None = None
         # Playback ledger.
-        self._ledger: deque[_Mark] = deque()
+        self._ledger: deque[Mark] = deque()
         self._mark_seq = 0
         self._unmarked_frames = 0
         self._unmarked_since: float = 0.0
         self._last_echo_at: float = float("-inf")
+        # Realtime sessions (legs.py): the serving one, the next one, what the driver must do to others.
+        self.conversation = Conversation()
+        self.link = Link.UP
+        self.leg = 1
+        """The number of the Realtime session serving the call."""
+        self.legs: dict[int, LegInfo] = {1: LegInfo(1, "first", self._created_at)}
+        self.hold_audio: bytes | None = None
+        """A pre-rendered "one moment, please" (μ-law 8 kHz), played when a reconnection takes long."""
+        self._forwarding = False
+        """Caller audio goes straight to the serving session (live, and a session serves)."""
+        self.rearm = False
+        """A deadline may have come nearer than the driver's timer: it re-arms (and clears this)."""
+        self._next: int | None = None
+        self._next_since = 0.0
+        self._next_count = 2
+        self._control: list[LegCommand] = []
+        self._swap_due = float("inf")
+        self._swap_force = float("inf")
+        self._forced = False
+        self._down_since: float | None = None
+        self._hold_due: float | None = None
+        self._cut: Item | None = None
+        """The answer a lost session was generating: carried as heard, then finished by the next one."""
+        self._unanswered = False
+        """The caller's turn ended and its answer was owed when the session was lost."""
+        self._last_model_at = self._created_at
+        self._caller_speaking = False
+        self._answer_owed = False
+        self._recent: deque[bytes] = deque(maxlen=PRE_SPEECH_FRAMES)
+        self._utterance: deque[bytes] = deque(maxlen=UTTERANCE_FRAMES)
 
     # -- what to send, per destination (taken by the driver, like websockets' data_to_send())
 
@@ -210,10 +204,18 @@ class CallSession:
         return out
 
     def model_to_send(self) -> list[rt.ClientCommand]:
-        """The Realtime client commands queued since the last call, in order; the queue is emptied."""
+        """The client commands for the serving Realtime session (:attr:`leg`) queued since the last call, in
+        order; the queue is emptied. Take :meth:`legs_to_send` first."""
         out = self._to_model
         if out:
             self._to_model = []
+        return out
+
+    def legs_to_send(self) -> list[LegCommand]:
+        """What to do to the call's other Realtime sessions (open, send to, close), in order; emptied."""
+        out = self._control
+        if out:
+            self._control = []
         return out
 
     # -- state tables
@@ -257,12 +259,17 @@ class CallSession:
         to_model = self._to_model
         to_model.extend(rt.AppendAudio(chunk) for chunk in self._queue)
         self._queue.clear()
+        self._forwarding = True
+        self._plan_swap(self.legs[self.leg])
         instructions = self.profile.greeting_instructions()
         if instructions and not self._greeted:
             self._greeted = True
             if self.greeting_audio is not None:
                 # The caller is already hearing it: the model only needs to know it was said.
-                to_model.append(rt.AddTextItem("assistant", self.profile.greeting.strip()))
+                greeting = self.profile.greeting.strip()
+                to_model.append(rt.AddTextItem("assistant", greeting))
+                self.conversation.said("assistant", "local:greeting", greeting)
+                self.conversation.turns[-1].carried[self.leg] = "greeting"  # said in session 1 already
             else:
                 to_model.append(rt.CreateResponse(instructions))
 
@@ -275,30 +282,35 @@ class CallSession:
     def tick(self, now: float) -> None:
         """Apply every timeout that is due at ``now``."""
         while self.state is not CallState.ENDED:
-            due, reason = self._next_timeout()
+            due, what = self._next_timeout()
             if now < due:
                 return
-            if reason is not None:
-                self.end(reason, self._timeout_detail(reason))
+            if isinstance(what, EndReason):
+                self.end(what, self._timeout_detail(what))
                 return
-            log.info("call %s: time limit of %d s reached", self.call_id, self.profile.max_call_seconds)
-            self._limit_goodbye_at = now
-            self.say_goodbye(TIME_LIMIT_GOODBYE)
+            what(now)
 
-    def _next_timeout(self) -> tuple[float, EndReason | None]:
-        """The earliest timeout and what it ends the call with (``None``: the time-limit goodbye is due)."""
+    def _next_timeout(self) -> tuple[float, Due]:
+        """The earliest timeout: what it ends the call with, or what to do then."""
         timeouts = self.timeouts
         if self.start is None:
             return self._created_at + timeouts.prewarm, EndReason.NO_STREAM
-        due: list[tuple[float, EndReason | None]] = []
+        due: list[tuple[float, Due]] = []
         if self.state is not CallState.LIVE:  # first: on a tie, the silent model is the reason
             due.append((self._started_at + timeouts.model_ready, EndReason.MODEL_NOT_READY))
         due.append((self._last_twilio_at + timeouts.twilio_idle, EndReason.TWILIO_IDLE))
         if self._limit_goodbye_at is None:
-            due.append((self._started_at + self.profile.max_call_seconds, None))
+            due.append((self._started_at + self.profile.max_call_seconds, self._time_limit))
         else:
             due.append((self._limit_goodbye_at + timeouts.time_limit_grace, EndReason.TIME_LIMIT))
+        if self.state is CallState.LIVE:
+            due.extend(self._link_timeouts())
         return min(due, key=lambda entry: entry[0])
+
+    def _time_limit(self, now: float) -> None:
+        log.info("call %s: time limit of %d s reached", self.call_id, self.profile.max_call_seconds)
+        self._limit_goodbye_at = now
+        self.say_goodbye(TIME_LIMIT_GOODBYE)
 
     def _timeout_detail(self, reason: EndReason) -> str:
         timeouts = self.timeouts
@@ -312,51 +324,72 @@ class CallSession:
     # -- the Realtime side
 
     def upstream_opened(self) -> None:
-        """The Realtime socket is open: configure the session from the profile."""
+        """The first Realtime socket is open: configure the session from the profile."""
         self._to_model.append(rt.UpdateSession(self.profile, self.audio_path))
 
-    def receive_realtime(self, event: rt.ServerEvent) -> None:
-        """Handle one Realtime server event; what to send is queued."""
+    def receive_realtime(self, event: rt.ServerEvent, leg: int = 1) -> None:
+        """Handle one Realtime server event of session ``leg``; what to send is queued."""
         if self.state is CallState.ENDED:
             return
+        if leg != self.leg or self.link is Link.DOWN:
+            if leg == self._next:
+                self._from_next(event, leg)
+            return  # a session that no longer serves the call (its socket is being closed)
+        self._last_model_at = self.clock.now()
         if isinstance(event, rt.AudioDelta):
             self._on_delta(event)
-        elif isinstance(event, rt.SpeechStarted):
+            return
+        if isinstance(event, rt.SpeechStarted):
+            self._caller_speaking = True
+            self._utterance.clear()
+            self._utterance.extend(self._recent)
             self._on_speech_started()
         elif isinstance(event, rt.SpeechStopped):
+            self.rearm = True  # the model's answer is owed: the watchdog runs
             self._turn_ended_at = self.clock.now()
+            self._caller_speaking = False
+            self._answer_owed = self.profile.turn_detection.create_response
+            self.conversation.reserve("user", event.item_id)
         elif isinstance(event, rt.ResponseCreated):
+            self.rearm = True  # a response runs: the watchdog runs
             self._active_response = event.response_id
+            self._answer_owed = False
             if self.goodbye is Goodbye.ASKED:
                 self._goodbye_response = event.response_id
                 self._goodbye_move(GoodbyeTrigger.RESPONSE_CREATED)
         elif isinstance(event, rt.OutputItemAdded):
             if event.response_id not in self._dropped and event.item_type == "message":
                 # A delta may have come first (and marks may point at the item): never replace it.
-                self._current = self._items.setdefault(event.item_id, _Item(event.item_id, event.response_id))
+                self._current = self._items.setdefault(
+                    event.item_id, Item(event.item_id, event.response_id, leg=leg)
+                )
+                self.conversation.reserve("assistant", event.item_id)
         elif isinstance(event, rt.AudioDone):
             if event.response_id not in self._dropped:
                 self._flush_outbound()
         elif isinstance(event, rt.ResponseDone):
             self._on_response_done(event)
+        elif isinstance(event, rt.SessionCreated):
+            self._created(self.legs[leg], event)
         elif isinstance(event, rt.SessionUpdated):
             self._on_session_updated(event)
+        elif isinstance(event, rt.AssistantTranscriptDelta):
+            self.conversation.saying(event.item_id, event.delta)
         elif isinstance(event, rt.AssistantTranscript):
+            self.conversation.said("assistant", event.item_id, event.transcript)
             if event.response_id not in self._dropped:
                 self.stats.transcript.append(("assistant", event.transcript))
         elif isinstance(event, rt.CallerTranscript):
             self.stats.transcript.append(("caller", event.transcript))
+            self.conversation.said("user", event.item_id, event.transcript)
         elif isinstance(event, rt.ErrorEvent):
             self._on_error(event)
+        self._maybe_swap()
 
     def _on_session_updated(self, event: rt.SessionUpdated) -> None:
-        expected = self.audio_path.value
-        if event.input_format not in (None, expected) or event.output_format not in (None, expected):
-            self.end(
-                EndReason.AUDIO_FORMAT_MISMATCH,
-                f"the model runs {event.input_format}/{event.output_format} audio but the bridge sends "
-                f"{expected}: the session.update was not applied",
-            )
+        problem = self._format_problem(event)
+        if problem:
+            self.end(EndReason.AUDIO_FORMAT_MISMATCH, problem)
         elif (
             self.state in (CallState.WAITING_BOTH, CallState.WAITING_MODEL)
             and self._move(Trigger.MODEL_READY) is CallState.LIVE
@@ -367,9 +400,13 @@ class CallSession:
         if event.benign:
             return
         self.stats.upstream_errors += 1
-        if self.state in (CallState.WAITING_BOTH, CallState.WAITING_MODEL):
+        if event.fatal:
+            self.end(EndReason.MODEL_FATAL, f"{event.code}: {event.message}")
+        elif self.state in (CallState.WAITING_BOTH, CallState.WAITING_MODEL):
             # Before session.updated, an error means our configuration was refused: the call cannot work.
             self.end(EndReason.MODEL_REFUSED_SESSION, f"{event.code}: {event.message}")
+        elif event.session_lost:
+            self._lost(event.code or event.error_type or "error", f"{event.code}: {event.message}")
 
     def _on_delta(self, event: rt.AudioDelta) -> None:
         if event.response_id in self._dropped:
@@ -377,7 +414,7 @@ class CallSession:
             return
         item = self._items.get(event.item_id)
         if item is None:
-            item = self._items[event.item_id] = _Item(event.item_id, event.response_id)
+            item = self._items[event.item_id] = Item(event.item_id, event.response_id, leg=self.leg)
         self._current = item
         item.model_bytes += len(event.audio)
         frames = self._framer.push(self._outbound.convert(event.audio))
@@ -386,42 +423,6 @@ class CallSession:
             self._prestart.extend((item, frame) for frame in frames)
             return
         self._emit(frames, item, final=False)
-
-    def _emit(self, frames: list[bytes], item: _Item, *, final: bool) -> None:
-        out = self._to_twilio
-        now = self.clock.now()
-        if frames and self._turn_ended_at is not None and not item.local:
-            self.stats.turn_latencies_ms.append((now - self._turn_ended_at) * 1000.0)
-            self._turn_ended_at = None
-        for frame in frames:
-            if self._unmarked_frames == 0:
-                self._unmarked_since = now
-            out.append(PlayAudio(frame))
-            item.sent_bytes += len(frame)
-            self._unmarked_frames += 1
-            if self._unmarked_frames >= self._mark_every:
-                out.append(self._mark(item))
-        if final and self._unmarked_frames:
-            out.append(self._mark(item))
-        self.stats.frames_out += len(frames)
-
-    def _mark(self, item: _Item) -> PlaceMark:
-        self._mark_seq += 1
-        name = f"m{self._mark_seq}"
-        self._ledger.append(_Mark(self._mark_seq, item, item.sent_bytes, self._unmarked_since))
-        self._unmarked_frames = 0
-        self.stats.marks_sent += 1
-        return PlaceMark(name)
-
-    def _flush_outbound(self) -> None:
-        item = self._current
-        if item is None or self.stream_sid is None:
-            return
-        frames = self._framer.push(self._outbound.flush())
-        tail = self._framer.flush()
-        if tail is not None:
-            frames.append(tail)
-        self._emit(frames, item, final=True)
 
     def _on_response_done(self, event: rt.ResponseDone) -> None:
         if event.response_id in self._dropped:
@@ -439,36 +440,6 @@ class CallSession:
             self.end(EndReason.SAID_GOODBYE)
 
     # -- barge-in
-
-    def hearing_model(self) -> bool:
-        """Whether the caller may be hearing model audio now (sent and not proved played)."""
-        return bool(self._ledger) or self._unmarked_frames > 0 or self._framer.pending > 0
-
-    def heard_position(self) -> tuple[_Item, int] | None:
-        """The item the caller is hearing and how many ms of its model audio they heard.
-
-        Proved by the last echoed mark; from there interpolated with the clock since playback of the
-        next segment can have begun (its first frame was sent, and the previous mark echoed), and never
-        past the next unechoed mark. Clamped to the audio the model generated for the item. When all that
-        was sent has been proved heard but the model is still generating the item, that is the position.
-        """
-        current = self._current
-        if self._ledger:
-            head = self._ledger[0]
-            item, ceiling, since = head.item, head.position, head.segment_sent_at
-        elif self._unmarked_frames and current is not None:
-            item, ceiling, since = current, current.sent_bytes, self._unmarked_since
-        elif current is not None and current.model_bytes and current.response_id == self._active_response:
-            item, ceiling, since = current, current.sent_bytes, self.clock.now()
-        else:
-            return None
-        anchor = max(self._last_echo_at, since)
-        elapsed = max(0.0, self.clock.now() - anchor)
-        played_bytes = min(item.heard_bytes + elapsed * 1000.0 * ULAW_BYTES_PER_MS, ceiling)
-        heard_ms = played_bytes / ULAW_BYTES_PER_MS - self._outbound.delay_ms
-        generated_ms = model_bytes_to_ms(item.model_bytes, self.audio_path)
-        # Floor (never past what was generated), forgiving float noise such as 249.99999 for 250.
-        return item, int(max(0.0, min(heard_ms, generated_ms)) + 1e-6)
 
     def _on_speech_started(self) -> None:
         if not self.live or not self.profile.turn_detection.interrupt_response:
@@ -490,16 +461,25 @@ class CallSession:
             position = None  # the bridge's own audio: the model holds the greeting as text, nothing to cut
         if position is not None:
             item, heard_ms = position
-            to_model.append(rt.TruncateItem(item.item_id, heard_ms))
             self.stats.truncations.append((item.item_id, heard_ms))
             log.info("call %s: barge-in: truncating %s at %d ms", self.call_id, item.item_id, heard_ms)
+            conversation = self.conversation
+            conversation.heard(item.item_id, heard_ms, model_bytes_to_ms(item.model_bytes, self.audio_path))
+            if item.leg == self.leg:
+                to_model.append(rt.TruncateItem(item.item_id, heard_ms))
+            else:
+                self._recarry(item.item_id)
             # Later items of the same response were never heard: remove them from the conversation.
             later = False
             for other in self._items.values():
                 if other is item:
                     later = True
                 elif later and other.response_id == item.response_id and other.model_bytes:
-                    to_model.append(rt.DeleteItem(other.item_id))
+                    conversation.heard(other.item_id, 0, 1)
+                    if other.leg == self.leg:
+                        to_model.append(rt.DeleteItem(other.item_id))
+                    else:
+                        self._recarry(other.item_id)
         self._ledger.clear()
         self._unmarked_frames = 0
         self._framer.clear()
@@ -522,7 +502,10 @@ class CallSession:
         if isinstance(event, tw.Media):
             self.stats.frames_in += 1
             audio = self._inbound.convert(event.payload)
-            if self.state is CallState.LIVE:
+            self._recent.append(audio)
+            if self._caller_speaking:
+                self._utterance.append(audio)
+            if self._forwarding:
                 self._to_model.append(rt.AppendAudio(audio))
                 return
             self._queue.append(audio)
@@ -538,9 +521,12 @@ class CallSession:
         elif isinstance(event, tw.Dtmf):
             self.stats.dtmf.append(event.digit)
             if self.state is CallState.LIVE:
-                self._to_model.append(
-                    rt.AddTextItem("user", f"[The caller pressed {event.digit} on the keypad.]")
-                )
+                text = f"[The caller pressed {event.digit} on the keypad.]"
+                self.conversation.said("user", f"dtmf:{len(self.stats.dtmf)}", text)
+                if self._forwarding:
+                    self._to_model.append(rt.AddTextItem("user", text))
+                    self.conversation.turns[-1].carried[self.leg] = "dtmf"
+                # else: reconnecting; the next session is told with the rest of the conversation
 
     def _on_start(self, event: tw.Start) -> None:
         if self.start is not None:
@@ -557,32 +543,6 @@ class CallSession:
             self.stats.transcript.append(("assistant", self.profile.greeting.strip()))
         if self._move(Trigger.STREAM_STARTED) is CallState.LIVE:
             self._went_live()
-
-    def _play_local(self, name: str, ulaw: bytes) -> None:
-        """Play μ-law the bridge holds itself, framed and marked like the model's audio."""
-        item = self._items[f"local:{name}"] = _Item(f"local:{name}", "", model_bytes=len(ulaw), local=True)
-        self._current = item
-        framer = Framer()
-        frames = framer.push(ulaw)
-        tail = framer.flush()
-        if tail is not None:
-            frames.append(tail)
-        self._emit(frames, item, final=True)
-
-    def _on_mark(self, name: str) -> None:
-        seq = int(name[1:]) if name[:1] == "m" and name[1:].isdigit() else -1
-        ledger = self._ledger
-        if not ledger or not ledger[0].seq <= seq <= ledger[-1].seq:
-            # Flushed by a clear, or from before it: not proof of playback (docs/architecture.md).
-            self.stats.marks_ignored += 1
-            return
-        now = self.clock.now()
-        while ledger and ledger[0].seq <= seq:
-            mark = ledger.popleft()
-            mark.item.heard_bytes = mark.position
-            self.stats.marks_played += 1
-        self._last_echo_at = now
-        self._end_if_goodbye_heard()
 
     # -- goodbye (shutdown, time limit)
 

@@ -8,6 +8,9 @@ raises :class:`~bridge.errors.IllegalTransition` and changes nothing.
   confirmed the session with ``session.updated``, in either order.
 * :data:`GOODBYE_TRANSITIONS`: a goodbye (shutdown, time limit) is asked for, spoken by the next
   response, and the call ends once the caller has heard all of it.
+* :data:`LINK_TRANSITIONS`: the Realtime leg of a live call. A session is swapped for a new one before the
+  service's cap (a planned rollover: the next one is opened and configured while the old one serves, then
+  swapped at a turn boundary) or after the serving one was lost (a reconnect, the caller's audio held).
 * :class:`EndReason`: why a call ended, set once and read by the driver, the registry, metrics and the
   call record, instead of strings compared across modules.
 * :class:`Timeouts`: the timeouts :meth:`~bridge.session.CallSession.tick` applies.
@@ -75,6 +78,39 @@ GOODBYE_TRANSITIONS: dict[tuple[Goodbye, GoodbyeTrigger], Goodbye] = {
 }
 
 
+class Link(Enum):
+    """Where a live call's Realtime leg is."""
+
+    UP = "a session serves the call"
+    PREPARING = "a rollover is due: the next session is being opened and configured"
+    READY = "the next session is configured: swapped at the next turn boundary"
+    DOWN = "the serving session was lost: reconnecting, the caller's audio held"
+
+
+class LinkTrigger(Enum):
+    """What moves a Realtime leg."""
+
+    ROLLOVER_DUE = "the rollover time came"
+    NEXT_READY = "session.updated of the next session"
+    NEXT_FAILED = "the next session could not be opened or configured"
+    SWAPPED = "the swap to the next session"
+    LOST = "the serving session ended unexpectedly"
+
+
+L, LT = Link, LinkTrigger
+LINK_TRANSITIONS: dict[tuple[Link, LinkTrigger], Link] = {
+    (L.UP, LT.ROLLOVER_DUE): L.PREPARING,
+    (L.PREPARING, LT.NEXT_READY): L.READY,
+    (L.PREPARING, LT.NEXT_FAILED): L.UP,  # tried again a little later, while the old one still serves
+    (L.READY, LT.SWAPPED): L.UP,
+    (L.UP, LT.LOST): L.DOWN,
+    (L.PREPARING, LT.LOST): L.DOWN,  # the session being opened becomes the reconnection
+    (L.READY, LT.LOST): L.DOWN,  # ...or, ready already, is swapped to at once
+    (L.DOWN, LT.NEXT_READY): L.READY,
+    (L.DOWN, LT.NEXT_FAILED): L.DOWN,  # another is opened while the reconnection budget lasts
+}
+
+
 class EndReason(Enum):
     """Why a call ended: set once by the session (or the driver, for a socket's end), read by the driver,
     the registry (Twilio's ``<Connect action>``), metrics and the call record. The value is the sentence
@@ -88,6 +124,8 @@ class EndReason(Enum):
     MODEL_UNREACHABLE = "the model could not be reached"
     MODEL_CLOSED = "the model closed the connection"
     MODEL_DROPPED = "the model connection dropped"
+    MODEL_LOST = "the model connection was lost and could not be restored"
+    MODEL_FATAL = "the model refused to go on (a fatal error)"
     MODEL_WRONG_DIALECT = "the model speaks the other Realtime dialect"
     MODEL_NOT_READY = "the model did not confirm the session in time"
     MODEL_REFUSED_SESSION = "the model refused the session configuration"
@@ -117,6 +155,12 @@ _MODEL_FAILED = frozenset(
         EndReason.MODEL_CLOSED,
         EndReason.MODEL_DROPPED,
         EndReason.MODEL_WRONG_DIALECT,
+        EndReason.MODEL_LOST,
+        EndReason.MODEL_FATAL,
+        # Before the call was live, too: a caller is better served by the fallback than by a hang-up.
+        EndReason.MODEL_NOT_READY,
+        EndReason.MODEL_REFUSED_SESSION,
+        EndReason.AUDIO_FORMAT_MISMATCH,
         # Our own bug ended a live call: the caller is better served by the fallback than by a hang-up.
         EndReason.INTERNAL_ERROR,
     }
@@ -135,3 +179,14 @@ class Timeouts:
     """Twilio streams 50 frames a second for the whole call: this long without a message is a dead socket."""
     time_limit_grace: float = 20.0
     """After the time-limit goodbye is asked for, the call ends at the latest this much later."""
+    rollover_margin: float = 120.0
+    """A session is swapped this long before its ``expires_at`` (at most half its lifetime before)."""
+    max_session: float = 1500.0
+    """The lifetime taken for a session whose ``session.created`` has no ``expires_at``."""
+    model_idle: float = 10.0
+    """While the model owes an event (a response running, a ``session.updated``), this long without one
+    is a dead connection."""
+    reconnect: float = 10.0
+    """How long a lost session may take to be replaced before the call ends with the fallback message."""
+    hold_after: float = 1.5
+    """After this long without the model (and nothing left playing), the caller hears "one moment"."""

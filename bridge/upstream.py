@@ -10,14 +10,23 @@ behaviour it relies on.
 Authentication is by ``api-key`` header when a key is configured, otherwise by an Entra ID token from
 ``azure.identity.aio.DefaultAzureCredential`` (scope ``https://cognitiveservices.azure.com/.default``),
 asked of the credential on every connect: the credential caches and refreshes tokens itself, we never
-keep one (docs/protocols.md §4). A 429 or 5xx on connect is retried with a short backoff; 401/403/404 are
-reported at once with what to fix.
+keep one (docs/protocols.md §4).
+
+Connect policy, for the whole process (:class:`Upstream`): a 429, a 5xx or a network failure is retried
+with exponential backoff and full jitter (the first try at once) within a budget -- a few seconds for a new
+call, :attr:`~bridge.states.Timeouts.reconnect` for a call's reconnection -- never sooner than the
+service's ``Retry-After``. 401/403/404 are fatal: reported at once with what to fix, never retried. A
+:class:`Breaker` counts failed connects across calls: after :data:`BREAKER_THRESHOLD` in a row it opens,
+and new calls fail at once (their callers hear the fallback message) instead of each spending handshakes
+on a service that refuses them; after a cooldown one connect is let through as a probe, and its success
+closes the breaker (its failure doubles the cooldown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -27,8 +36,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.protocol import State
 
+from bridge.clock import Clock, MonotonicClock
 from bridge.config import AzureSettings, Dialect
 from bridge.errors import UpstreamRejected, UpstreamUnavailable
+from bridge.metrics import Metrics
 from bridge.realtime import Adapter, ClientCommand, ServerEvent, adapter_for
 
 if TYPE_CHECKING:
@@ -41,7 +52,13 @@ _WS_LOG.setLevel(logging.WARNING)  # at DEBUG websockets logs handshake headers:
 ENTRA_SCOPE = "https://cognitiveservices.azure.com/.default"
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """The Realtime leg carries large audio deltas; websockets' 1 MiB default is too small (§5.10)."""
-RETRY_DELAYS = (0.25, 0.75, 1.5)
+CONNECT_BUDGET = 4.0
+"""Seconds a new call's connect may take with its retries (a reconnection has its own budget)."""
+BACKOFF_BASE, BACKOFF_CAP = 0.25, 2.0
+"""The n-th retry waits up to ``min(BACKOFF_CAP, BACKOFF_BASE * 2**n)`` s, jittered down to half of it."""
+BREAKER_THRESHOLD = 5
+"""Failed connects in a row (across calls) that open the breaker."""
+BREAKER_COOLDOWN, BREAKER_MAX_COOLDOWN = 5.0, 60.0
 SEND_HIGH_WATER = 64 * 1024
 """Above this many bytes waiting in the socket's buffer, sends wait for it to drain."""
 
@@ -167,12 +184,78 @@ class RealtimeConnection:
         await self.ws.close()
 
 
+class Breaker:
+    """A circuit breaker on connects, for the whole process (see the module docstring)."""
+
+    CLOSED, OPEN, PROBING = "closed", "open", "probing"
+
+    def __init__(self, clock: Clock, metrics: Metrics | None = None) -> None:
+        self.clock = clock
+        self.metrics = metrics
+        self.state = self.CLOSED
+        self.failures = 0
+        self.cooldown = BREAKER_COOLDOWN
+        self.opened_at = 0.0
+
+    def allow(self) -> bool:
+        """Whether a connect may be tried now (after the cooldown, the first one is the probe)."""
+        if self.state == self.CLOSED:
+            return True
+        if self.state == self.OPEN and self.clock.now() >= self.opened_at + self.cooldown:
+            self._set(self.PROBING)
+            log.info("realtime connects: the breaker lets one probe through")
+            return True
+        return False
+
+    def wait(self) -> float:
+        """Seconds until a probe may go (0 when connects are allowed or a probe is under way)."""
+        if self.state != self.OPEN:
+            return 0.0
+        return max(0.0, self.opened_at + self.cooldown - self.clock.now())
+
+    def succeeded(self) -> None:
+        """A connect succeeded: the service is back."""
+        if self.state != self.CLOSED:
+            log.warning("realtime connects: the service answers again; the breaker is closed")
+        self.failures, self.cooldown = 0, BREAKER_COOLDOWN
+        self._set(self.CLOSED)
+
+    def failed(self) -> None:
+        """A connect failed (any way)."""
+        self.failures += 1
+        if self.state == self.PROBING:
+            self.cooldown = min(self.cooldown * 2, BREAKER_MAX_COOLDOWN)
+        elif self.state == self.OPEN or self.failures < BREAKER_THRESHOLD:
+            return
+        self.opened_at = self.clock.now()
+        self._set(self.OPEN)
+        log.error(
+            "realtime connects: %d failed in a row; new calls get the fallback message for %.0f s",
+            self.failures,
+            self.cooldown,
+        )
+
+    def _set(self, state: str) -> None:
+        self.state = state
+        if self.metrics is not None:
+            self.metrics.breaker.value = {self.CLOSED: 0.0, self.PROBING: 0.5, self.OPEN: 1.0}[state]
+
+
 class Upstream:
     """Opens Realtime connections; one per app, shared by every call."""
 
-    def __init__(self, target: Target, *, open_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        target: Target,
+        *,
+        open_timeout: float = 10.0,
+        clock: Clock | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.target = target
         self.open_timeout = open_timeout
+        self.clock = clock or MonotonicClock()
+        self.breaker = Breaker(self.clock, metrics)
         self._credential: AsyncTokenCredential | None = None
 
     async def _headers(self) -> dict[str, str]:
@@ -185,18 +268,43 @@ class Upstream:
         token = await self._credential.get_token(ENTRA_SCOPE)
         return {"Authorization": f"Bearer {token.token}"}
 
-    async def connect(self, *, tap: Tap | None = None) -> RealtimeConnection:
-        """Open a connection; retry what may pass; raise :class:`UpstreamRejected`/`Unavailable`."""
-        last: Exception | None = None
-        for attempt, delay in enumerate((0.0, *RETRY_DELAYS)):
-            if delay:
-                await asyncio.sleep(delay)
-            try:
-                ws = await self._connect_once()
-                return RealtimeConnection(ws, adapter_for(self.target.dialect), tap=tap)
-            except UpstreamUnavailable as exc:
-                last = exc
-                log.warning("realtime connect attempt %d failed: %s", attempt + 1, exc)
+    async def connect(
+        self, *, tap: Tap | None = None, budget: float = CONNECT_BUDGET, wait_for_breaker: bool = False
+    ) -> RealtimeConnection:
+        """Open a connection, retrying what may pass within ``budget`` seconds; raise
+        :class:`UpstreamRejected` (fatal) or :class:`UpstreamUnavailable`. While the breaker is open this
+        fails at once, unless ``wait_for_breaker`` (a live call's reconnection waits for the probe)."""
+        clock, breaker = self.clock, self.breaker
+        until = clock.now() + budget
+        last: UpstreamUnavailable | None = None
+        for attempt in range(1000):
+            if breaker.allow():
+                try:
+                    ws = await self._connect_once()
+                except UpstreamRejected:
+                    breaker.failed()
+                    raise
+                except UpstreamUnavailable as exc:
+                    breaker.failed()
+                    last = exc
+                    log.warning("realtime connect attempt %d failed: %s", attempt + 1, exc)
+                    wait = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
+                    wait = max(wait, exc.retry_after or 0.0)
+                else:
+                    breaker.succeeded()
+                    return RealtimeConnection(ws, adapter_for(self.target.dialect), tap=tap)
+            else:
+                if last is None:
+                    last = UpstreamUnavailable(
+                        "the Realtime service has been refusing connections: not trying for "
+                        f"{breaker.wait():.0f} s more (circuit breaker open)"
+                    )
+                if not wait_for_breaker:
+                    raise last
+                wait = max(0.05, breaker.wait()) * random.uniform(1.0, 1.2)
+            if clock.now() + wait > until:
+                break
+            await asyncio.sleep(wait)
         assert last is not None
         raise last
 
@@ -235,7 +343,10 @@ class Upstream:
                     "and AZURE_OPENAI_DEPLOYMENT"
                 ) from exc
             if status == 429 or status >= 500:
-                raise UpstreamUnavailable(f"the Realtime service answered HTTP {status}") from exc
+                raise UpstreamUnavailable(
+                    f"the Realtime service answered HTTP {status}",
+                    retry_after=_retry_after(exc.response.headers.get("Retry-After")),
+                ) from exc
             raise UpstreamRejected(f"the Realtime service refused the connection (HTTP {status})") from exc
         except InvalidURI as exc:
             raise UpstreamRejected(
@@ -251,3 +362,14 @@ class Upstream:
         if self._credential is not None:
             await self._credential.close()
             self._credential = None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (the HTTP-date form is not used by the service; it is ignored)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= 3600 else None

@@ -20,7 +20,7 @@ from bridge import webhooks
 from bridge.call import Call, TranscriptListener
 from bridge.config import AFTER_STREAM_PATH, STATUS_PATH, STREAM_PATH, VOICE_PATH
 from bridge.errors import AuthenticationFailed, MalformedMessage
-from bridge.keys import CLOCK, METRICS, PROFILE, REGISTRY, SETTINGS, STORE, TOKENS, UPSTREAM
+from bridge.keys import CLOCK, GREETINGS, METRICS, PROFILE, REGISTRY, SETTINGS, STORE, TOKENS, UPSTREAM
 from bridge.metrics import Metrics
 from bridge.states import Timeouts
 from bridge.store import ProfileVersion, StoreError
@@ -137,6 +137,7 @@ async def new_call(
             greeting = await app[STORE].greeting_audio(version.profile_id, version.version)
         except StoreError as exc:
             log.warning("call %s: pre-rendered greeting unavailable: %s", call_sid, exc)
+    audio_path = profile.audio_path or settings.audio_path
     recordings = settings.recordings_dir
     if recordings is None and profile.record_calls:
         recordings = settings.data_dir / "recordings"
@@ -145,11 +146,16 @@ async def new_call(
     return Call(
         call_sid=call_sid,
         profile=profile,
-        audio_path=profile.audio_path or settings.audio_path,
+        audio_path=audio_path,
         upstream=app[UPSTREAM],
         metrics=app[METRICS],
         clock=app[CLOCK],
-        timeouts=Timeouts(prewarm=settings.prewarm_timeout),
+        timeouts=Timeouts(
+            prewarm=settings.prewarm_timeout,
+            rollover_margin=settings.rollover_margin,
+            max_session=settings.max_session_seconds,
+            model_idle=settings.model_idle_timeout,
+        ),
         from_number=from_number,
         to_number=to_number,
         recordings_dir=recordings,
@@ -157,6 +163,7 @@ async def new_call(
         profile_id=version.profile_id if version is not None else None,
         profile_version=version.version if version is not None else None,
         greeting_audio=greeting,
+        hold_audio=app[GREETINGS].hold_audio(profile, audio_path),
         test_call=test_call,
         on_transcript=on_transcript,
         on_end=registry.ended,

@@ -24,7 +24,7 @@ from bridge.app import create_app
 from bridge.config import load_settings
 from bridge.keys import GREETINGS, STORE
 from bridge.prompts import Profile
-from bridge.store import CallRecord, Store
+from bridge.store import CallRecord, ModelSession, Store
 
 TOKEN = "admin-token-for-tests-0123456789"
 RECORDINGS = Path(__file__).parent / "recordings"
@@ -481,6 +481,69 @@ async def test_call_detail_shows_the_turn_count_as_a_count(client: Client) -> No
     assert "1 turn<" in page and "1 ms" not in page
 
 
+def two_sessions(start: datetime) -> tuple[ModelSession, ...]:
+    """A call that rolled over once: session 1 for 28 min 30 s, then session 2 to the end."""
+    swap = start + timedelta(minutes=28, seconds=30)
+    return (
+        ModelSession(1, start, swap, began="first", ended="rolled over to session 2", session_id="sess_one"),
+        ModelSession(
+            2, swap, swap + timedelta(seconds=95), began="rollover", ended="the call ended",
+            session_id="sess_two",
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(60)
+async def test_call_detail_lists_the_model_sessions(client: Client) -> None:
+    await sign_in(client)
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    store = store_of(client)
+    await store.add_call(call("CAtwo", start, sessions=two_sessions(start)))
+    await store.add_call(call("CAnone", start + timedelta(minutes=1)))
+    single = ModelSession(1, start, start + timedelta(seconds=75), ended="the call ended")
+    await store.add_call(call("CAone", start + timedelta(minutes=2), sessions=(single,)))
+    dropped = (*two_sessions(start), ModelSession(3, start + timedelta(minutes=31), began="reconnect"))
+    await store.add_call(call("CAthree", start + timedelta(minutes=3), sessions=dropped))
+
+    page = await (await client.get("/admin/calls/CAtwo")).text()
+    assert '<h2 id="sessions-heading">Model sessions</h2>' in page
+    assert "This call used 2 model sessions: 1 rollover." in page
+    section = page[page.index('id="sessions-heading"') : page.index('id="transcript-heading"')]
+    rows = re.findall(r"<tr>\s*<th scope=\"row\"[^>]*>(\d+)</th>(.*?)</tr>", section, re.S)
+    assert [number for number, _ in rows] == ["1", "2"]
+    first, second = (cells for _, cells in rows)
+    assert "first" in first and "rolled over to session 2" in first and "<code>sess_one</code>" in first
+    assert '<time datetime="2025-03-01T12:00:00+00:00">2025-03-01 12:00 UTC</time>' in first
+    assert '<time datetime="2025-03-01T12:28:30+00:00">2025-03-01 12:28 UTC</time>' in first
+    assert "28 min 30 s" in first
+    assert "rollover (planned swap)" in second and "the call ended" in second and "1 min 35 s" in second
+    assert "<code>sess_two</code>" in second
+
+    page = await (await client.get("/admin/calls/CAnone")).text()
+    assert "Model sessions" not in page and "sessions-heading" not in page and "model session" not in page
+
+    page = await (await client.get("/admin/calls/CAone")).text()
+    assert "This call used 1 model session." in page and "rollover" not in page
+
+    page = await (await client.get("/admin/calls/CAthree")).text()
+    assert "This call used 3 model sessions: 1 rollover, 1 reconnect." in page
+    assert "reconnect (after a drop)" in page
+    section = page[page.index('id="sessions-heading"') : page.index('id="transcript-heading"')]
+    last = section[section.index('<th scope="row" class="num">3</th>') :]
+    assert last.count('<span class="muted">–</span>') == 3  # no end, no duration, no session id yet
+
+    # The list marks the calls that used more than one session.
+    page = await (await client.get("/admin/calls")).text()
+    marked = {
+        sid: re.search(r'<span class="badge sessions" title="([^"]+)">(\d+) model sessions</span>', cell)
+        for sid, cell in re.findall(r'<a href="/admin/calls/(\w+)">(.*?)</th>', page, re.S)
+    }
+    assert len(marked) == 4 and {sid for sid, m in marked.items() if m} == {"CAtwo", "CAthree"}
+    two, three = marked["CAtwo"], marked["CAthree"]
+    assert two is not None and two.groups() == ("2 model sessions: 1 rollover", "2")
+    assert three is not None and three.groups() == ("3 model sessions: 1 rollover, 1 reconnect", "3")
+
+
 async def test_call_log_pages_by_time(client: Client) -> None:
     await sign_in(client)
     start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -603,10 +666,53 @@ async def test_api_with_the_bearer_token(client: Client) -> None:
     assert [c["call_sid"] for c in calls["calls"]] == ["CAapi"] and calls["next_before"] is None
     one = await (await client.get("/admin/api/calls/CAapi", headers=auth)).json()
     assert one["transcript"] == [{"role": "caller", "text": "hi"}] and one["duration_s"] == 75
-    assert one["recording"] is None
+    assert one["recording"] is None and one["sessions"] == []
     assert (await client.get("/admin/api/calls/CAnope", headers=auth)).status == 404
     # The bearer token opens the API only, not the pages.
     assert (await client.get("/admin", headers=auth, allow_redirects=False)).status == 303
+
+
+@pytest.mark.timeout(60)
+async def test_api_call_includes_its_model_sessions(client: Client) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    sessions = (*two_sessions(start), ModelSession(3, start + timedelta(minutes=31), began="reconnect"))
+    await store_of(client).add_call(call("CAsess", start, sessions=sessions))
+    await store_of(client).add_call(call("CAplain", start - timedelta(minutes=1)))
+
+    one = await (await client.get("/admin/api/calls/CAsess", headers=auth)).json()
+    assert one["sessions"] == [
+        {
+            "number": 1,
+            "began": "first",
+            "started_at": "2025-03-01T12:00:00+00:00",
+            "ended_at": "2025-03-01T12:28:30+00:00",
+            "duration_s": 1710.0,
+            "ended": "rolled over to session 2",
+            "session_id": "sess_one",
+        },
+        {
+            "number": 2,
+            "began": "rollover",
+            "started_at": "2025-03-01T12:28:30+00:00",
+            "ended_at": "2025-03-01T12:30:05+00:00",
+            "duration_s": 95.0,
+            "ended": "the call ended",
+            "session_id": "sess_two",
+        },
+        {
+            "number": 3,
+            "began": "reconnect",
+            "started_at": "2025-03-01T12:31:00+00:00",
+            "ended_at": None,
+            "duration_s": None,
+            "ended": "",
+            "session_id": "",
+        },
+    ]
+    listed = await (await client.get("/admin/api/calls", headers=auth)).json()
+    by_sid = {c["call_sid"]: c["sessions"] for c in listed["calls"]}
+    assert by_sid["CAsess"] == one["sessions"] and by_sid["CAplain"] == []
 
 
 # -- greetings

@@ -210,21 +210,6 @@ async def test_hang_up_mid_response_closes_the_model_leg_at_once(
     await settle(lambda: not bridge.app[REGISTRY].live, 1)
 
 
-async def test_model_dropping_mid_call_ends_the_twilio_leg_at_once(
-    model: LocalModel, start_bridge: Any
-) -> None:
-    bridge = await start_bridge(model)
-    async with caller(bridge) as call:
-        await call.dial()
-        await model.wait_for_connection()
-        await call.wait_for_played(0.3)
-        began = asyncio.get_running_loop().time()
-        await model.drop_all()
-        await call.wait_closed(timeout=1.0)
-        assert asyncio.get_running_loop().time() - began < 0.1
-    await settle(lambda: not bridge.app[REGISTRY].live, 1)
-
-
 async def test_prewarm_opens_the_model_during_the_webhook_and_closes_it_unused(
     model: LocalModel, start_bridge: Any
 ) -> None:

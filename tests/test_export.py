@@ -61,21 +61,22 @@ class CallBuilder:
     def twilio_out(self, t: float, msg: dict[str, Any]) -> None:
         self.writer.write(t, "twilio", "out", json.dumps({"streamSid": "MZ1", **msg}))
 
-    def model_in(self, t: float, msg: dict[str, Any]) -> None:
-        self.writer.write(t, "model", "in", json.dumps(msg))
+    def model_in(self, t: float, msg: dict[str, Any], session: int = 1) -> None:
+        self.writer.write(t, "model", "in", json.dumps(msg), session)
 
-    def model_out(self, t: float, msg: dict[str, Any]) -> None:
-        self.writer.write(t, "model", "out", json.dumps(msg))
+    def model_out(self, t: float, msg: dict[str, Any], session: int = 1) -> None:
+        self.writer.write(t, "model", "out", json.dumps(msg), session)
 
     def start(self, t: float = 10.0) -> None:
         self.twilio_in(t - 5, {"event": "connected", "protocol": "Call", "version": "1.0.0"})
         self.twilio_in(t, {"event": "start", "start": {"callSid": "CAexport1", "streamSid": "MZ1"}})
 
-    def caller(self, t: float, frame: bytes, *, append: bool = True) -> None:
+    def caller(self, t: float, frame: bytes, *, append: bool = True, session: int = 1) -> None:
         self.twilio_in(t, {"event": "media", "media": {"track": "inbound", "payload": b64(frame)}})
         if append:
             size = len(frame) * (1 if self.audio_path == "g711_ulaw" else 6)
-            self.model_out(t + 0.1, {"type": "input_audio_buffer.append", "audio": b64(bytes(size))})
+            audio = {"type": "input_audio_buffer.append", "audio": b64(bytes(size))}
+            self.model_out(t + 0.1, audio, session)
 
     def play(self, t: float, frames: list[bytes], *, mark_every: int = 5, step: float = 0.5) -> None:
         """Send frames to Twilio in a burst (``step`` ms apart), with a mark after every few."""
@@ -292,6 +293,57 @@ def test_a_long_call_draws_a_bounded_number_of_ticks() -> None:
     assert len(list(root.iter(f"{SVG}line"))) < 1000
     assert len(svg) < 400_000
     assert any("1 in 25 drawn" in t for t in texts(svg))
+
+
+# -- a call over two Realtime sessions (a rollover)
+
+
+def rollover_call() -> CallBuilder:
+    """2 s of caller audio: the first second goes to session 1, the rest to session 2 (from 1000 ms);
+    each session's VAD hears speech 200-400 ms into its own input audio."""
+    c = CallBuilder()
+    c.start(5.0)
+    c.model_in(1.0, {"type": "session.created", "session": {}})
+    c.model_out(2.0, {"type": "session.update", "session": {"type": "realtime"}})
+    c.model_in(950.0, {"type": "session.created", "session": {}}, 2)
+    c.model_out(960.0, {"type": "session.update", "session": {"type": "realtime"}}, 2)
+    for k in range(100):
+        c.caller(20.0 * k, tone_frame(k), session=1 if k < 50 else 2)
+    for session, base in ((1, 0.0), (2, 1000.0)):
+        start = {"type": "input_audio_buffer.speech_started", "audio_start_ms": 200}
+        stop = {"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 400}
+        c.model_in(base + 250.0, start, session)
+        c.model_in(base + 450.0, stop, session)
+    c.twilio_in(2100.0, {"event": "stop", "stop": {"callSid": "CAexport1"}})
+    return c
+
+
+@pytest.mark.timeout(30)
+def test_a_rollover_is_a_marker_on_the_timeline_and_a_figure_of_the_summary() -> None:
+    rec = rollover_call().recording()
+    assert rec.sessions == 2
+    s = summary(rec)
+    assert s["sessions"] == 2
+    # each session's VAD ms count its own input audio: session 2's 200 ms is 1200 ms of the call
+    assert s["vad_speech_ms"] == [(200.0, 400.0), (1200.0, 1400.0)]
+    svg = timeline_svg(rec)
+    labels = texts(svg)
+    assert "session 2" in labels and "hang-up (stop)" in labels
+    assert any("Realtime sessions 2" in t for t in labels)
+    assert any(t.startswith("session N: first caller audio") for t in labels)  # the legend
+    root = ET.fromstring(svg)
+    swap_lines = [el for el in root.iter(f"{SVG}line") if el.get("stroke") == "#138a8a"]
+    assert swap_lines  # the line across the lanes, at the first append to session 2 (1000.1 ms)
+    label = next(el for el in root.iter(f"{SVG}text") if el.text == "session 2")
+    assert {el.get("x1") for el in swap_lines} == {f"{float(label.get('x', 0)) - 3:.1f}"}
+
+
+@pytest.mark.timeout(30)
+def test_a_one_session_call_has_no_session_marker() -> None:
+    for rec in (barge_in_call().recording(), load(RECORDINGS / "barge-in.jsonl.gz")):
+        assert rec.sessions == 1 and "sessions" not in summary(rec)
+        labels = texts(timeline_svg(rec))
+        assert not any(t.startswith("session ") or "Realtime sessions" in t for t in labels)
 
 
 # -- all three on unusual recordings

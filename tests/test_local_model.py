@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import math
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -22,6 +23,8 @@ from tests.strict_openai import validate
 with warnings.catch_warnings():  # stdlib audioop warns on 3.11-3.12; audioop-lts on 3.13 does not
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
+
+pytestmark = pytest.mark.timeout(60)
 
 PREVIEW_VERSION = "2025-04-01-preview"
 # The service adds these to the session objects; the SDK's types do not list them.
@@ -195,6 +198,18 @@ async def test_reject_next_and_connect_delay(model: LocalModel) -> None:
     assert time.monotonic() - began >= 0.19
     assert len(model.connections) == 1
     await client.ws.close()
+
+
+async def test_reject_next_with_retry_after(model: LocalModel) -> None:
+    model.reject_next(429, retry_after="7")
+    model.reject_next(503, retry_after="30")
+    model.reject_next(503)
+    statuses = []
+    for _ in range(3):
+        with pytest.raises(InvalidStatus) as info:
+            await connect(url(model, "ga"), additional_headers={"api-key": "k"})
+        statuses.append((info.value.response.status_code, info.value.response.headers.get("Retry-After")))
+    assert statuses == [(429, "7"), (503, "30"), (503, None)]
 
 
 async def test_wait_for_connection_times_out(model: LocalModel) -> None:
@@ -767,13 +782,160 @@ async def test_expire_and_abort(model: LocalModel) -> None:
     client, _ = await open_client(model)
     conn = await model.wait_for_connection()
     await conn.expire()
-    assert (await client.recv())["error"]["code"] == "session_expired"
-    with pytest.raises(ConnectionClosed):
-        await client.ws.recv()
+    await expect_expiry(client, "Your session hit the maximum duration of 30 minutes.")
     other, _ = await open_client(model)
     model.connections[1].abort()
-    with pytest.raises(ConnectionClosed):
+    with pytest.raises(ConnectionClosed) as info:
         await other.ws.recv()
+    assert info.value.rcvd is None
+
+
+def minimal_update(dialect: str, instructions: str) -> dict[str, Any]:
+    return {"instructions": instructions} | ({"type": "realtime"} if dialect == "ga" else {})
+
+
+async def test_expires_at_is_connect_time_plus_the_cap(dialect: str) -> None:
+    async with LocalModel(session_seconds=90.5) as model:
+        before = time.time()
+        client, created = await open_client(model, dialect)
+        after = time.time()
+        expires_at = created["session"]["expires_at"]
+        assert isinstance(expires_at, int)
+        assert int(before + 90.5) <= expires_at <= int(after + 90.5)
+        await client.send(type="session.update", session=minimal_update(dialect, "Be brief."))
+        updated = (await client.until("session.updated"))[-1]["session"]
+        assert (updated["expires_at"], updated["instructions"]) == (expires_at, "Be brief.")
+        await client.ws.close()
+
+
+def test_session_seconds_and_drop_after_are_checked() -> None:
+    for cap in (0, -1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="session_seconds"):
+            LocalModel(session_seconds=cap)
+    with pytest.raises(ValueError, match="drop_after"):
+        LocalModel(drop_after=-1)
+    assert LocalModel(drop_after=2.5).drop_after == 2.5
+
+
+async def expect_expiry(client: Client, message: str) -> dict[str, Any]:
+    """Read up to the ``error``, check it is the cap's, then check that the socket closes with 1001."""
+    error = (await client.until("error", limit=5))[-1]
+    assert error["error"] == {
+        "type": "invalid_request_error",
+        "code": "session_expired",
+        "message": message,
+        "param": None,
+        "event_id": None,
+    }
+    with pytest.raises(ConnectionClosed) as info:
+        await client.recv()  # nothing after the error but the close
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (1001, "session expired")
+    return error
+
+
+async def test_session_cap_sends_session_expired_then_closes(dialect: str) -> None:
+    async with LocalModel(session_seconds=0.5) as model:
+        began = time.monotonic()
+        client, _ = await open_client(model, dialect)
+        conn = await model.wait_for_connection()
+        await expect_expiry(client, "Your session hit the maximum duration of 0.5 seconds.")
+        assert time.monotonic() - began >= 0.49  # timed from the accept, which came after `began`
+        assert conn.sent_types() == ["session.created", "error"]
+        check_types(dialect, client.events)
+        await asyncio.wait_for(conn.closed.wait(), 1)
+        if model._tasks:  # the clock: it ran expire() and is ending, or was cancelled with the connection
+            await asyncio.wait(set(model._tasks), timeout=1)
+        assert not model._tasks
+
+
+async def test_session_cap_abandons_a_streaming_response(dialect: str) -> None:
+    async with LocalModel(speed=1, session_seconds=0.5) as model:  # the 1.5 s greeting outlasts the cap
+        client, _ = await open_client(model, dialect)
+        await client.send(type="response.create")
+        audio_delta = "response.output_audio.delta" if dialect == "ga" else "response.audio.delta"
+        await expect_expiry(client, "Your session hit the maximum duration of 0.5 seconds.")
+        kinds = [e["type"] for e in client.events]
+        assert "response.created" in kinds and audio_delta in kinds  # it was streaming
+        assert kinds[-1] == "error"
+        ends = {"response.content_part.done", "response.output_item.done", "response.done"}
+        assert not ends & set(kinds)  # abandoned without its end events
+        conn = model.connections[0]
+        await asyncio.wait_for(conn.closed.wait(), 1)
+        assert conn.sent_types()[-1] == "error" and not ends & set(conn.sent_types())
+        check_types(dialect, client.events)
+
+
+async def test_cap_in_whole_minutes_and_the_clock_ends_with_the_connection() -> None:
+    async with LocalModel(session_seconds=120) as model:
+        client, _ = await open_client(model, "preview")
+        clocks = {t for t in asyncio.all_tasks() if t.get_name().endswith(" clock")}
+        assert len(clocks) == 1
+        conn = await model.wait_for_connection()
+        await client.send(type="response.create")  # read after expire() began: ignored
+        await conn.expire()  # the cap's path, early: the message gives the cap
+        await conn.send({"type": "rate_limits.updated", "rate_limits": []})  # nothing after the error
+        await expect_expiry(client, "Your session hit the maximum duration of 2 minutes.")
+        await asyncio.wait_for(conn.closed.wait(), 1)
+        assert conn.sent_types() == ["session.created", "error"]
+        done, _ = await asyncio.wait(clocks, timeout=1)
+        assert done == clocks and all(t.cancelled() for t in clocks)
+        assert not model._tasks
+
+
+async def test_drop_after_aborts_connections_accepted_afterwards(dialect: str) -> None:
+    async with LocalModel() as model:
+        early, _ = await open_client(model, dialect)
+        model.drop_after = 0.2
+        began = time.monotonic()
+        late, _ = await open_client(model, dialect)
+        with pytest.raises(ConnectionClosed) as info:
+            await late.recv(limit=3)
+        assert info.value.rcvd is None  # no close frame: a network failure
+        assert time.monotonic() - began >= 0.19
+        await asyncio.wait_for(model.connections[1].closed.wait(), 1)
+        # The first connection was accepted before drop_after was set: still served.
+        await early.send(type="input_audio_buffer.clear")
+        assert (await early.recv())["type"] == "input_audio_buffer.cleared"
+        await early.ws.close()
+    async with LocalModel(drop_after=0.1) as model:  # the constructor's argument
+        client, _ = await open_client(model, dialect)
+        with pytest.raises(ConnectionClosed) as info:
+            await client.recv(limit=3)
+        assert info.value.rcvd is None
+
+
+async def test_fail_next_session_update(model: LocalModel, dialect: str) -> None:
+    client, created = await open_client(model, dialect)
+    model.fail_next_session_update()
+    await client.send(type="session.update", event_id="evt_refused", session=minimal_update(dialect, "1"))
+    error = await client.recv()
+    assert error["type"] == "error"
+    assert error["error"] | {"message": ""} == {
+        "type": "invalid_request_error",
+        "code": "invalid_value",
+        "message": "",
+        "param": None,
+        "event_id": "evt_refused",
+    }
+    assert error["error"]["message"]
+    assert model.connections[0].session == created["session"]  # not applied
+    await client.send(type="session.update", session=minimal_update(dialect, "2"))
+    updated = await client.recv()  # the next event: nothing was sent for the refused update
+    assert (updated["type"], updated["session"]["instructions"]) == ("session.updated", "2")
+    # On any connection, with the caller's code and message.
+    model.fail_next_session_update("feature_not_supported", "Not with this deployment.")
+    other, _ = await open_client(model, dialect)
+    await other.send(type="session.update", event_id="evt_2", session=minimal_update(dialect, "3"))
+    refused = (await other.recv())["error"]
+    assert (refused["code"], refused["message"], refused["event_id"]) == (
+        "feature_not_supported",
+        "Not with this deployment.",
+        "evt_2",
+    )
+    check_types(dialect, client.events + other.events)
+    await client.ws.close()
+    await other.ws.close()
 
 
 async def test_record_false_keeps_only_open_connections() -> None:

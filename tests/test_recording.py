@@ -227,3 +227,126 @@ async def test_nothing_is_recorded_when_recording_is_off(start_bridge: Any, tmp_
             await call.dial()
             await call.wait_for_played(0.2)
     assert not any(tmp_path.rglob("*.jsonl*"))
+
+
+# -- several Realtime sessions in one call (format version 2)
+
+
+def model_lines(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in lines[1:] if json.loads(line)["src"] == "model"]
+
+
+@pytest.mark.timeout(10)
+def test_a_two_session_call_round_trips_and_only_session_2_lines_say_so() -> None:
+    lines: list[str] = []
+    writer = write(lines)
+    writer.write(1.0, "model", "in", '{"type":"session.created","session":{"id":"sess_1"}}')
+    writer.write(2.0, "model", "out", '{"type":"session.update"}')
+    writer.write(3.0, "twilio", "in", '{"event":"media"}')
+    writer.write(900.0, "model", "in", '{"type":"session.created","session":{"id":"sess_2"}}', 2)
+    writer.write(901.0, "model", "out", '{"type":"session.update"}', session=2)
+    writer.write(902.0, "model", "out", b"\x01\x02", 2)
+    writer.write(903.0, "model", "in", "not json", 2)
+    assert json.loads(lines[0])["version"] == 2
+    assert [line.get("s") for line in model_lines(lines)] == [None, None, 2, 2, 2, 2]
+    rec = parse_recording(lines)
+    assert rec.sessions == 2
+    assert [(e.t, e.src, e.session) for e in rec.events] == [
+        (1.0, "model", 1),
+        (2.0, "model", 1),
+        (3.0, "twilio", 1),
+        (900.0, "model", 2),
+        (901.0, "model", 2),
+        (902.0, "model", 2),
+        (903.0, "model", 2),
+    ]
+    assert rec.events[5].data == b"\x01\x02" and rec.events[6].raw == "not json"
+    assert [e.t for e in rec.select("model", "out", session=2)] == [901.0, 902.0]
+    assert [e.t for e in rec.select("model", "in", session=1)] == [1.0]
+    assert [e.t for e in rec.select("model", "out")] == [2.0, 901.0, 902.0]
+    assert rec.select("twilio", "in", session=2) == []
+
+
+@pytest.mark.timeout(10)
+def test_a_one_session_call_is_written_as_before_but_for_the_header_version() -> None:
+    lines: list[str] = []
+    writer = write(lines)
+    writer.write(1.0, "model", "in", '{"type":"session.created"}', 1)
+    writer.write(2.0, "twilio", "in", '{"event":"media"}')
+    assert lines[1:] == [
+        '{"t":1.0,"src":"model","dir":"in","msg":{"type":"session.created"}}\n',
+        '{"t":2.0,"src":"twilio","dir":"in","msg":{"event":"media"}}\n',
+    ]
+    rec = parse_recording(lines)
+    assert rec.header.version == 2 and rec.sessions == 1
+
+
+@pytest.mark.timeout(10)
+def test_a_version_1_file_still_parses_as_one_session() -> None:
+    lines = [
+        '{"format": "bridge-call-recording", "version": 1, "call_sid": "CA1", "dialect": "ga"}',
+        '{"t": 1, "src": "model", "dir": "in", "msg": {"type": "session.created"}}',
+        '{"t": 2, "src": "model", "dir": "out", "msg": {"type": "session.update"}}',
+        '{"t": 3, "src": "twilio", "dir": "in", "msg": {"event": "start"}}',
+    ]
+    rec = parse_recording(lines)
+    assert rec.header.version == 1 and rec.sessions == 1
+    assert [(e.kind, e.session) for e in rec.events] == [
+        ("session.created", 1),
+        ("session.update", 1),
+        ("start", 1),
+    ]
+    assert len(rec.select("model", "out", session=1)) == 1 and rec.select("model", "out", session=2) == []
+
+
+@pytest.mark.timeout(10)
+def test_the_sample_recordings_are_version_1_and_one_session() -> None:
+    from bridge.recordings import load_recording
+
+    samples = Path(__file__).parent / "recordings"
+    for path in sorted(samples.glob("*.jsonl.gz")):
+        rec = load_recording(path)
+        assert rec.header.version == 1 and rec.sessions == 1, path.name
+        assert {e.session for e in rec.events} == {1}, path.name
+
+
+@pytest.mark.timeout(10)
+def test_a_newer_version_is_refused_and_a_version_1_reader_refuses_version_2(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(MalformedMessage, match=r"format version 3, newer than this bridge reads \(2\)"):
+        parse_recording(['{"format": "bridge-call-recording", "version": 3}'], name="x.jsonl")
+    lines: list[str] = []
+    write(lines).write(1.0, "model", "in", '{"type":"session.created"}', 2)
+    import bridge.recordings.format as fmt
+
+    monkeypatch.setattr(fmt, "VERSION", 1)  # the reader of a bridge from before version 2
+    with pytest.raises(MalformedMessage, match=r"format version 2, newer .* \(1\): upgrade the bridge"):
+        parse_recording(lines, name="x.jsonl")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ('{"t": 1, "src": "model", "dir": "in", "s": 0, "msg": {}}', "'s' .* is not a positive integer"),
+        ('{"t": 1, "src": "model", "dir": "in", "s": "2", "msg": {}}', "'s' .* is not a positive integer"),
+        ('{"t": 1, "src": "model", "dir": "in", "s": 2.0, "msg": {}}', "'s' .* is not a positive integer"),
+        ('{"t": 1, "src": "model", "dir": "in", "s": true, "msg": {}}', "'s' .* is not a positive integer"),
+        ('{"t": 1, "src": "twilio", "dir": "in", "s": 2, "msg": {}}', "'s' .* only for model messages"),
+    ],
+)
+def test_a_bad_session_number_names_the_line(line: str, fragment: str) -> None:
+    lines = ['{"format": "bridge-call-recording", "version": 2}', "", line]
+    with pytest.raises(MalformedMessage, match=f"^x.jsonl:3: {fragment}"):
+        parse_recording(lines, name="x.jsonl")
+
+
+@pytest.mark.timeout(10)
+def test_the_writer_refuses_a_session_number_the_reader_would_refuse() -> None:
+    writer = write([])
+    with pytest.raises(ValueError, match="positive int"):
+        writer.write(1.0, "model", "in", "{}", 0)
+    with pytest.raises(ValueError, match="only a model message"):
+        writer.write(1.0, "twilio", "in", "{}", 2)
+    assert Event(1.0, "twilio", "in", msg={}).session == 1

@@ -557,4 +557,7 @@ def test_end_reasons_say_whether_the_call_completed_and_whether_the_model_failed
     assert not EndReason.TWILIO_IDLE.completed
     assert EndReason.MODEL_DROPPED.model_failed and EndReason.MODEL_UNREACHABLE.model_failed
     assert EndReason.INTERNAL_ERROR.model_failed  # our bug: the caller hears the fallback, not a hang-up
-    assert not EndReason.CALLER_HUNG_UP.model_failed and not EndReason.MODEL_NOT_READY.model_failed
+    assert not EndReason.CALLER_HUNG_UP.model_failed and not EndReason.TWILIO_IDLE.model_failed
+    # Before the call is live too: the caller hears the fallback message, not a bare hang-up.
+    assert EndReason.MODEL_NOT_READY.model_failed and EndReason.MODEL_REFUSED_SESSION.model_failed
+    assert EndReason.MODEL_FATAL.model_failed and EndReason.MODEL_LOST.model_failed

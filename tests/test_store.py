@@ -17,6 +17,7 @@ from bridge.prompts import Profile, ProfileError, Transcription, TurnDetection
 from bridge.store import (
     CallRecord,
     Conflict,
+    ModelSession,
     NotFound,
     ProfileChange,
     StaleVersion,
@@ -26,7 +27,7 @@ from bridge.store import (
     open_store,
     sqlite_path,
 )
-from bridge.store.schema import MIGRATIONS
+from bridge.store.schema import MIGRATIONS, call_values
 from bridge.store.sqlite import SQLiteStore
 
 SALES = Profile(name="sales", instructions="Sell.", numbers=("+14155550100", "+14155550101"))
@@ -349,26 +350,144 @@ async def test_a_new_file_gets_every_migration(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "bridge.sqlite3"
     async with await SQLiteStore.open(path):
         pass
-    assert user_version(path) == len(MIGRATIONS) == 2
+    assert user_version(path) == len(MIGRATIONS) == 3
     assert {"calls_by_start", "calls_by_profile"} <= indexes(path)
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
 
 
+OLD_CALL_COLUMNS = (
+    "call_sid, started_at, ended_at, from_number, to_number, profile_id, profile_version, end_reason, "
+    "transcript, barge_ins, truncations, latency, upstream_errors, recording_path, test_call"
+)
+"""The calls table's columns before migration 3 (model sessions)."""
+
+
+def add_old_call(path: Path, call: CallRecord) -> None:
+    """Write ``call`` as a bridge from before migration 3 did: without the sessions column."""
+    values = call_values(call)[:15]
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"INSERT INTO calls ({OLD_CALL_COLUMNS}) VALUES ({', '.join('?' * 15)})", values)
+    conn.close()
+
+
+def call_columns(path: Path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        names = [row[1] for row in conn.execute("PRAGMA table_info(calls)")]
+    conn.close()
+    return names
+
+
 async def test_an_old_database_is_upgraded_and_keeps_its_data(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
     async with await SQLiteStore.open(path, migrations=MIGRATIONS[:1]) as old:
         created = await old.create(SALES, author="a")
-        await old.add_call(record("CA1", 1))
+    add_old_call(path, record("CA1", 1))
     assert user_version(path) == 1
     assert "calls_by_start" not in indexes(path)
 
     async with await SQLiteStore.open(path) as store:
         assert await store.get(created.profile_id) == created
         assert [c.call_sid for c in await store.calls()] == ["CA1"]
-    assert user_version(path) == 2
+    assert user_version(path) == len(MIGRATIONS)
     assert {"calls_by_start", "calls_by_profile"} <= indexes(path)
+
+
+def at(minute: int, second: int = 0, micro: int = 0) -> datetime:
+    return datetime(2025, 1, 1, 9, minute, second, micro, tzinfo=UTC)
+
+
+SESSIONS = (
+    ModelSession(
+        1, at(1), at(29, 30), began="first", ended="rolled over to session 2", session_id="sess_ABC"
+    ),
+    ModelSession(2, at(29, 30, 250_000), at(31, 5), "rollover", "dropped (1006) – ünïcode", "sess_DEF"),
+    ModelSession(3, at(31, 6), began="reconnect"),
+)
+
+
+@pytest.mark.timeout(30)
+async def test_call_sessions_round_trip(store: SQLiteStore) -> None:
+    with_sessions = record("CAs", 1, end_reason="caller hung up", sessions=SESSIONS)
+    without = record("CAn", 2)
+    await store.add_call(with_sessions)
+    await store.add_call(without)
+
+    read = await store.call("CAs")
+    assert read == with_sessions
+    assert read.sessions == SESSIONS
+    assert [s.number for s in read.sessions] == [1, 2, 3]
+    assert all(s.started_at.tzinfo is UTC for s in read.sessions)
+    assert read.sessions[1].started_at.microsecond == 250_000
+    assert read.sessions[0].duration_s == 28 * 60 + 30
+    assert read.sessions[2].ended_at is None and read.sessions[2].duration_s is None
+    assert read.sessions[2].ended == "" and read.sessions[2].session_id == ""
+    assert (await store.call("CAn")).sessions == ()
+    assert {c.call_sid: len(c.sessions) for c in await store.calls()} == {"CAs": 3, "CAn": 0}
+
+    # Replacing a record replaces its sessions too.
+    await store.add_call(dataclasses.replace(with_sessions, sessions=SESSIONS[:1]))
+    assert (await store.call("CAs")).sessions == SESSIONS[:1]
+
+
+@pytest.mark.timeout(30)
+async def test_call_sessions_are_stored_as_json_with_time_text(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.sqlite3"
+    async with await SQLiteStore.open(path) as store:
+        await store.add_call(record("CAs", 1, sessions=SESSIONS[1:]))
+        with sqlite3.connect(path) as conn:
+            (text,) = conn.execute("SELECT sessions FROM calls WHERE call_sid = 'CAs'").fetchone()
+            stored = json.loads(text)
+            assert stored[0] == {
+                "number": 2,
+                "started_at": "2025-01-01T09:29:30.250000+00:00",
+                "ended_at": "2025-01-01T09:31:05.000000+00:00",
+                "began": "rollover",
+                "ended": "dropped (1006) – ünïcode",
+                "session_id": "sess_DEF",
+            }
+            assert stored[1]["ended_at"] is None
+            # Written by hand, or by a bridge that knew fewer fields: what is missing takes its default.
+            sparse = json.dumps([{"number": 1, "started_at": "2025-01-01T09:01:00.000000+00:00"}])
+            conn.execute("UPDATE calls SET sessions = ? WHERE call_sid = 'CAs'", (sparse,))
+        conn.close()
+        (only,) = (await store.call("CAs")).sessions
+        assert only == ModelSession(1, datetime(2025, 1, 1, 9, 1, tzinfo=UTC))
+        assert (only.began, only.ended, only.ended_at) == ("first", "", None)
+
+
+@pytest.mark.timeout(30)
+async def test_a_database_before_sessions_is_upgraded_and_its_calls_read_without_sessions(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v2.sqlite3"
+    async with await SQLiteStore.open(path, migrations=MIGRATIONS[:2]):
+        pass
+    assert user_version(path) == 2 and "sessions" not in call_columns(path)
+    old_call = record(
+        "CAold",
+        1,
+        from_number="+14155550100",
+        profile_id=1,
+        profile_version=1,
+        end_reason="caller hung up",
+        transcript=(("assistant", "Hello!"),),
+        latency_ms={"turn_p50": 400.0},
+        test_call=True,
+    )
+    add_old_call(path, old_call)
+
+    async with await SQLiteStore.open(path) as store:
+        assert user_version(path) == len(MIGRATIONS) == 3
+        assert call_columns(path)[-1] == "sessions"
+        read = await store.call("CAold")
+        assert read == old_call and read.sessions == ()
+        assert [c.sessions for c in await store.calls()] == [()]
+        # New calls on the upgraded file keep their sessions.
+        await store.add_call(record("CAnew", 2, sessions=SESSIONS))
+        assert (await store.call("CAnew")).sessions == SESSIONS
+        assert (await store.call("CAold")).sessions == ()
 
 
 async def test_a_database_from_a_newer_bridge_is_refused(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from bridge.admin.forms import COMMENT_LIMIT
 from bridge.admin.views import author, greeting_status, prepare_greeting, profile_id, store_of
 from bridge.keys import SETTINGS
 from bridge.prompts import ProfileError, profile_from_mapping, profile_to_mapping
-from bridge.store import CallRecord, Conflict, NotFound, ProfileVersion, StaleVersion
+from bridge.store import CallRecord, Conflict, ModelSession, NotFound, ProfileVersion, StaleVersion
 
 META_KEYS = frozenset(
     {"id", "version", "author", "created_at", "comment", "is_default", "default", "rolled_back_from",
@@ -52,6 +52,19 @@ def version_json(version: ProfileVersion, *, is_default: bool) -> dict[str, Any]
     }
 
 
+def session_json(session: ModelSession) -> dict[str, Any]:
+    """A call's model (Realtime) session as the API shows it."""
+    return {
+        "number": session.number,
+        "began": session.began,
+        "started_at": session.started_at.isoformat(),
+        "ended_at": session.ended_at.isoformat() if session.ended_at is not None else None,
+        "duration_s": session.duration_s,
+        "ended": session.ended,
+        "session_id": session.session_id,
+    }
+
+
 def call_json(record: CallRecord, *, recorded: bool) -> dict[str, Any]:
     """A call record as the API shows it."""
     sid = record.call_sid
@@ -71,6 +84,7 @@ def call_json(record: CallRecord, *, recorded: bool) -> dict[str, Any]:
         "latency_ms": dict(record.latency_ms),
         "upstream_errors": record.upstream_errors,
         "test_call": record.test_call,
+        "sessions": [session_json(s) for s in record.sessions],
         "recording": f"/admin/calls/{sid}/recording" if recorded else None,
         "timeline": f"/admin/calls/{sid}/timeline.svg" if recorded else None,
     }

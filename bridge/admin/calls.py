@@ -8,7 +8,8 @@ cannot make the admin UI hand out arbitrary files.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,18 @@ from bridge.errors import BridgeError
 from bridge.keys import STORE
 from bridge.recordings import load_recording
 from bridge.recordings.timeline import timeline_svg
-from bridge.store import CallRecord, NotFound
+from bridge.store import CallRecord, ModelSession, NotFound
 
 PAGE_SIZE = 50
 RECORDING_ROOTS = web.AppKey("bridge_admin_recording_roots", tuple[Path, ...])
 LATENCY_COUNTS = {"turns": ("turn", "turns")}
 """Entries of a record's ``latency_ms`` that are counts, not milliseconds: key -> (singular, plural)."""
+BEGAN_LABELS = {
+    "first": "first",
+    "rollover": "rollover (planned swap)",
+    "reconnect": "reconnect (after a drop)",
+}
+"""How a model session began (:attr:`ModelSession.began`), as the call page says it."""
 
 
 def recording_roots(settings: Settings) -> tuple[Path, ...]:
@@ -90,12 +97,19 @@ async def call_list(request: web.Request) -> web.Response:
         if only is not None:
             query["profile"] = only
         older = "/admin/calls?" + urlencode(query)
-    context = {"records": records, "names": names, "older": older, "filtered": only is not None}
+    summaries = {r.call_sid: sessions_summary(r.sessions) for r in records if len(r.sessions) > 1}
+    context = {
+        "records": records,
+        "names": names,
+        "older": older,
+        "filtered": only is not None,
+        "summaries": summaries,
+    }
     return page(request, "calls.html", context, title="Calls")
 
 
 async def call_detail(request: web.Request) -> web.Response:
-    """``GET /admin/calls/{sid}``: one call's transcript, barge-ins, latency, errors and recording."""
+    """``GET /admin/calls/{sid}``: one call: model sessions, transcript, barge-ins, latency, recording."""
     store = request.app[STORE]
     try:
         record = await store.call(request.match_info["sid"])
@@ -106,8 +120,27 @@ async def call_detail(request: web.Request) -> web.Response:
     names = {s.profile_id: s.latest.profile.name for s in await store.list_profiles()}
     recorded = recording_file(record, request.app[RECORDING_ROOTS]) is not None
     latency = latency_facts(record.latency_ms)
-    context = {"record": record, "names": names, "recorded": recorded, "latency": latency}
+    context = {
+        "record": record,
+        "names": names,
+        "recorded": recorded,
+        "latency": latency,
+        "sessions_summary": sessions_summary(record.sessions),
+        "began_labels": BEGAN_LABELS,
+    }
     return page(request, "call.html", context, title=f"Call {record.call_sid}")
+
+
+def sessions_summary(sessions: Sequence[ModelSession]) -> str:
+    """How many model sessions a call used and how the later ones came: ``"2 model sessions: 1 rollover"``,
+    ``"3 model sessions: 1 rollover, 1 reconnect"``, ``"1 model session"`` (``""`` for none)."""
+    if not sessions:
+        return ""
+    count = len(sessions)
+    head = f"{count} model session{'' if count == 1 else 's'}"
+    kinds = Counter(s.began for s in sessions if s.began != "first")
+    parts = [f"{n} {kind}{'' if n == 1 else 's'}" for kind, n in kinds.items()]
+    return f"{head}: {', '.join(parts)}" if parts else head
 
 
 def latency_facts(latency_ms: Mapping[str, float]) -> list[tuple[str, str]]:

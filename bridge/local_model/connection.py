@@ -19,6 +19,14 @@ Theory of operation:
   caller has said nothing, else a 660 Hz beep followed by the caller's last utterance.
 * Each assistant item counts the audio actually sent in its deltas; ``conversation.item.truncate`` is
   checked against that ("Audio content of Xms is already shorter than Yms").
+* Each session has a clock, a task started when the socket is accepted and cancelled when it ends. At
+  :attr:`~bridge.local_model.server.LocalModel.session_seconds` (the ``expires_at`` of the session) it ends
+  the session as Azure does (:meth:`ModelConnection.expire`): from then on client events are ignored and
+  nothing is sent but a ``session_expired`` error; a response in progress is abandoned without its end
+  events; then the socket closes with 1001. With :attr:`~bridge.local_model.server.LocalModel.drop_after`
+  set at the accept, the clock instead aborts the TCP connection at that time, if it comes first.
+* A refusal queued by :meth:`~bridge.local_model.server.LocalModel.fail_next_session_update` answers the
+  next ``session.update`` (on any connection) with an ``error`` before any check, and nothing is applied.
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from bridge.local_model.validation import (
     parse_event,
     required_field,
     response_overrides,
+    session_expired,
     string_field,
     update_ga,
     update_preview,
@@ -95,7 +104,11 @@ class ModelConnection:
         self.sent: list[dict[str, Any]] = []
         """Every server event sent, in order."""
         self.closed = asyncio.Event()
-        self.session = default_session(dialect, model.new_id("sess"), MODELS[dialect])
+        self._accepted = asyncio.get_running_loop().time()
+        self._cap, self._drop_after = model.session_seconds, model.drop_after
+        self._clock: asyncio.Task[None] | None = None
+        self._ending = False  # expire() has begun: client events are ignored, only its error goes out
+        self.session = default_session(dialect, model.new_id("sess"), MODELS[dialect], self._cap)
         """The effective session config, in the dialect's shape (what ``session.updated`` carries)."""
         self._eff = EffectiveSession.of(self.session, dialect)
         self._names = DIALECT_NAMES[dialect]
@@ -113,6 +126,7 @@ class ModelConnection:
 
     async def serve(self) -> None:
         """Serve this session until its socket is gone; :class:`LocalModel` calls this once per connection."""
+        self._clock = self._model.spawn(self._run_clock(), f"local-model {self.session['id']} clock")
         try:
             await self._send({"type": "session.created", "session": self.session})
             async for message in self._ws:
@@ -120,6 +134,7 @@ class ModelConnection:
         except ConnectionClosed:
             pass
         finally:
+            self._clock.cancel()  # if it is in expire(), harmless: the socket is already gone
             self._abandon()
             self.closed.set()
 
@@ -152,38 +167,55 @@ class ModelConnection:
             self._ws.transport.abort()
 
     async def send(self, event: dict[str, Any]) -> None:
-        """Send any server event (an ``event_id`` is added when missing), to inject what tests need."""
+        """Send any server event (an ``event_id`` is added when missing), to inject what tests need. Once
+        :meth:`expire` has begun, nothing more is sent."""
         await self._send(dict(event))
 
     async def expire(self) -> None:
-        """Do what Azure does at the session cap: a ``session_expired`` error, then a close."""
-        message = "Your session hit the maximum duration of 30 minutes."
-        await self._send_error(InvalidEvent("session_expired", message), None)
+        """End the session now as Azure does at its cap (what the session's clock does at
+        ``session_seconds``): a response in progress is abandoned without its end events, client events are
+        ignored, then a ``session_expired`` error is the last event sent and the socket closes with 1001
+        ("session expired"). Once begun, a second call does nothing."""
+        if self._ending:
+            return
+        self._ending = True
+        r = self._response
+        if r is not None and r.task is not None:
+            r.task.cancel()
+            await asyncio.wait([r.task])
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(_error_event(session_expired(self._cap), None), last=True)
         await self.close(1001, "session expired")
 
     # --- plumbing ---
 
-    async def _send(self, event: dict[str, Any]) -> None:
+    async def _run_clock(self) -> None:
+        """The session's clock, from the accept: abort at ``drop_after`` or expire at the cap, which first."""
+        loop = asyncio.get_running_loop()
+        drop = self._drop_after
+        if drop is not None and drop < self._cap:
+            await asyncio.sleep(self._accepted + drop - loop.time())
+            self.abort()
+        else:
+            await asyncio.sleep(self._accepted + self._cap - loop.time())
+            await self.expire()
+
+    async def _send(self, event: dict[str, Any], last: bool = False) -> None:
+        """Stamp, record and write a server event; once :meth:`expire` has begun, only its ``last`` one."""
         event.setdefault("event_id", self._model.new_id("event"))
         async with self._send_lock:
+            if self._ending and not last:
+                return
             if self._model.record:
                 self.sent.append(event)
             if self._model.on_server_event is not None:
                 self._model.on_server_event(self, event)
             await self._ws.send(orjson.dumps(event).decode())
 
-    async def _send_error(self, exc: InvalidEvent, client_event_id: str | None) -> None:
-        error = {
-            "type": "invalid_request_error",
-            "code": exc.code,
-            "message": exc.message,
-            "param": exc.param,
-            "event_id": client_event_id,
-        }
-        await self._send({"type": "error", "error": error})
-
     async def _dispatch(self, message: str | bytes) -> None:
         """Handle one client event; a malformed or unknown one gets an ``error`` and the session goes on."""
+        if self._ending:
+            return
         event_id: str | None = None
         try:
             event = parse_event(message)
@@ -206,7 +238,7 @@ class ModelConnection:
             )
             await handler(event)
         except InvalidEvent as exc:
-            await self._send_error(exc, event_id)
+            await self._send(_error_event(exc, event_id))
 
     def _find(self, item_id: str) -> ConversationItem:
         item = self._items.get(item_id)
@@ -232,6 +264,9 @@ class ModelConnection:
     # --- session.update ---
 
     async def _on_session_update(self, event: dict[str, Any]) -> None:
+        refusal = self._model.take_session_update_refusal()
+        if refusal is not None:
+            raise refusal
         update = object_field(required_field(event, "session"), "session")
         change = update_ga if self.dialect == "ga" else update_preview
         session = change(self.session, update, self._audio_produced)
@@ -503,7 +538,10 @@ class ModelConnection:
             r.stop_reason = reason
             r.stop.set()
         if r.task is not None:
-            await asyncio.shield(r.task)
+            task = r.task
+            await asyncio.wait([task])  # not cancelled with this waiter, nor raising if expire() cancels it
+            if not task.cancelled():
+                task.result()
 
     async def _on_response_cancel(self, event: dict[str, Any]) -> None:
         wanted = event.get("response_id")
@@ -518,3 +556,15 @@ class ModelConnection:
         """The socket is gone: stop the response without its end events."""
         if self._response is not None and self._response.task is not None:
             self._response.task.cancel()
+
+
+def _error_event(exc: InvalidEvent, client_event_id: str | None) -> dict[str, Any]:
+    """The ``error`` server event for ``exc``, answering the client event ``client_event_id``."""
+    error = {
+        "type": "invalid_request_error",
+        "code": exc.code,
+        "message": exc.message,
+        "param": exc.param,
+        "event_id": client_event_id,
+    }
+    return {"type": "error", "error": error}

@@ -2,19 +2,27 @@
 
 :class:`LocalModel` listens on a loopback port, answers each WebSocket handshake as the service does and
 hands every accepted socket to a :class:`~bridge.local_model.connection.ModelConnection`. It holds what
-the connections share: the settings (pace, size of deltas, observers), the seeded id generator, and the
-tasks it must stop on :meth:`LocalModel.close`.
+the connections share: the settings (pace, size of deltas, observers, the session cap), the seeded id
+generator, the injected faults, and the tasks it must stop on :meth:`LocalModel.close` (responses and
+each session's clock).
 
 The handshake (``process_request``) picks the dialect from the URL: ``/openai/v1/realtime?model=DEP`` is
 GA, ``/openai/realtime?api-version=V&deployment=DEP`` is preview. It checks auth (``api-key`` header,
 ``Authorization: Bearer``, or ``?api-key=``) and applies injected faults (:meth:`LocalModel.reject_next`,
 :attr:`LocalModel.connect_delay`).
+
+Faults after the handshake, for demos and tests of the bridge's rollover and reconnection: the session cap
+(:attr:`LocalModel.session_seconds`, 30 minutes as on Azure, then a ``session_expired`` error and a close
+with 1001), a network failure some time after each accept (:attr:`LocalModel.drop_after`), closes on demand
+(:meth:`LocalModel.drop_all`, :meth:`ModelConnection.close`, :meth:`ModelConnection.abort`), and a refused
+configuration (:meth:`LocalModel.fail_next_session_update`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
@@ -26,6 +34,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from bridge.local_model.connection import ModelConnection
+from bridge.local_model.validation import SESSION_SECONDS, InvalidEvent
 
 __all__ = ["EventHook", "LocalModel"]
 
@@ -51,9 +60,15 @@ class LocalModel:
         on_client_event: EventHook | None = None,
         on_server_event: EventHook | None = None,
         fast_appends: bool = False,
+        session_seconds: float = SESSION_SECONDS,
+        drop_after: float | None = None,
     ) -> None:
         if speed <= 0 or delta_ms <= 0:
             raise ValueError("speed and delta_ms must be positive")
+        if not 0 < session_seconds < math.inf:
+            raise ValueError("session_seconds must be positive (and finite)")
+        if drop_after is not None and not 0 <= drop_after < math.inf:
+            raise ValueError("drop_after must be None or a non-negative number of seconds")
         self.host = host
         self.api_key = api_key
         """``None``: any non-empty key or bearer token passes; else exactly this one must be given."""
@@ -76,12 +91,20 @@ class LocalModel:
         self.fast_appends = fast_appends
         """Handle ``input_audio_buffer.append`` on a shorter path, for load generators: the same checks and
         VAD, with frame energies summed exactly in integers (not float32) and fewer Python and numpy calls."""
+        self.session_seconds = session_seconds
+        """The session cap: each connection's ``expires_at`` is its connect time plus this, and when it is
+        reached (timed from the accept) the session ends as on Azure (:meth:`ModelConnection.expire`).
+        Read at each accept: a change applies to the connections accepted afterwards."""
+        self.drop_after = drop_after
+        """``None``, or seconds after which every connection accepted from now on is aborted (a TCP reset,
+        no close frame, as a network failure would), for demos of reconnection. Read at each accept."""
         self.connections: list[ModelConnection] = []
         """Every accepted connection, in order (with ``record=False``: the open ones)."""
         self._port = port
         self._rng = random.Random(seed)
         self._count = 0
-        self._rejects: list[int] = []
+        self._rejects: list[tuple[int, str | None]] = []
+        self._refusals: list[InvalidEvent] = []
         self._server: Server | None = None
         self._closing = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,9 +131,10 @@ class LocalModel:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def __aenter__(self) -> LocalModel:
         await self.start()
@@ -132,9 +156,25 @@ class LocalModel:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self._port}"
 
-    def reject_next(self, status: int = 429, count: int = 1) -> None:
-        """Answer the next ``count`` handshakes with HTTP ``status`` (429, 500, 503 …)."""
-        self._rejects.extend([status] * count)
+    def reject_next(self, status: int = 429, count: int = 1, retry_after: str | None = None) -> None:
+        """Answer the next ``count`` handshakes with HTTP ``status`` (429, 500, 503 …). ``retry_after`` is
+        the ``Retry-After`` header's value; ``None``: ``"1"`` for a 429, no header for other statuses."""
+        self._rejects.extend([(status, retry_after)] * count)
+
+    def fail_next_session_update(
+        self,
+        code: str = "invalid_value",
+        message: str = "The session configuration was refused: it could not be applied.",
+    ) -> None:
+        """Refuse the next ``session.update`` received, on any connection, as the service refuses a
+        configuration: an ``error`` (``invalid_request_error``, this ``code`` and ``message``, the client's
+        ``event_id``) and the session unchanged. Each call refuses one more update."""
+        self._refusals.append(InvalidEvent(code, message))
+
+    def take_session_update_refusal(self) -> InvalidEvent | None:
+        """For :class:`ModelConnection`: the refusal queued by :meth:`fail_next_session_update` for the
+        ``session.update`` just received (it is used up), or ``None``."""
+        return self._refusals.pop(0) if self._refusals else None
 
     async def drop_all(self, code: int = 1011, reason: str = "server error") -> None:
         """Close every open connection with ``code`` and ``reason``."""
@@ -168,12 +208,12 @@ class LocalModel:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.connect_delay)
         if self._rejects:
-            status = self._rejects.pop(0)
+            status, retry_after = self._rejects.pop(0)
             if status == 429:
-                return _http_error(
-                    connection, 429, "Requests to the Realtime API have exceeded the rate limit."
-                )
-            return _http_error(connection, status, "The server had an error while processing your request.")
+                message = "Requests to the Realtime API have exceeded the rate limit."
+            else:
+                message = "The server had an error while processing your request."
+            return _http_error(connection, status, message, retry_after)
         problem = _handshake_problem(request, self.api_key)
         return None if problem is None else _http_error(connection, *problem)
 
@@ -228,10 +268,16 @@ def _handshake_problem(request: Request, api_key: str | None) -> tuple[int, str]
     return None
 
 
-def _http_error(connection: ServerConnection, status: int, message: str) -> Response:
+def _http_error(
+    connection: ServerConnection, status: int, message: str, retry_after: str | None = None
+) -> Response:
+    """A refused handshake as the service answers it; ``Retry-After`` is ``retry_after``, else ``"1"`` on a
+    429."""
     body = orjson.dumps({"error": {"code": str(status), "message": message}}).decode()
     response = connection.respond(status, body)
     response.headers["Content-Type"] = "application/json"
-    if status == 429:
-        response.headers["Retry-After"] = "1"
+    if retry_after is None and status == 429:
+        retry_after = "1"
+    if retry_after is not None:
+        response.headers["Retry-After"] = retry_after
     return response

@@ -3,7 +3,8 @@
 What the real service rejects, the local model rejects with the same ``invalid_request_error`` body: a
 failed check raises :class:`InvalidEvent`, which the connection turns into an ``error`` event and the
 session goes on. Here are the field checks, ``session.update`` in both dialects (flat preview, nested GA)
-with the defaults the service fills in, the default sessions, their dialect-neutral reading
+with the defaults the service fills in, the default sessions (whose ``expires_at`` is the connect time
+plus the session cap) and the error sent at that cap, their dialect-neutral reading
 (:class:`EffectiveSession`) and the body of ``response.create``. Written on its own, never through
 ``bridge.realtime``.
 """
@@ -20,7 +21,8 @@ import orjson
 from bridge.local_model.audio import threshold_to_rms
 from bridge.local_model.names import GA_FORMAT_JSON, GA_FORMATS, RATES
 
-_SESSION_SECONDS = 30 * 60
+SESSION_SECONDS = 30 * 60.0
+"""Azure's session cap in seconds (docs/protocols.md §2.6): ``LocalModel``'s default ``session_seconds``."""
 
 
 EAGERNESS_SILENCE_MS = {"low": 1200, "medium": 700, "auto": 700, "high": 300}
@@ -320,12 +322,14 @@ def update_ga(current: dict[str, Any], update: dict[str, Any], audio_locked: boo
     return session
 
 
-def default_session(dialect: str, session_id: str, model: str) -> dict[str, Any]:
+def default_session(dialect: str, session_id: str, model: str, session_seconds: float) -> dict[str, Any]:
+    """The session a new connection starts with, in the dialect's shape. ``expires_at`` is the integer unix
+    time at which the session cap (``session_seconds`` from now, the connect time) is reached."""
     head = {
         "object": "realtime.session",
         "id": session_id,
         "model": model,
-        "expires_at": int(time.time()) + _SESSION_SECONDS,
+        "expires_at": int(time.time() + session_seconds),
     }
     vad = _turn_detection({"type": "server_vad"}, "", dialect)
     tail = {"tools": [], "tool_choice": "auto"}
@@ -367,6 +371,16 @@ def default_session(dialect: str, session_id: str, model: str) -> dict[str, Any]
         "speed": 1.0,
         "tracing": None,
     }
+
+
+def session_expired(session_seconds: float) -> InvalidEvent:
+    """The error the service sends when a session reaches its cap: "…maximum duration of 30 minutes." (a cap
+    that is not a whole number of minutes is given in seconds)."""
+    minutes, rest = divmod(session_seconds, 60)
+    count, unit = (minutes, "minute") if rest == 0 else (session_seconds, "second")
+    number = str(int(count)) if float(count).is_integer() else str(count)
+    span = f"{number} {unit}" + ("" if count == 1 else "s")
+    return InvalidEvent("session_expired", f"Your session hit the maximum duration of {span}.")
 
 
 @dataclass(frozen=True, slots=True)

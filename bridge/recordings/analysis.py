@@ -19,8 +19,12 @@ samples of 8 kHz μ-law (:data:`SPMS` a ms):
   ``speech_stopped``, whose ``audio_start_ms``/``audio_end_ms`` count the audio appended to the model;
   they are mapped onto the call's timeline through the caller frames the bridge forwarded (the oldest
   frames queued before the session was live may have been dropped: the difference between the caller
-  audio received and the audio appended is taken off the front).
-* the responses, the marks, the truncations, the DTMF digits and the hang-up, at their times.
+  audio received and the audio appended is taken off the front). When the call used several Realtime
+  sessions (a rollover or a reconnection), each session counts its input audio from its own first
+  append, so each is mapped on its own: its audio is taken to end with the caller audio received by its
+  last append.
+* the responses, the marks, the truncations, the DTMF digits and the hang-up, at their times; and each
+  switch to a later Realtime session, at the first caller audio sent to it.
 
 This module is core tier: pure functions, no I/O, no clock, no event loop.
 """
@@ -84,6 +88,8 @@ class Speech:
     end_ms: float | None = None
     started_t: float = 0.0
     stopped_t: float | None = None
+    session: int = 1
+    """The Realtime session whose VAD saw it (its ms count that session's input audio)."""
 
 
 @dataclass(slots=True)
@@ -116,6 +122,9 @@ class CallTimeline:
     responses: dict[str, Response] = field(default_factory=dict)
     truncations: list[tuple[float, str, int]] = field(default_factory=list)
     """(time sent, item_id, audio_end_ms)."""
+    swaps: list[tuple[float, int]] = field(default_factory=list)
+    """(time of the first caller audio sent to it, its number) for each Realtime session after the first
+    that was sent caller audio, in time order."""
 
     @property
     def samples(self) -> int:
@@ -226,11 +235,13 @@ def _model_in(call: CallTimeline, e: Event, msg: Mapping[str, Any], rid_of: dict
     elif kind == "input_audio_buffer.speech_started":
         ms = _number(msg.get("audio_start_ms"))
         if call.speech and call.speech[-1].stopped_t is None:  # a stop went missing: end it here
-            call.speech[-1].end_ms, call.speech[-1].stopped_t = ms, e.t
-        call.speech.append(Speech(ms if ms is not None else -1.0, started_t=e.t))
+            same = call.speech[-1].session == e.session  # else its ms are another session's: use the time
+            call.speech[-1].end_ms, call.speech[-1].stopped_t = (ms if same else -1.0), e.t
+        call.speech.append(Speech(ms if ms is not None else -1.0, started_t=e.t, session=e.session))
     elif kind == "input_audio_buffer.speech_stopped" and call.speech and call.speech[-1].stopped_t is None:
         ms = _number(msg.get("audio_end_ms"))
-        call.speech[-1].end_ms = ms if ms is not None else -1.0
+        same = call.speech[-1].session == e.session
+        call.speech[-1].end_ms = ms if ms is not None and same else -1.0
         call.speech[-1].stopped_t = e.t
 
 
@@ -240,8 +251,7 @@ def analyse(rec: Recording) -> CallTimeline:
     cursor: int | None = None
     busy = 0
     unsettled = 0
-    appended_bytes = 0
-    last_append_t: float | None = None
+    appended: dict[int, tuple[int, float]] = {}  # per session: (bytes appended, time of the last append)
     rid_of: dict[str, str] = {}
     for e in rec.events:
         msg = e.msg
@@ -279,19 +289,20 @@ def analyse(rec: Recording) -> CallTimeline:
         elif e.dir == "in":
             _model_in(call, e, msg, rid_of)
         elif kind == "input_audio_buffer.append":
-            appended_bytes += _b64_length(msg.get("audio"))
-            last_append_t = e.t
+            if e.session not in appended and e.session > 1:
+                call.swaps.append((e.t, e.session))
+            size = appended[e.session][0] if e.session in appended else 0
+            appended[e.session] = (size + _b64_length(msg.get("audio")), e.t)
         elif kind == "conversation.item.truncate":
             end = _number(msg.get("audio_end_ms"))
             call.truncations.append((e.t, _text(msg.get("item_id")), int(end) if end is not None else -1))
-    _place_speech(call, rec, appended_bytes, last_append_t)
+    _place_speech(call, rec, appended)
     return call
 
 
-def _place_speech(
-    call: CallTimeline, rec: Recording, appended_bytes: int, last_append_t: float | None
-) -> None:
-    """Map the VAD's input-audio ms onto call ms through the caller frames (see the module doc)."""
+def _place_speech(call: CallTimeline, rec: Recording, appended: Mapping[int, tuple[int, float]]) -> None:
+    """Map the VAD's input-audio ms onto call ms through the caller frames (see the module doc);
+    ``appended``: per Realtime session, the bytes of caller audio appended and the time of the last."""
     if not call.caller:
         for s in call.speech:  # nothing to map through: the events' arrival times
             s.start_ms = s.started_t
@@ -300,21 +311,21 @@ def _place_speech(
     in_ms = 8.0 if rec.header.audio_path == "g711_ulaw" else 48.0  # bytes per ms the model was sent
     received = [len(d) / SPMS for _, _, d in call.caller]
     offsets = np.concatenate(([0.0], np.cumsum(received)))
-    dropped = 0.0
-    if last_append_t is not None:
+    dropped: dict[int, float] = {}  # per session: the caller audio before its first append, in ms
+    for session, (appended_bytes, last_append_t) in appended.items():
         arrived = sum(1 for t, _, _ in call.caller if t <= last_append_t)
-        dropped = max(0.0, float(offsets[arrived]) - appended_bytes / in_ms)
+        dropped[session] = max(0.0, float(offsets[arrived]) - appended_bytes / in_ms)
 
-    def place(input_ms: float | None, fallback: float | None) -> float | None:
-        if input_ms is None or input_ms < 0:
-            return fallback
-        pos = input_ms + dropped
+    def place(input_ms: float | None, fallback: float | None, session: int) -> float | None:
+        if input_ms is None or input_ms < 0 or (session > 1 and session not in dropped):
+            return fallback  # no ms, or a later session's ms with none of its audio to map them through
+        pos = input_ms + dropped.get(session, 0.0)
         i = min(max(int(np.searchsorted(offsets, pos, side="right")) - 1, 0), len(received) - 1)
         return call.caller[i][1] / SPMS + (pos - float(offsets[i]))
 
     for s in call.speech:
-        s.start_ms = place(s.start_ms, s.started_t) or 0.0
-        s.end_ms = place(s.end_ms, s.stopped_t)
+        s.start_ms = place(s.start_ms, s.started_t, s.session) or 0.0
+        s.end_ms = place(s.end_ms, s.stopped_t, s.session)
 
 
 def summary(rec: Recording) -> dict[str, Any]:
@@ -324,7 +335,8 @@ def summary(rec: Recording) -> dict[str, Any]:
     the bridge to the first model audio the caller heard after it (``unanswered_turns`` counts the
     turns where the caller spoke again, or the call ended, first). ``truncations``: ``(item_id,
     audio_end_ms)`` as sent. ``vad_speech_ms``: the VAD's speech segments in call ms (end ``None``
-    while still speaking when the recording ends). Seconds are rounded to ms.
+    while still speaking when the recording ends). Seconds are rounded to ms. ``sessions``, only when the
+    call used more than one Realtime session: how many it used.
     """
     return summarise(rec, analyse(rec))
 
@@ -338,6 +350,7 @@ def summarise(rec: Recording, call: CallTimeline) -> dict[str, Any]:
         max(0.0, (s.end_ms if s.end_ms is not None else call.duration_ms) - s.start_ms) for s in call.speech
     )
     responses = sorted(call.responses.values(), key=lambda r: first_time(r))
+    sessions = {"sessions": rec.sessions} if rec.sessions > 1 else {}
     return {
         "call_sid": rec.header.call_sid,
         "dialect": rec.header.dialect,
@@ -364,6 +377,7 @@ def summarise(rec: Recording, call: CallTimeline) -> dict[str, Any]:
         "marks_sent": len(call.marks_sent),
         "marks_echoed": len(call.marks_echoed),
         "hung_up": call.stop_t is not None,
+        **sessions,
     }
 
 

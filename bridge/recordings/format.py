@@ -2,15 +2,25 @@
 
 A recording is one file per call::
 
-    {"format": "bridge-call-recording", "version": 1, "bridge_version": "0.1.0", "call_sid": "CA…", …}
+    {"format": "bridge-call-recording", "version": 2, "bridge_version": "0.1.0", "call_sid": "CA…", …}
     {"t": 0.0, "src": "model", "dir": "out", "msg": {"type": "session.update", …}}
     {"t": 412.7, "src": "twilio", "dir": "in", "msg": {"event": "start", …}}
     {"t": 413.1, "src": "twilio", "dir": "in", "raw": "{not json"}
+    {"t": 1795000.4, "src": "model", "dir": "in", "s": 2, "msg": {"type": "session.created", …}}
 
 ``t`` is milliseconds since the call began (the webhook), ``src`` the socket (``twilio`` or ``model``),
 ``dir`` whether the message came ``in`` to the bridge or went ``out`` of it. ``msg`` is the message as it
 crossed the wire when it was a JSON object; anything else is kept verbatim in ``raw`` (text) or ``b64``
 (a binary frame), so malformed input replays exactly as it arrived.
+
+One call may use several Realtime sessions (WebSocket connections to the model): a planned rollover to a
+fresh session before the service's cap, or a reconnection after a drop. They are numbered 1, 2, 3… in
+the order the bridge opened them (a session opened but never used still takes its number), and a model
+line says which one it crossed in ``s``, written only when it is not 1: a call with one session reads
+exactly as a version 1 file. ``s`` is never on a Twilio line (the call has one Twilio stream).
+
+Versions: 1 had no ``s``; 2 added it. This reader reads both and refuses a newer version with a message
+that says to upgrade the bridge (which is also what a version 1 reader says of a version 2 file).
 
 Secrets never enter a recording: the bridge records messages, never HTTP or WebSocket headers, and the
 one-time stream token in Twilio's ``start`` is replaced by ``"[redacted]"``.
@@ -33,7 +43,8 @@ import pybase64
 from bridge.errors import MalformedMessage
 
 FORMAT = "bridge-call-recording"
-VERSION = 1
+VERSION = 2
+"""The format version this bridge writes; it reads every version from 1 to this one."""
 REDACTED = "[redacted]"
 SECRET_PARAMETERS = frozenset({"token"})
 
@@ -95,6 +106,9 @@ class Event:
     raw: str | None = None
     data: bytes | None = None
     """A binary frame's bytes."""
+    session: int = 1
+    """The Realtime session (1, 2, 3… in the order the bridge opened them) a model message crossed;
+    always 1 for a Twilio message."""
 
     @property
     def wire(self) -> str | bytes:
@@ -123,9 +137,20 @@ class Recording:
     truncated: bool = False
     """The last line was cut short (a crash mid-call) and was left out."""
 
-    def select(self, src: Source, direction: Direction) -> list[Event]:
-        """The events of one socket in one direction."""
-        return [e for e in self.events if e.src == src and e.dir == direction]
+    def select(self, src: Source, direction: Direction, session: int | None = None) -> list[Event]:
+        """The events of one socket in one direction; with ``session``, only those of that Realtime
+        session (Twilio events are all in session 1)."""
+        return [
+            e
+            for e in self.events
+            if e.src == src and e.dir == direction and (session is None or e.session == session)
+        ]
+
+    @property
+    def sessions(self) -> int:
+        """How many Realtime sessions the call used: the highest session number of a model message
+        (1 when there is none)."""
+        return max((e.session for e in self.events if e.src == "model"), default=1)
 
     @property
     def duration_ms(self) -> float:
@@ -145,9 +170,20 @@ def redact(message: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**message, "start": {**start, "customParameters": clean}}
 
 
-def encode_event(t: float, src: Source, direction: Direction, wire: str | bytes) -> str:
-    """One recording line (without the newline) for a message as it crossed the wire."""
+def encode_event(t: float, src: Source, direction: Direction, wire: str | bytes, session: int = 1) -> str:
+    """One recording line (without the newline) for a message as it crossed the wire.
+
+    ``session`` is the number of the Realtime session a model message crossed; it is written (``"s"``)
+    only when it is not 1. Raises :class:`ValueError` for a session that is not a positive int, or not
+    1 on a Twilio message: the reader would refuse the line.
+    """
     line: dict[str, Any] = {"t": round(t, 1), "src": src, "dir": direction}
+    if session != 1:
+        if isinstance(session, bool) or not isinstance(session, int) or session < 1:
+            raise ValueError(f"a Realtime session number is a positive int, not {session!r}")
+        if src != "model":
+            raise ValueError("only a model message has a Realtime session number")
+        line["s"] = session
     if isinstance(wire, bytes):
         line["b64"] = pybase64.b64encode(wire).decode("ascii")
     else:
@@ -170,10 +206,11 @@ class RecordingWriter:
         self.closed = False
         sink(orjson.dumps(header.to_json()).decode() + "\n")
 
-    def write(self, t: float, src: Source, direction: Direction, wire: str | bytes) -> None:
-        """Record one message."""
+    def write(self, t: float, src: Source, direction: Direction, wire: str | bytes, session: int = 1) -> None:
+        """Record one message; ``session``: the Realtime session a model message crossed (see
+        :func:`encode_event`)."""
         if not self.closed:
-            self._sink(encode_event(t, src, direction, wire) + "\n")
+            self._sink(encode_event(t, src, direction, wire, session) + "\n")
 
     def close(self) -> None:
         """Write nothing more."""
@@ -217,14 +254,21 @@ def _event(obj: dict[str, Any], where: str) -> Event:
         raise MalformedMessage(f"{where}: 't' is not a number")
     if src not in ("twilio", "model") or direction not in ("in", "out"):
         raise MalformedMessage(f"{where}: 'src' must be twilio or model and 'dir' in or out")
+    session = obj.get("s", 1)
+    if "s" in obj:
+        if isinstance(session, bool) or not isinstance(session, int) or session < 1:
+            raise MalformedMessage(f"{where}: 's' (the Realtime session) is not a positive integer")
+        if src != "model":
+            raise MalformedMessage(f"{where}: 's' (the Realtime session) is only for model messages")
     msg, raw, b64 = obj.get("msg"), obj.get("raw"), obj.get("b64")
     if isinstance(msg, dict):
-        return Event(float(t), src, direction, msg=msg)
+        return Event(float(t), src, direction, msg=msg, session=session)
     if isinstance(raw, str):
-        return Event(float(t), src, direction, raw=raw)
+        return Event(float(t), src, direction, raw=raw, session=session)
     if isinstance(b64, str):
         try:
-            return Event(float(t), src, direction, data=pybase64.b64decode(b64, validate=True))
+            data = pybase64.b64decode(b64, validate=True)
+            return Event(float(t), src, direction, data=data, session=session)
         except ValueError:
             raise MalformedMessage(f"{where}: 'b64' is not valid base64") from None
     raise MalformedMessage(f"{where}: the event has no msg, raw or b64")

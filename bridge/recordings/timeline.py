@@ -37,6 +37,7 @@ _BARGE: Final = "#d62728"
 _TRUNCATE: Final = "#8e44ad"
 _DTMF: Final = "#8c564b"
 _MARK: Final = "#5b6ee1"
+_SESSION: Final = "#138a8a"
 _GRID: Final = "#e4e4e4"
 _INK: Final = "#222222"
 _SOFT: Final = "#666666"
@@ -157,7 +158,8 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
     segments mapped onto call time, DTMF digits), the model speech the caller heard (its envelope, the
     Twilio marks sent and echoed, and for each caller turn the added latency from ``speech_stopped``
     to the first audio heard), and the model audio generated (first to last audio delta of each
-    response). Barge-ins (``clear``), truncations and the hang-up are vertical lines across the lanes.
+    response). Barge-ins (``clear``), truncations, the hang-up and each switch to a later Realtime
+    session ("session 2" at the first caller audio sent to it) are vertical lines across the lanes.
     """
     call = analyse(rec)
     left, right = tracks(call)
@@ -201,6 +203,8 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
         sub.append(f"responses {facts['responses']}")
         sub.append(f"barge-ins {facts['barge_ins']}")
         sub.append(f"truncations {len(facts['truncations'])}")
+        if "sessions" in facts:
+            sub.append(f"Realtime sessions {facts['sessions']}")
     lat = facts["turn_latencies_ms"]
     if lat:
         sub.append(f"latency median {float(np.median(lat)):.0f} ms, max {max(lat):.0f} ms")
@@ -319,8 +323,8 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
         if row is not None:  # row 0 above the bar, row 1 below it
             svg.text(lx, lane3 + 22 if row == 0 else bar_y + 24, label, size=10, fill=_SOFT)
 
-    # markers across the lanes: lines always, labels where there is room (hang-up first, then barge-ins
-    # with the truncate that follows each, then lone truncates)
+    # markers across the lanes: lines always, labels where there is room (hang-up first, then the switches
+    # to a later Realtime session, then barge-ins with the truncate that follows each, then lone truncates)
     marker_rows_used = _Rows(marker_rows)
 
     def marker(t: float, pieces: list[tuple[str, str]]) -> None:
@@ -345,6 +349,9 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
     if call.stop_t is not None:
         svg.line(x(call.stop_t), marker_top, x(call.stop_t), axis_y, _INK, 1.6)
         marker(call.stop_t, [("hang-up (stop)", _INK)])
+    for t, number in call.swaps:
+        svg.line(x(t), marker_top, x(t), axis_y, _SESSION, 1.6, "6,2,1,2")
+        marker(t, [(f"session {number}", _SESSION)])
     pending = list(call.truncations)
     for t in call.clears:
         pieces = [("barge-in", _BARGE)]
@@ -377,6 +384,7 @@ def timeline_svg(rec: Recording, *, width: int = 1200) -> str:
         (any(h is not None for _, h in call.turns()), _INK, "+N ms: speech_stopped received → model heard"),
         (bool(call.dtmf), _DTMF, "DTMF digit pressed"),
         (call.stop_t is not None, _INK, "hang-up: Twilio stop received"),
+        (bool(call.swaps), _SESSION, "session N: first caller audio sent to Realtime session N"),
     ]
     items = [(color, text) for shown, color, text in candidates if shown]
     if marker_rows_used.dropped:

@@ -4,7 +4,7 @@ plugin (:mod:`.pytest_plugin`, fixture ``bridge_replay``)."""
 
 from __future__ import annotations
 
-from bridge.replay.compare import compare_client_events
+from bridge.replay.compare import compare_client_events, compare_sessions
 from bridge.replay.engine import (
     ModelChoice,
     RecordedModel,
@@ -22,6 +22,7 @@ __all__ = [
     "Speed",
     "VirtualTimeLoop",
     "compare_client_events",
+    "compare_sessions",
     "profile_of",
     "replay_file",
     "replay_recording",

@@ -36,6 +36,8 @@ def _report(result: ReplayResult, out: TextIO) -> None:
         f"{verdict} {result.name}: {result.duration_s:.1f} s, {result.turns} turns, "
         f"{result.clears} barge-ins, truncations {truncs}, heard {result.heard_seconds:.1f} s of the model"
     )
+    if max(result.model_sessions, result.recorded_sessions) > 1:
+        out.write(f", {result.model_sessions} Realtime sessions (the recording {result.recorded_sessions})")
     if result.added_latency_ms:
         figures = ", ".join(f"{k} {v:.2f} ms" for k, v in result.added_latency_ms.items())
         out.write(f", bridge-added delay {figures}")

@@ -2,7 +2,9 @@
 
 The session config must match exactly and every other client event must come in the same order; caller
 audio is compared by length and truncation points by position, each within a tolerance; event ids are
-ignored.
+ignored. A call that used several Realtime sessions is compared session by session
+(:func:`compare_sessions`): what the replay sent on its k-th connection against what the recording sent in
+its session k.
 """
 
 from __future__ import annotations
@@ -72,6 +74,45 @@ def compare_client_events(
                 )
         elif a != b:
             problems.append(f"#{index + 1} {a.get('type')}: {_diff(a, b)}")
+    return problems
+
+
+def compare_sessions(
+    recorded: Sequence[Sequence[Mapping[str, Any]]],
+    replayed: Sequence[Sequence[Mapping[str, Any]]],
+    *,
+    audio_path: str,
+    speed: Speed,
+) -> list[str]:
+    """:func:`compare_client_events` session by session: ``recorded[k - 1]`` is what the recording sent in
+    Realtime session ``k``, ``replayed[k - 1]`` what the replay sent on its ``k``-th connection.
+
+    Each difference names its session (``session 2: …``) when either side has more than one. A session
+    one side never opened is one difference, not one per event; a session the replay opened beyond the
+    recording's and sent nothing on is none (the recording cannot show a session opened and never used
+    last).
+    """
+    named = max(len(recorded), len(replayed)) > 1
+    problems: list[str] = []
+    for index in range(max(len(recorded), len(replayed))):
+        number = index + 1
+        prefix = f"session {number}: " if named else ""
+        old = recorded[index] if index < len(recorded) else None
+        new = replayed[index] if index < len(replayed) else None
+        if new is None:
+            if old:
+                problems.append(
+                    f"{prefix}the replay never opened it (the recording sent {len(old)} client events in it)"
+                )
+            continue
+        if old is None:
+            if new:
+                problems.append(
+                    f"{prefix}the replay opened it and sent {len(new)} client events in it "
+                    f"(the recording has {len(recorded)} session{'s' if len(recorded) != 1 else ''})"
+                )
+            continue
+        problems += [prefix + p for p in compare_client_events(old, new, audio_path=audio_path, speed=speed)]
     return problems
 
 

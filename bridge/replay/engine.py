@@ -11,10 +11,15 @@ How a replay works
   server events, each once the bridge has sent as many client events as it had when that event came in
   the recording, and no sooner than it came then (so a reply starts after the same audio, paced the same);
   ``local`` -- the local model; ``azure`` -- the configured deployment.
-* With ``--model recorded`` the client events the bridge sends now are compared with the recording's:
-  the session config exactly, every other event in order, with tolerances for audio (length) and for
-  truncation points (ms), ignoring event ids. Any difference is a divergence, reported in plain words
-  (:mod:`bridge.replay.compare`).
+* A call may use several Realtime sessions (a rollover, a reconnection; numbered in the order the bridge
+  opened them). :class:`RecordedModel` serves the k-th connection it accepts with the server events of
+  recorded session k, counting only the client events of that connection against the recorded client
+  events of that session; a connection beyond the recorded sessions gets nothing (it only listens).
+* With ``--model recorded`` the client events the bridge sends now are compared with the recording's,
+  session by session (what connection k received against what recorded session k did): the session
+  config exactly, every other event in order, with tolerances for audio (length) and for truncation points
+  (ms), ignoring event ids. Any difference is a divergence, reported in plain words
+  (:mod:`bridge.replay.compare`), naming the session when the call had more than one.
 * **Speed**: ``realtime`` runs on the wall clock; ``fast`` runs the bridge, the double and the recorded
   model on one event loop whose clock jumps ahead whenever every party is idle (a virtual clock), so a
   ten-minute call replays in seconds with identical timing (:mod:`bridge.replay.loop`).
@@ -42,7 +47,7 @@ from bridge.keys import METRICS, STORE
 from bridge.local_model import LocalModel
 from bridge.prompts import Profile, profile_from_mapping
 from bridge.recordings import Event, Recording, load_recording
-from bridge.replay.compare import compare_client_events
+from bridge.replay.compare import compare_client_events, compare_sessions
 from bridge.replay.loop import Speed, VirtualTimeLoop, run
 from bridge.testing import TwilioCaller, serve_bridge
 
@@ -53,6 +58,7 @@ __all__ = [
     "Speed",
     "VirtualTimeLoop",
     "compare_client_events",
+    "compare_sessions",
     "profile_of",
     "replay_file",
     "replay_recording",
@@ -83,34 +89,57 @@ class _Cue:
     """...and this many seconds after the last of them arrived (the recorded think time)."""
 
 
+class _Connection:
+    """One connection the recorded model accepted: its number (= the recorded session it is served) and
+    the client events it received."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.received: list[dict[str, Any]] = []
+        self.arrivals: dict[bool, list[float]] = {True: [], False: []}
+        """When each client event arrived: ``input_audio_buffer.append`` (True) or any other (False)."""
+        self.changed = asyncio.Event()
+
+
 class RecordedModel:
     """A Realtime server that answers with a recording's model events, causally (see the module doc).
 
-    VAD events wait for as much caller audio as they followed in the recording; every other event waits
-    for the bridge's other client events (``session.update``, ``response.create``, ``truncate`` …). Events
-    go out in their recorded order, paced as recorded, so a reply streams as fast as it did.
+    The k-th connection it accepts is served the server events of recorded session k (a connection
+    beyond the recording's sessions gets none). VAD events wait for as much caller audio, sent on that
+    connection, as they followed in their session; every other event waits for that connection's other
+    client events (``session.update``, ``response.create``, ``truncate`` …). Events go out in their
+    recorded order, paced as recorded, so a reply streams as fast as it did.
     """
 
     def __init__(self, recording: Recording) -> None:
         self.recording = recording
         self.received: list[dict[str, Any]] = []
-        """Client events the bridge sent, parsed (a non-JSON message becomes ``{"raw": …}``)."""
+        """Client events the bridge sent on every connection, in arrival order, parsed (a non-JSON message
+        becomes ``{"raw": …}``)."""
+        self.received_by_connection: list[list[dict[str, Any]]] = []
+        """The same, per connection: item ``k - 1`` is what connection (session) ``k`` received."""
         self.sent: list[dict[str, Any]] = []
-        self.connections = 0
-        self._cues = self._script(recording)
-        self._arrivals: dict[bool, list[float]] = {True: [], False: []}
-        self._changed = asyncio.Event()
+        """Server events sent, on every connection, in the order they went out."""
+        self._scripts = {k: self._script(recording, k) for k in range(1, recording.sessions + 1)}
         self._server: Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
+    @property
+    def connections(self) -> int:
+        """How many connections (Realtime sessions) it accepted."""
+        return len(self.received_by_connection)
+
     @staticmethod
-    def _script(recording: Recording) -> list[_Cue]:
+    def _script(recording: Recording, session: int = 1) -> list[_Cue]:
+        """The cues of one recorded session. Its think times count from the call's start for session 1
+        (opened at the webhook) and from the session's first message for a later one (its opening time
+        is not recorded)."""
         cues: list[_Cue] = []
+        events = [e for e in recording.events if e.src == "model" and e.session == session]
+        origin = 0.0 if session == 1 or not events else events[0].t
         counts = {True: 0, False: 0}
-        last_t = {True: 0.0, False: 0.0}
-        for event in recording.events:
-            if event.src != "model":
-                continue
+        last_t = {True: origin, False: origin}
+        for event in events:
             if event.dir == "out":
                 audio = event.kind == "input_audio_buffer.append"
                 counts[audio] += 1
@@ -145,8 +174,9 @@ class RecordedModel:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        self.connections += 1
-        sender = asyncio.create_task(self._send_cues(ws))
+        conn = _Connection(self.connections + 1)
+        self.received_by_connection.append(conn.received)
+        sender = asyncio.create_task(self._send_cues(ws, conn, self._scripts.get(conn.number, [])))
         try:
             async for message in ws:
                 try:
@@ -155,9 +185,10 @@ class RecordedModel:
                     parsed = None
                 event = parsed if isinstance(parsed, dict) else {"raw": str(message)}
                 self.received.append(event)
+                conn.received.append(event)
                 audio = event.get("type") == "input_audio_buffer.append"
-                self._arrivals[audio].append(asyncio.get_running_loop().time())
-                self._changed.set()
+                conn.arrivals[audio].append(asyncio.get_running_loop().time())
+                conn.changed.set()
         except ConnectionClosed:
             pass
         finally:
@@ -165,15 +196,15 @@ class RecordedModel:
             await asyncio.gather(sender, return_exceptions=True)
             self._handlers.discard(task)
 
-    async def _send_cues(self, ws: ServerConnection) -> None:
+    async def _send_cues(self, ws: ServerConnection, conn: _Connection, cues: list[_Cue]) -> None:
         loop = asyncio.get_running_loop()
         connected = loop.time()
         previous: tuple[float, float] | None = None  # (when sent, recorded t) of the previous cue
-        for cue in self._cues:
-            arrivals = self._arrivals[cue.audio]
+        for cue in cues:
+            arrivals = conn.arrivals[cue.audio]
             while len(arrivals) < cue.after:
-                self._changed.clear()
-                await self._changed.wait()
+                conn.changed.clear()
+                await conn.changed.wait()
             anchor = arrivals[cue.after - 1] if cue.after else connected
             due = anchor + cue.lag
             if previous is not None:  # keep the recorded pacing of a stream of deltas
@@ -209,6 +240,11 @@ class ReplayResult:
     transcript: list[tuple[str, str]] = field(default_factory=list)
     added_latency_ms: dict[str, float] = field(default_factory=dict)
     """Mean bridge-added delay each way (realtime replays only: virtual time has no CPU cost)."""
+    model_sessions: int = 0
+    """Realtime sessions (connections) the bridge opened to the model during the replay (``recorded`` and
+    ``local`` models; 0 when not known)."""
+    recorded_sessions: int = 0
+    """Realtime sessions the recorded call used (:attr:`~bridge.recordings.Recording.sessions`)."""
 
     @property
     def passed(self) -> bool:
@@ -236,6 +272,8 @@ class ReplayResult:
             "truncations": [{"item_id": i, "audio_end_ms": ms} for i, ms in self.truncations],
             "heard_s": round(self.heard_seconds, 3),
             "added_latency_ms": self.added_latency_ms,
+            "model_sessions": self.model_sessions,
+            "recorded_sessions": self.recorded_sessions,
             "divergences": self.divergences,
             "errors": self.errors,
         }
@@ -260,7 +298,7 @@ async def replay_recording(
     """Replay one recording; run it on :func:`run` (``fast`` needs the virtual-time loop)."""
     if model == "recorded" and recording.header.caller_only:
         raise ConfigError(f"{name} is a caller-only capture: replay it with --model local or azure")
-    result = ReplayResult(name=name, model=model, speed=speed)
+    result = ReplayResult(name=name, model=model, speed=speed, recorded_sessions=recording.sessions)
     recorded_model: RecordedModel | None = None
     local: LocalModel | None = None
     app: web.Application | None = None
@@ -306,9 +344,13 @@ async def replay_recording(
         await _play_caller(recording, base_url, token, result)
         if recorded_model is not None:
             result.client_events = recorded_model.received
-            recorded = [dict(e.msg) for e in recording.select("model", "out") if e.msg is not None]
-            result.divergences += compare_client_events(
-                recorded, recorded_model.received, audio_path=header.audio_path, speed=speed
+            result.model_sessions = recorded_model.connections
+            recorded = [
+                [dict(e.msg) for e in recording.select("model", "out", session=k) if e.msg is not None]
+                for k in range(1, recording.sessions + 1)
+            ]
+            result.divergences += compare_sessions(
+                recorded, recorded_model.received_by_connection, audio_path=header.audio_path, speed=speed
             )
             rec_clears = sum(1 for e in recording.select("twilio", "out") if e.kind == "clear")
             if rec_clears != result.clears:
@@ -317,9 +359,9 @@ async def replay_recording(
                 )
             model_events = recorded_model.sent
         elif local is not None and local.connections:
-            conn = local.connections[0]
-            result.client_events = list(conn.received)
-            model_events = list(conn.sent)
+            result.model_sessions = len(local.connections)
+            result.client_events = [e for conn in local.connections for e in conn.received]
+            model_events = [e for conn in local.connections for e in conn.sent]
         else:
             model_events = []
         result.truncations = [

@@ -12,6 +12,7 @@ from bridge.errors import StoreError
 from bridge.store.base import (
     CallRecord,
     Conflict,
+    ModelSession,
     NotFound,
     ProfileChange,
     ProfileSummary,
@@ -26,6 +27,7 @@ from bridge.store.sqlite import SQLiteStore
 __all__ = [
     "CallRecord",
     "Conflict",
+    "ModelSession",
     "NotFound",
     "ProfileChange",
     "ProfileSummary",

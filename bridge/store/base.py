@@ -80,6 +80,35 @@ class ProfileSummary:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelSession:
+    """One Realtime session of a call.
+
+    A call may use several: the bridge swaps to a new session before the service's time cap (a
+    rollover) and opens a new one when the connection drops (a reconnect).
+    """
+
+    number: int
+    """1, 2, 3… in the order the bridge opened them."""
+    started_at: datetime
+    """When it was opened (aware UTC)."""
+    ended_at: datetime | None = None
+    began: str = "first"
+    """How it came: ``"first"``, ``"rollover"`` (a planned swap) or ``"reconnect"`` (after a drop)."""
+    ended: str = ""
+    """Why it ended, a sentence: e.g. ``"rolled over to session 2"``, ``"dropped (1006)"``,
+    ``"the call ended"``."""
+    session_id: str = ""
+    """The service's session id (from ``session.created``), when known."""
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from opening to end; ``None`` when the end is not known."""
+        if self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
 class CallRecord:
     """What happened on one call (written when it ends)."""
 
@@ -101,6 +130,8 @@ class CallRecord:
     recording_path: str | None = None
     test_call: bool = False
     """Placed from the admin page, not by a real caller."""
+    sessions: tuple[ModelSession, ...] = ()
+    """The Realtime sessions the call used, in order (empty in records from before they were kept)."""
 
     @property
     def duration_s(self) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 
 from bridge.errors import ConfigError
 from bridge.prompts import ProfileError, profile_from_mapping
-from bridge.store.base import CallRecord, ProfileVersion, UnreadableProfile
+from bridge.store.base import CallRecord, ModelSession, ProfileVersion, UnreadableProfile
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the initial schema. A profile's name and numbers are its latest version's; they are copied into
@@ -71,6 +71,9 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX calls_by_start ON calls(started_at)",
         "CREATE INDEX calls_by_profile ON calls(profile_id, started_at)",
     ),
+    # 3: a call may use several Realtime sessions (rollover, reconnect): a JSON list of them, see
+    # sessions_text. Rows from before read as no sessions.
+    ("ALTER TABLE calls ADD COLUMN sessions TEXT NOT NULL DEFAULT '[]'",),
 )
 """Schema migrations, applied in order on open, one transaction each; ``PRAGMA user_version`` counts them.
 Never edit one that has shipped: append."""
@@ -89,7 +92,7 @@ LATEST_JOIN = "profiles p JOIN profile_versions v ON v.profile_id = p.id AND v.v
 
 CALL_COLUMNS = (
     "call_sid, started_at, ended_at, from_number, to_number, profile_id, profile_version, end_reason, "
-    "transcript, barge_ins, truncations, latency, upstream_errors, recording_path, test_call"
+    "transcript, barge_ins, truncations, latency, upstream_errors, recording_path, test_call, sessions"
 )
 """The columns of a call record, in the order of :func:`call_of` and :func:`call_values`."""
 
@@ -153,6 +156,7 @@ def call_of(row: Sequence[Any]) -> CallRecord:
         upstream_errors=int(row[12]),
         recording_path=row[13],
         test_call=bool(row[14]),
+        sessions=sessions_of(row[15]),
     )
 
 
@@ -174,6 +178,44 @@ def call_values(record: CallRecord) -> tuple[Any, ...]:
         record.upstream_errors,
         record.recording_path,
         int(record.test_call),
+        sessions_text(record.sessions),
+    )
+
+
+def sessions_text(sessions: Sequence[ModelSession]) -> str:
+    """A call's model sessions as the ``calls.sessions`` column holds them: a JSON list of objects with
+    ``number``, ``started_at``, ``ended_at`` (:func:`time_text`, or null), ``began``, ``ended`` and
+    ``session_id``."""
+    return json.dumps(
+        [
+            {
+                "number": s.number,
+                "started_at": time_text(s.started_at),
+                "ended_at": None if s.ended_at is None else time_text(s.ended_at),
+                "began": s.began,
+                "ended": s.ended,
+                "session_id": s.session_id,
+            }
+            for s in sessions
+        ],
+        ensure_ascii=False,
+    )
+
+
+def sessions_of(text: str | None) -> tuple[ModelSession, ...]:
+    """The model sessions of a ``calls.sessions`` value (:func:`sessions_text`); missing fields default."""
+    if not text:
+        return ()
+    return tuple(
+        ModelSession(
+            number=int(item["number"]),
+            started_at=parse_time(item["started_at"]),
+            ended_at=None if item.get("ended_at") is None else parse_time(item["ended_at"]),
+            began=str(item.get("began", "first")),
+            ended=str(item.get("ended", "")),
+            session_id=str(item.get("session_id", "")),
+        )
+        for item in json.loads(text)
     )
 
 

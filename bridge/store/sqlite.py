@@ -416,7 +416,8 @@ class SQLiteStore:
 
         def work(conn: sqlite3.Connection) -> None:
             conn.execute(
-                f"INSERT OR REPLACE INTO calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * 15)})", values
+                f"INSERT OR REPLACE INTO calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * len(values))})",
+                values,
             )
 
         await self._run(work, write=True)

@@ -145,6 +145,11 @@ class TwilioCaller:
         self._closing = False
 
     @property
+    def frames_sent(self) -> int:
+        """How many ``media`` frames the caller has sent."""
+        return self._chunk
+
+    @property
     def played(self) -> bytearray:
         """μ-law actually played, in order; flushed audio is never in it."""
         return self.playback.played
