@@ -223,6 +223,11 @@ class Call:
             audio_path=session.audio_path.value,
             session=rt.adapter_for(dialect).session_config(session.profile, session.audio_path),
             profile=profile_to_mapping(session.profile),
+            rollover={
+                "margin": session.timeouts.rollover_margin,
+                "max_session": session.timeouts.max_session,
+                "model_idle": session.timeouts.model_idle,
+            },
             greeting_audio=session.greeting_audio or b"",
         )
         path = directory / f"{self.started_wall:%Y%m%dT%H%M%S}-{self.call_sid}{suffix}"

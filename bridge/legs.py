@@ -15,6 +15,7 @@ least harmful moment.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,7 +78,11 @@ def swap_times(
 ) -> tuple[float, float]:
     """When a session created at ``created`` (the clock's time; ``wall_created`` on the wall clock) is due
     for a rollover, and when one is forced: ``(due, force)``, both on the clock."""
-    lifetime = max_session if expires_at is None else max(0.0, expires_at - wall_created)
+    # expires_at is in whole seconds: the lifetime is rounded up, so that it does not depend on where in its
+    # second the session was created (and a replay, whose clock reads otherwise, plans the same swap).
+    lifetime = max_session if expires_at is None else math.ceil(expires_at - wall_created)
+    if lifetime <= 0:  # already past on our wall clock: a skewed clock; the service's figure is no guide
+        lifetime = max_session
     margin = min(margin, lifetime / 2)
     end = created + lifetime
     return end - margin, end - margin / 4

@@ -51,6 +51,8 @@ continuously."""
 FILE_BUDGET = 150_000
 TOTAL_BUDGET = 600_000
 PLACEHOLDER_TOKEN = "placeholder-stream-token"
+ROLLOVER_SECONDS, ROLLOVER_MARGIN = 12.0, 2.0
+"""The local model's session cap in the rollover call, and the bridge's margin: a swap is due at 10 s."""
 
 
 def fixture(name: str) -> bytes:
@@ -185,6 +187,22 @@ async def capture_call(call: TwilioCaller) -> dict[str, Any]:
     return {}
 
 
+async def rollover(call: TwilioCaller) -> dict[str, Any]:
+    await call.dial()
+    await call.speak(HELLO)
+    await hear_to_the_end(call, 0, "the first answer")
+    # The local model's sessions last ROLLOVER_SECONDS: ROLLOVER_MARGIN before the end the bridge opens
+    # the next one and swaps to it in this pause, the caller hearing nothing of it.
+    swapped_at = call.frames_sent
+    await call.silence(ROLLOVER_SECONDS - ROLLOVER_MARGIN - swapped_at * 0.02 + 0.8)
+    before = len(call.received_media)
+    await call.speak(QUESTION)
+    await hear_to_the_end(call, before, "the answer of the second session")
+    await call.silence(0.2)
+    await call.hang_up()
+    return {"frames_before_the_pause": swapped_at}
+
+
 # --- running a call through the real bridge -----------------------------------------------------------
 
 
@@ -197,11 +215,13 @@ async def run_call(
     audio_path: str = "pcm16",
     profile: Profile = PROFILE,
     record: bool = True,
+    session_seconds: float = 1800.0,
+    env: dict[str, str] | None = None,
 ) -> tuple[Outcome, Path | None]:
     """Serve a bridge against a fresh local model, place one call, shut both down; return the recording."""
     recordings = workdir / name / "recordings"
     recordings.mkdir(parents=True)
-    async with LocalModel(speed=SPEED, seed=0) as model:
+    async with LocalModel(speed=SPEED, seed=0, session_seconds=session_seconds) as model:
         values = {
             "TWILIO_AUTH_TOKEN": AUTH_TOKEN,
             "BRIDGE_DATA_DIR": str(workdir / name / "data"),
@@ -210,6 +230,7 @@ async def run_call(
             "AZURE_OPENAI_DEPLOYMENT": "recordings-deployment",
             "AZURE_OPENAI_API_KEY": "recordings-api-key",
         }
+        values |= env or {}
         if record:
             values |= {"BRIDGE_RECORDINGS_DIR": str(recordings), "BRIDGE_RECORDINGS_GZIP": "1"}
         if dialect == "preview":
@@ -325,6 +346,17 @@ def check_hangup_mid_answer(rec: Recording, outcome: Outcome) -> None:
     outcome.notes["answer_done_before_stop"] = bool(dones and dones[0].t < stop.t)
 
 
+def check_rollover(rec: Recording, outcome: Outcome) -> None:
+    check_common(rec, outcome)
+    assert rec.sessions == 2, rec.sessions
+    second = [e.kind for e in rec.select("model", "out", session=2)]
+    assert second[0] == "session.update", second[:3]
+    assert "conversation.item.create" in second and "response.create" not in second
+    appends = sum(k == "input_audio_buffer.append" for k in kinds(rec, "model", "out"))
+    assert appends == outcome.call.frames_sent, (appends, outcome.call.frames_sent)  # none lost, none twice
+    assert "response.done" in [e.kind for e in rec.select("model", "in", session=2)]
+
+
 def started_at(rec: Recording, response_id: str) -> float:
     return next(
         e.t for e in rec.events if e.kind == "response.created" and e.msg["response"]["id"] == response_id
@@ -417,6 +449,17 @@ SCENARIOS = (
         preview_g711,
         check_preview_g711,
         {"dialect": "preview", "audio_path": "g711_ulaw"},
+    ),
+    Scenario(
+        "rollover.jsonl.gz",
+        rollover,
+        check_rollover,
+        {
+            "audio_path": "g711_ulaw",
+            "profile": NO_GREETING,
+            "session_seconds": ROLLOVER_SECONDS,
+            "env": {"BRIDGE_ROLLOVER_MARGIN": str(ROLLOVER_MARGIN)},
+        },
     ),
     Scenario(
         "twilio-capture.jsonl",

@@ -300,14 +300,16 @@ def test_a_version_1_file_still_parses_as_one_session() -> None:
 
 
 @pytest.mark.timeout(10)
-def test_the_sample_recordings_are_version_1_and_one_session() -> None:
+def test_the_sample_recordings_are_version_2_with_their_sessions() -> None:
     from bridge.recordings import load_recording
 
     samples = Path(__file__).parent / "recordings"
     for path in sorted(samples.glob("*.jsonl.gz")):
         rec = load_recording(path)
-        assert rec.header.version == 1 and rec.sessions == 1, path.name
-        assert {e.session for e in rec.events} == {1}, path.name
+        assert rec.header.version == 2, path.name
+        assert rec.sessions == (2 if path.name == "rollover.jsonl.gz" else 1), path.name
+        assert rec.header.rollover["margin"] > 0, path.name  # what a replay needs to swap when the call did
+        assert {e.session for e in rec.events} == set(range(1, rec.sessions + 1)), path.name
 
 
 @pytest.mark.timeout(10)

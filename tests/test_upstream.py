@@ -35,7 +35,16 @@ from bridge.errors import UpstreamRejected, UpstreamUnavailable
 from bridge.local_model import LocalModel
 from bridge.realtime import adapter_for
 from bridge.testing import TwilioCaller
-from bridge.upstream import ENTRA_SCOPE, SEND_HIGH_WATER, FastWriter, Target, Upstream, realtime_url
+from bridge.upstream import (
+    BREAKER_THRESHOLD,
+    ENTRA_SCOPE,
+    SEND_HIGH_WATER,
+    Breaker,
+    FastWriter,
+    Target,
+    Upstream,
+    realtime_url,
+)
 from tests.conftest import AUTH_TOKEN
 
 pytestmark = pytest.mark.timeout(60)
@@ -135,9 +144,11 @@ async def identity(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeAppServ
 
 @pytest.fixture
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> tuple[float, ...]:
-    delays = (0.01, 0.02, 0.03)
-    monkeypatch.setattr(bridge.upstream, "RETRY_DELAYS", delays)
-    return delays
+    """Back-offs of 10-20 ms (jittered down to half), within a 2 s budget."""
+    monkeypatch.setattr(bridge.upstream, "BACKOFF_BASE", 0.01)
+    monkeypatch.setattr(bridge.upstream, "BACKOFF_CAP", 0.02)
+    monkeypatch.setattr(bridge.upstream, "CONNECT_BUDGET", 2.0)
+    return (0.005, 0.02)
 
 
 @dataclass
@@ -419,41 +430,51 @@ async def test_a_transient_refusal_is_retried(
     status: int, fast_retries: tuple[float, ...], dials: list[Dial], caplog: pytest.LogCaptureFixture
 ) -> None:
     async with LocalModel() as model:
-        model.reject_next(status, count=1)
+        model.reject_next(status, count=1, retry_after="0.3")
         upstream = Upstream(target(model))
         with caplog.at_level(logging.WARNING, logger="bridge.upstream"):
             await connect_and_close(upstream)
-        # Two handshakes: the refused one, then the retry, after the first back-off, which opened.
+        # Two handshakes: the refused one, then the retry, which opened -- not before the service's
+        # Retry-After, although the back-off alone would have been shorter.
         assert [d.status for d in dials] == [status, 101]
         assert dials[0].url == dials[1].url == upstream.target.url
-        assert dials[1].at - dials[0].at >= fast_retries[0] * 0.9
+        assert dials[1].at - dials[0].at >= 0.3 * 0.95
         assert len(model.connections) == 1
         (warning,) = [r for r in caplog.records if r.name == "bridge.upstream"]
         assert f"HTTP {status}" in warning.getMessage()
         await upstream.close()
 
 
-async def test_429_every_time_gives_up_after_the_retries(
+async def test_429_every_time_gives_up_within_the_budget_and_opens_the_breaker(
     fast_retries: tuple[float, ...], dials: list[Dial], caplog: pytest.LogCaptureFixture
 ) -> None:
-    attempts = len(fast_retries) + 1
     async with LocalModel() as model:
-        model.reject_next(429, count=attempts)
+        model.reject_next(429, count=1000, retry_after="0")
         upstream = Upstream(target(model))
+        began = time.monotonic()
         with (
             caplog.at_level(logging.WARNING, logger="bridge.upstream"),
             pytest.raises(UpstreamUnavailable) as c,
         ):
-            await upstream.connect()
+            await upstream.connect(budget=0.3)
         assert "HTTP 429" in str(c.value)
-        assert [d.status for d in dials] == [429] * attempts
-        assert sum(r.name == "bridge.upstream" for r in caplog.records) == attempts
-        # Exactly `attempts` handshakes were refused: the next connect goes through at once.
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="bridge.upstream"):
-            await connect_and_close(upstream)
-        assert not [r for r in caplog.records if r.name == "bridge.upstream"]
+        assert time.monotonic() - began < 0.3 + 0.5
+        # The first try at once, then jittered exponential back-off: no two gaps alike, none above the cap.
+        attempts = len(dials)
+        assert attempts >= BREAKER_THRESHOLD and {d.status for d in dials} == {429}
+        gaps = [b.at - a.at for a, b in zip(dials, dials[1:], strict=False)]
+        assert len({round(g, 4) for g in gaps}) > 1
+        # Failed connects in a row opened the breaker: a new call's connect fails at once, no handshake.
+        assert upstream.breaker.state == Breaker.OPEN
+        with pytest.raises(UpstreamUnavailable, match="circuit breaker open"):
+            await upstream.connect()
+        assert len(dials) == attempts
+        # The service is back: after the cooldown one connect is the probe, and it closes the breaker.
+        model._rejects.clear()
+        upstream.breaker.cooldown = 0.0
+        await connect_and_close(upstream)
         assert [d.status for d in dials[attempts:]] == [101]
+        assert upstream.breaker.state == Breaker.CLOSED
         await upstream.close()
 
 

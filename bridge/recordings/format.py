@@ -69,6 +69,9 @@ class Header:
     profile: Mapping[str, Any] = field(default_factory=dict)
     caller_only: bool = False
     """True for a plain Twilio capture: there is no model side to compare with."""
+    rollover: Mapping[str, float] = field(default_factory=dict)
+    """The bridge's rollover settings for the call (``margin``, ``max_session``, ``model_idle``, in
+    seconds), so that a replay swaps sessions when the call did; empty in recordings made before them."""
     greeting_audio: bytes = b""
     """The pre-rendered greeting the call played (μ-law 8 kHz), so a replay can play it too."""
 
@@ -86,6 +89,7 @@ class Header:
             "audio_path": self.audio_path,
             "session": dict(self.session),
             "profile": dict(self.profile),
+            **({"rollover": dict(self.rollover)} if self.rollover else {}),
             **(
                 {"greeting_audio": pybase64.b64encode(self.greeting_audio).decode()}
                 if self.greeting_audio
@@ -233,7 +237,18 @@ def _header(obj: dict[str, Any]) -> Header:
         greeting_audio = pybase64.b64decode(greeting, validate=True) if isinstance(greeting, str) else b""
     except ValueError:
         raise MalformedMessage("the recording header's greeting_audio is not valid base64") from None
+    raw_rollover = obj.get("rollover")
+    rollover = (
+        {
+            k: float(v)
+            for k, v in raw_rollover.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        if isinstance(raw_rollover, dict)
+        else {}
+    )
     return Header(
+        rollover=rollover,
         greeting_audio=greeting_audio,
         call_sid=str(obj.get("call_sid", "")),
         version=version,

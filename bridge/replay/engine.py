@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +69,13 @@ __all__ = [
 ]
 
 ModelChoice = Literal["recorded", "local", "azure"]
+
+ROLLOVER_SETTINGS = {
+    "margin": "BRIDGE_ROLLOVER_MARGIN",
+    "max_session": "BRIDGE_MAX_SESSION_SECONDS",
+    "model_idle": "BRIDGE_MODEL_IDLE_TIMEOUT",
+}
+"""The recording header's rollover settings, and the settings a replay gives the bridge from them."""
 
 END_GRACE_S = 3.0
 """After the last recorded event, how long the replay waits for the call to end on its own."""
@@ -196,6 +206,29 @@ class RecordedModel:
             await asyncio.gather(sender, return_exceptions=True)
             self._handlers.discard(task)
 
+    def _rebased(self, event: Event) -> dict[str, Any] | None:
+        """The message of ``event`` as sent now: a ``session.created``'s ``expires_at`` (wall-clock time)
+        moved by the recording's age, so that the session has as long to live as it had in the call and
+        the bridge plans its rollover as it did then."""
+        if event.msg is None:
+            return None
+        message = dict(event.msg)
+        session = message.get("session")
+        if message.get("type") != "session.created" or not isinstance(session, dict):
+            return message
+        expires = session.get("expires_at")
+        if not isinstance(expires, int):
+            return message
+        try:
+            started = datetime.fromisoformat(self.recording.header.started_at).timestamp()
+        except ValueError:
+            return message  # no start time recorded: the recorded value, as it was
+        # As long to live as the recorded session had when its session.created arrived, in whole seconds
+        # rounded up as the bridge reads it (bridge.legs.swap_times).
+        lifetime = math.ceil(expires - (started + event.t / 1000.0))
+        message["session"] = {**session, "expires_at": int(time.time()) + lifetime}
+        return message
+
     async def _send_cues(self, ws: ServerConnection, conn: _Connection, cues: list[_Cue]) -> None:
         loop = asyncio.get_running_loop()
         connected = loop.time()
@@ -212,9 +245,10 @@ class RecordedModel:
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await ws.send(cue.event.wire)
-            if cue.event.msg is not None:
-                self.sent.append(dict(cue.event.msg))
+            message = self._rebased(cue.event)
+            await ws.send(orjson.dumps(message).decode() if message is not None else cue.event.wire)
+            if message is not None:
+                self.sent.append(message)
             previous = (loop.time(), cue.event.t)
 
 
@@ -329,6 +363,11 @@ async def replay_recording(
                 "TWILIO_AUTH_TOKEN": token,
                 "BRIDGE_DATA_DIR": data_dir,
                 "BRIDGE_AUDIO_PATH": header.audio_path,
+                **{
+                    name: f"{header.rollover[key]:g}"
+                    for key, name in ROLLOVER_SETTINGS.items()
+                    if key in header.rollover
+                },
             }
             bridge = await stack.enter_async_context(
                 serve_bridge(env, profile=profile_of(recording), clock=LoopClock(), shutdown_timeout=1.0)
