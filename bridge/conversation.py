@@ -108,6 +108,13 @@ class Conversation:
         if turn is not None:
             turn.share = 0.0 if generated_ms <= 0 else max(0.0, min(1.0, heard_ms / generated_ms))
 
+    def caller_known(self) -> bool:
+        """Whether the caller's last turn was transcribed (a new session can answer it from the text)."""
+        last = next(
+            (t for t in reversed(self.turns) if t.role == "user" and not t.key.startswith("dtmf:")), None
+        )
+        return last is not None and last.final and bool(last.said)
+
     def text_of(self, key: str) -> str:
         """What of turn ``key`` is carried (empty for an unknown turn)."""
         turn = self._by_key.get(key)
@@ -116,7 +123,7 @@ class Conversation:
     def carried_id(self, key: str, session: int) -> str | None:
         """The id of the item carrying turn ``key`` in ``session``, if it was carried there."""
         turn = self._by_key.get(key)
-        return None if turn is None else turn.carried.get(session)
+        return (turn.carried.get(session) or None) if turn is not None else None
 
     def recarry(self, key: str, session: int) -> str:
         """A new id for turn ``key``'s item in ``session`` (its old one is being replaced)."""
@@ -136,6 +143,8 @@ class Conversation:
             start -= 1
             total += len(todo[start][1].text)
         out: list[rt.ClientCommand] = []
+        for _, turn in todo[:start]:
+            turn.carried[session] = ""  # left out for the budget: never carried later, out of order
         if start > 0 and first:
             out.append(rt.AddTextItem("system", OMITTED_NOTE))
         for n, turn in todo[start:]:

@@ -295,8 +295,11 @@ class Rollover(Playback):
         if self._cut is not None:
             self._carry_cut(self._cut)
         to_model.extend(self.conversation.carry(new, first=False))
+        if self._cut is not None:
+            to_model.append(rt.AddTextItem("system", RESUME_NOTE))
+        elif self._unanswered and not self.conversation.caller_known():
+            to_model.append(rt.AddTextItem("system", UNHEARD_NOTE))
         if self._cut is not None or self._unanswered:
-            to_model.append(rt.AddTextItem("system", RESUME_NOTE if self._cut is not None else UNHEARD_NOTE))
             to_model.append(rt.CreateResponse())
         self._cut, self._unanswered = None, False
         to_model.extend(rt.AppendAudio(chunk) for chunk in self._queue)
@@ -336,13 +339,14 @@ class Rollover(Playback):
         while len(self._queue) > MAX_QUEUED_FRAMES:
             self._queue.popleft()
             self.stats.frames_queued_dropped += 1
+        owed = self._answer_owed or self._active_response is not None
         if self._active_response is not None:
             current = self._current
             if current is not None and current.response_id == self._active_response:
                 self._cut = current
             self._flush_outbound()  # what was generated plays on
             self._active_response = None
-        self._unanswered = self._answer_owed and self._cut is None
+        self._unanswered = owed and self._cut is None
         self._caller_speaking = self._answer_owed = False
         if had_next:
             self._link_move(LinkTrigger.NEXT_READY)

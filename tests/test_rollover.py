@@ -231,9 +231,9 @@ async def test_the_breaker_opens_under_refusals_and_a_probe_closes_it(start_brid
             async with caller(bridge) as call:
                 await call.dial()
                 await call.wait_closed(timeout=10)
-            outcomes = bridge.app[REGISTRY].outcomes
-            await until(lambda: call.call_sid in outcomes, 5)
-            assert outcomes[call.call_sid].model_failed
+            outcomes, sid = bridge.app[REGISTRY].outcomes, call.call_sid
+            await until(lambda: sid in outcomes, 5)  # noqa: B023 -- awaited at once, in this iteration
+            assert outcomes[sid].model_failed
         assert upstream.breaker.state == Breaker.OPEN
         left = len(model._rejects)
         async with caller(bridge) as call:  # refused at once: no handshake, the fallback message

@@ -462,7 +462,7 @@ async def test_429_every_time_gives_up_within_the_budget_and_opens_the_breaker(
         # The first try at once, then jittered exponential back-off: no two gaps alike, none above the cap.
         attempts = len(dials)
         assert attempts >= BREAKER_THRESHOLD and {d.status for d in dials} == {429}
-        gaps = [b.at - a.at for a, b in zip(dials, dials[1:], strict=False)]
+        gaps = [b.at - a.at for a, b in itertools.pairwise(dials)]
         assert len({round(g, 4) for g in gaps}) > 1
         # Failed connects in a row opened the breaker: a new call's connect fails at once, no handshake.
         assert upstream.breaker.state == Breaker.OPEN
