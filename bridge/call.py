@@ -20,8 +20,9 @@ The Realtime side is one :class:`~bridge.upstream.RealtimeConnection` per Realti
 ``rollover.py``) and queues :data:`~bridge.legs.LegCommand` values, which the driver carries out -- open
 one (with the process's connect policy), send to one, close one -- before it sends the serving session's
 commands, and it reports each socket's opening, failure and end back to the session. The recording tap
-is a wrapper around each socket (:class:`TwilioStream`, and each connection's ``tap``), so every message
-is recorded exactly where it crosses, with the number of its Realtime session.
+is a wrapper around each socket (:class:`~bridge.streams.TwilioStream`, and each connection's ``tap``), so
+every message is recorded exactly where it crosses, with the number of its Realtime session
+(:class:`~bridge.streams.CallRecorder`).
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aiohttp import WSMessage, WSMsgType, web
+from aiohttp import WSMsgType, web
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from bridge import __version__
@@ -45,10 +46,10 @@ from bridge.errors import DialectMismatch, MalformedMessage, UpstreamError, Upst
 from bridge.legs import CloseLeg, LegCommand, OpenLeg
 from bridge.metrics import Metrics
 from bridge.prompts import Profile, profile_to_mapping
-from bridge.recordings import Direction, Header, RecordingFile, RecordingWriter, Source
+from bridge.recordings import Header, RecordingFile, RecordingWriter, Source
 from bridge.session import DEFAULT_TIMEOUTS, CallSession
 from bridge.states import EndReason, Timeouts
-from bridge.store import CallRecord, ModelSession
+from bridge.streams import CallRecorder, TwilioStream
 from bridge.twilio import TwilioCommand
 from bridge.upstream import RealtimeConnection, Tap, Upstream
 
@@ -59,83 +60,6 @@ CLOSE_TIMEOUT = 1.0
 
 TranscriptListener = Callable[[str, str], Awaitable[None]]
 """Told ``(role, text)`` as each caller or assistant turn is transcribed (the admin page's test call)."""
-
-
-class CallRecorder:
-    """One call's recording: the header, then every message of both sockets, timed from the call's start.
-
-    Each socket gets a :meth:`tap`; a write that fails (a full disk) stops the recording, never the call.
-    """
-
-    def __init__(self, writer: RecordingWriter, sink: RecordingFile, clock: Clock, started_at: float) -> None:
-        self.path = sink.path
-        self._writer: RecordingWriter | None = writer
-        self._sink = sink
-        self._clock = clock
-        self._started_at = started_at
-
-    def tap(self, source: Source, session: int = 1) -> Tap:
-        """What a socket calls with each message that crosses it (``session``: its Realtime session)."""
-
-        def tap(direction: Direction, wire: str | bytes) -> None:
-            self.write(source, direction, wire, session=session)
-
-        return tap
-
-    def write(
-        self,
-        source: Source,
-        direction: Direction,
-        wire: str | bytes,
-        at: float | None = None,
-        session: int = 1,
-    ) -> None:
-        """Record one message (``at``: when it crossed, if not now)."""
-        writer = self._writer
-        if writer is None:
-            return
-        now = self._clock.now() if at is None else at
-        try:
-            writer.write((now - self._started_at) * 1000.0, source, direction, wire, session)
-        except OSError as exc:  # a full disk must not end the call
-            log.error("recording %s stopped: %s", self.path, exc)
-            self.close()
-
-    def close(self) -> None:
-        """Flush and close the file; idempotent."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            self._sink.close()
-
-
-class TwilioStream:
-    """The Twilio Media Streams socket of one call: its one write path, and its recording tap."""
-
-    def __init__(self, ws: web.WebSocketResponse, tap: Tap | None) -> None:
-        self.ws = ws
-        self._tap = tap
-
-    def receive(self) -> Awaitable[WSMessage]:
-        """What to await for the next message (recorded when it is data). Unrecorded, it is aiohttp's own
-        ``receive``: no extra coroutine per frame."""
-        return self.ws.receive() if self._tap is None else self._receive_recorded()
-
-    async def _receive_recorded(self) -> WSMessage:
-        msg = await self.ws.receive()
-        if self._tap is not None and (msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY):
-            self._tap("in", msg.data)
-        return msg
-
-    def send(self, text: str) -> Awaitable[None] | None:
-        """Send one message: returns what to await, or ``None`` when the socket is closed (nothing is
-        sent then; the reader ends the call). Awaiting raises ``ConnectionError`` if the send fails."""
-        ws = self.ws
-        if ws.closed:
-            return None
-        if self._tap is not None:
-            self._tap("out", text)
-        return ws.send_str(text)
 
 
 class Call:
@@ -651,52 +575,3 @@ class Call:
         if reason is None:
             return ""
         return f"{reason.value}: {detail}" if detail else reason.value
-
-    def record(self) -> CallRecord:
-        """What happened on the call, for the call log."""
-        stats = self.session.stats
-        turns = sorted(stats.turn_latencies_ms)
-        latency: dict[str, float] = {}
-        if turns:
-            latency = {
-                "turn_p50": round(turns[len(turns) // 2], 1),
-                "turn_max": round(turns[-1], 1),
-                "turns": float(len(turns)),
-            }
-        return CallRecord(
-            call_sid=self.call_sid,
-            started_at=self.started_wall,
-            ended_at=datetime.fromtimestamp(self.clock.wall(), UTC),
-            from_number=self.from_number,
-            to_number=self.to_number,
-            profile_id=self.profile_id,
-            profile_version=self.profile_version,
-            end_reason=self.describe_end(),
-            transcript=tuple(stats.transcript),
-            barge_ins=stats.barge_ins,
-            truncations=tuple(stats.truncations),
-            latency_ms=latency,
-            upstream_errors=stats.upstream_errors,
-            recording_path=str(self.recording_path) if self.recording_path else None,
-            test_call=self.test_call,
-            sessions=self._sessions(),
-        )
-
-    def _sessions(self) -> tuple[ModelSession, ...]:
-        """The call's Realtime sessions, with wall-clock times, for the call record."""
-
-        def wall(t: float) -> datetime:
-            return self.started_wall + timedelta(seconds=t - self.started_at)
-
-        now = self.clock.now()
-        return tuple(
-            ModelSession(
-                number=info.number,
-                started_at=wall(info.opened_at),
-                ended_at=wall(info.ended_at if info.ended_at is not None else now),
-                began=info.began,
-                ended=info.ended or "the call ended",
-                session_id=info.session_id,
-            )
-            for info in self.session.legs.values()
-        )

@@ -1,5 +1,5 @@
-"""The calls of one process: pre-warmed calls waiting for their stream, live calls, recent outcomes, and
-the drain at shutdown."""
+"""The calls of one process: pre-warmed calls waiting for their stream, live calls, recent outcomes, the
+drain at shutdown, and each call's record for the call log (:func:`call_record`)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import asyncio
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from bridge.call import Call
 from bridge.states import EndReason
-from bridge.store import Store, StoreError
+from bridge.store import CallRecord, ModelSession, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class CallRegistry:
             self.outcomes.popitem(last=False)
         if self.store is not None and call.session.start is not None:
             try:
-                await self.store.add_call(call.record())
+                await self.store.add_call(call_record(call))
             except StoreError as exc:
                 log.error("call %s: the call record was not stored: %s", call.call_sid, exc)
 
@@ -135,3 +136,54 @@ class CallRegistry:
             for result in results:
                 if isinstance(result, Exception):
                     log.error("draining: closing a call failed", exc_info=result)
+
+
+def call_record(call: Call) -> CallRecord:
+    """What happened on ``call``, for the call log."""
+    stats = call.session.stats
+    turns = sorted(stats.turn_latencies_ms)
+    latency: dict[str, float] = {}
+    if turns:
+        latency = {
+            "turn_p50": round(turns[len(turns) // 2], 1),
+            "turn_max": round(turns[-1], 1),
+            "turns": float(len(turns)),
+        }
+    return CallRecord(
+        call_sid=call.call_sid,
+        started_at=call.started_wall,
+        ended_at=datetime.fromtimestamp(call.clock.wall(), UTC),
+        from_number=call.from_number,
+        to_number=call.to_number,
+        profile_id=call.profile_id,
+        profile_version=call.profile_version,
+        end_reason=call.describe_end(),
+        transcript=tuple(stats.transcript),
+        barge_ins=stats.barge_ins,
+        truncations=tuple(stats.truncations),
+        latency_ms=latency,
+        upstream_errors=stats.upstream_errors,
+        recording_path=str(call.recording_path) if call.recording_path else None,
+        test_call=call.test_call,
+        sessions=_sessions(call),
+    )
+
+
+def _sessions(call: Call) -> tuple[ModelSession, ...]:
+    """The call's Realtime sessions, with wall-clock times, for the call record."""
+
+    def wall(t: float) -> datetime:
+        return call.started_wall + timedelta(seconds=t - call.started_at)
+
+    now = call.clock.now()
+    return tuple(
+        ModelSession(
+            number=info.number,
+            started_at=wall(info.opened_at),
+            ended_at=wall(info.ended_at if info.ended_at is not None else now),
+            began=info.began,
+            ended=info.ended or "the call ended",
+            session_id=info.session_id,
+        )
+        for info in call.session.legs.values()
+    )

@@ -471,7 +471,7 @@ async def test_call_log_and_detail(client: Client) -> None:
 async def test_call_detail_shows_the_turn_count_as_a_count(client: Client) -> None:
     await sign_in(client)
     start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-    figures = {"turn_p50": 420.0, "turn_max": 980.4, "turns": 3.0}  # what Call.record() writes
+    figures = {"turn_p50": 420.0, "turn_max": 980.4, "turns": 3.0}  # what registry.call_record() writes
     await store_of(client).add_call(call("CAturns", start, latency_ms=figures))
     await store_of(client).add_call(call("CAone", start, latency_ms={**figures, "turns": 1.0}))
     page = await (await client.get("/admin/calls/CAturns")).text()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bridge.call import Call, CallRecorder
+from bridge.call import Call
 from bridge.clock import ManualClock, MonotonicClock
 from bridge.config import AudioPath, Dialect
 from bridge.keys import REGISTRY
@@ -17,6 +17,7 @@ from bridge.prompts import Profile
 from bridge.recordings import Header, RecordingFile, RecordingWriter
 from bridge.registry import CallRegistry
 from bridge.session import EndReason, Timeouts
+from bridge.streams import CallRecorder
 from bridge.testing import TwilioCaller
 from bridge.upstream import Target, Upstream
 from tests.conftest import AUTH_TOKEN, Bridge
