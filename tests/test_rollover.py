@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bridge.conversation import CONTINUE_NOTE, RESUME_NOTE
-from bridge.keys import REGISTRY, UPSTREAM
+from bridge.keys import REGISTRY, STORE, UPSTREAM
 from bridge.local_model import LocalModel
 from bridge.testing import TwilioCaller
 from bridge.upstream import Breaker
@@ -94,10 +94,14 @@ async def test_planned_rollover_at_a_turn_boundary_carries_the_call(dialect: str
     assert any(text == CONTINUE_NOTE for _, _, text in carried)
     creates = [e for e in second.received if e["type"] == "response.create"]
     assert creates == []  # answers come from the new session's VAD; the greeting is not asked for again
-    record = bridge.app[REGISTRY].outcomes
-    assert record  # the call ended and was accounted for
     status, metrics = await bridge.get("/metrics")
     assert "bridge_rollovers_total 1" in metrics
+    # The call record (and so the admin call page) lists the sessions, how each began and ended.
+    record = await bridge.app[STORE].call(call.call_sid)
+    first_session, second_session = record.sessions[:2]
+    assert (first_session.began, first_session.ended) == ("first", "rolled over to session 2")
+    assert second_session.began == "rollover" and second_session.session_id == second.sent[0]["session"]["id"]
+    assert first_session.ended_at is not None and first_session.ended_at <= second_session.ended_at
 
 
 @pytest.mark.parametrize("dialect", ["ga", "preview"])
