@@ -1,4 +1,4 @@
-"""Runs one call: owns its two sockets, feeds the :class:`~bridge.session.CallSession`, sends what it queues.
+"""Runs one call: owns its sockets, feeds the :class:`~bridge.session.CallSession`, sends what it queues.
 
 Life of a call
 --------------
@@ -6,14 +6,16 @@ Life of a call
    Realtime service at once (pre-warm); the registry (``registry.py``) keeps it until its stream arrives.
 2. The stream socket is authenticated by ``web.py``, which claims the call (or makes one, when the
    webhook went to another instance) and hands it the socket: :meth:`Call.run`.
-3. Two readers -- Twilio and Realtime -- feed the session. After each event the driver takes what the
-   session queued for each destination (:meth:`~bridge.session.CallSession.twilio_to_send`,
-   :meth:`~bridge.session.CallSession.model_to_send`) and sends it through that socket's one write path.
+3. Readers -- Twilio's, and one per open Realtime session -- feed the session. After each event the driver
+   takes what the session queued for each destination (:meth:`~bridge.session.CallSession.twilio_to_send`,
+   :meth:`~bridge.session.CallSession.legs_to_send`, :meth:`~bridge.session.CallSession.model_to_send`)
+   and sends it through that socket's one write path.
 4. Time: one timer per call, set for :meth:`~bridge.session.CallSession.deadline`; when it fires the
    session's :meth:`~bridge.session.CallSession.tick` decides what is due (every timeout is the session's).
-5. Whichever side ends first -- or the session, when it decides the call is over -- sets
-   :attr:`Call.finished`; ``run`` then closes both sockets and cancels both readers, so nothing outlives
-   the call. :attr:`Call.end_reason` says why, as an :class:`~bridge.session.EndReason`.
+5. Twilio's side ending, or the session deciding the call is over (a Realtime session ending is the
+   session's to handle), sets :attr:`Call.finished`; ``run`` then closes every socket and cancels every
+   reader, so nothing outlives the call. :attr:`Call.end_reason` says why, as an
+   :class:`~bridge.session.EndReason`.
 
 The Realtime side is one :class:`~bridge.upstream.RealtimeConnection` per Realtime session of the call
 (numbered 1, 2, 3…): the session decides when another is needed (a rollover, a reconnection; see
@@ -119,6 +121,7 @@ class Call:
         self._torn_down = False
         self._counted = (0, 0, 0)
         """The session's frames out, barge-ins and truncations that metrics have been told of."""
+        self._holds_counted = 0
         self._counted_legs = (0, 0, 0)
         """The session's rollovers, reconnections and reconnection gaps that metrics have been told of."""
         self.recorder: CallRecorder | None = None
@@ -431,12 +434,23 @@ class Call:
             if isinstance(command, OpenLeg):
                 self._spawn(self._open_leg(command))
             elif isinstance(command, CloseLeg):
-                model = self._legs.pop(command.number, None)
-                if model is not None:
-                    self._spawn(model.close())
+                if command.grace > 0:
+                    self._spawn(self._close_later(command.number, command.grace))
+                else:
+                    model = self._legs.pop(command.number, None)
+                    if model is not None:
+                        self._spawn(model.close())
             else:
                 await self._send_model(command.number, command.commands)
         self._count_legs()
+
+    async def _close_later(self, number: int, grace: float) -> None:
+        """Close session ``number`` after ``grace`` s (its reader hands the session what still comes)."""
+        model = self._legs.get(number)
+        await asyncio.sleep(grace)
+        if model is not None and self._legs.get(number) is model:
+            del self._legs[number]
+            await model.close()
 
     def _count_legs(self) -> None:
         stats, metrics = self.session.stats, self.metrics
@@ -474,6 +488,9 @@ class Call:
         metrics.frames_out.inc(frames)
         metrics.barge_ins.inc(barge_ins)
         metrics.truncations.inc(truncations)
+        if received is None and stats.holds_played != self._holds_counted:  # played on the timer
+            metrics.holds.inc(stats.holds_played - self._holds_counted)
+            self._holds_counted = stats.holds_played
         if received is not None:
             if frames:
                 metrics.outbound_delay.observe(self.clock.now() - received)
@@ -519,7 +536,7 @@ class Call:
         return asyncio.get_running_loop().create_task(self.teardown())
 
     async def teardown(self) -> None:
-        """Close both sockets and stop every task of the call; idempotent."""
+        """Close every socket and stop every task of the call; idempotent."""
         if self._torn_down:
             return
         self._torn_down = True

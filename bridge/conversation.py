@@ -72,25 +72,29 @@ class Conversation:
         self.turns: list[Turn] = []
         self._by_key: dict[str, Turn] = {}
 
-    def _turn(self, role: str, key: str) -> Turn:
+    def _turn(self, role: str, key: str, session: int | None) -> Turn:
         turn = self._by_key.get(key)
         if turn is None:
             turn = self._by_key[key] = Turn(role, key)
             self.turns.append(turn)
+            if session is not None:
+                turn.carried[session] = key  # happened in that session: its own item there
         return turn
 
-    def reserve(self, role: str, key: str) -> None:
-        """Keep the place of a turn whose text comes later (a caller's item, an answer being spoken)."""
-        self._turn(role, key)
+    def reserve(self, role: str, key: str, session: int | None = None) -> None:
+        """Keep the place of a turn whose text comes later (a caller's item, an answer being spoken);
+        ``session``: the Realtime session it happens in (it is not carried there)."""
+        self._turn(role, key, session)
 
-    def said(self, role: str, key: str, text: str) -> None:
-        """The whole text of a turn (in its reserved place, or at the end)."""
-        turn = self._turn(role, key)
+    def said(self, role: str, key: str, text: str, session: int | None = None) -> None:
+        """The whole text of a turn (in its reserved place, or at the end; ``session`` as for
+        :meth:`reserve`)."""
+        turn = self._turn(role, key, session)
         turn.said, turn.final = text.strip(), True
 
-    def saying(self, key: str, delta: str) -> None:
+    def saying(self, key: str, delta: str, session: int | None = None) -> None:
         """More of an answer's transcript, as it is spoken (kept in case the answer is cut off)."""
-        turn = self._turn("assistant", key)
+        turn = self._turn("assistant", key, session)
         if not turn.final:
             turn.said = (turn.said or "") + delta
 

@@ -45,10 +45,12 @@ class SendToLeg:
 
 @dataclass(frozen=True, slots=True)
 class CloseLeg:
-    """Close session ``number`` (after what was sent to it before)."""
+    """Close session ``number`` (after what was sent to it before), ``grace`` seconds from now: a session
+    swapped from may still send the transcripts of its last turn."""
 
     number: int
     why: str
+    grace: float = 0.0
 
 
 LegCommand = OpenLeg | SendToLeg | CloseLeg

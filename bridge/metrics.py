@@ -127,6 +127,9 @@ class Metrics:
             "From a lost Realtime session to the swap to its replacement.",
             (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
         )
+        self.holds = Counter(
+            "bridge_hold_prompts_total", 'Times a caller heard "one moment, please" during a reconnection.'
+        )
         self.breaker = Gauge(
             "bridge_upstream_breaker_state", "Realtime connect breaker: 0 closed, 0.5 probing, 1 open."
         )

@@ -30,6 +30,7 @@ for the driver (``call.py``), which reports back with :meth:`Rollover.leg_opened
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
 from collections.abc import Callable
 
@@ -48,6 +49,11 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_FRAMES = 50 * 30
 """Caller audio held while the model is not ready yet (or is being reconnected): 30 s. Older frames go
 first beyond that."""
+RETRY_BASE, RETRY_CAP = 0.25, 2.0
+"""A reconnection whose new session failed after it opened tries again after up to ``RETRY_BASE * 2**n``
+seconds (at most ``RETRY_CAP``), jittered down to half (the connect itself backs off in ``upstream.py``)."""
+LATE_GRACE = 5.0
+"""A session swapped from is closed this much later: transcripts of its last turn may still come."""
 ROLLOVER_RETRY = 5.0
 """A next session that could not be opened is tried again this much later (the old one still serves)."""
 HOLD_RETRY = 0.25
@@ -92,6 +98,12 @@ class Rollover(Playback):
     _caller_speaking: bool
     _answer_owed: bool
     rearm: bool
+    _attempts: int
+    _retry_at: float | None
+    _jitter: random.Random
+    _regreet: bool
+    _greeted: bool
+    greeting_audio: bytes | None
 
     def end(self, reason: EndReason, detail: str = "") -> None:
         """Overridden by the session."""
@@ -124,6 +136,8 @@ class Rollover(Playback):
             due.append((self._down_since + timeouts.reconnect, EndReason.MODEL_LOST))
             if self._hold_due is not None:
                 due.append((self._hold_due, self._play_hold))
+            if self._retry_at is not None:
+                due.append((self._retry_at, self._retry))
         else:
             if link is Link.UP:
                 due.append((self._swap_due, self._rollover_due))
@@ -165,9 +179,9 @@ class Rollover(Playback):
         """Session ``leg`` could not be opened (``fatal``: no retry can help, e.g. HTTP 401)."""
         if leg != self._next or self.state is CallState.ENDED:
             return
-        if fatal:
+        if fatal and (self.link is Link.DOWN or self.state is not CallState.LIVE):
             self.end(EndReason.MODEL_FATAL, detail)
-        else:
+        else:  # a rollover's: the serving session still serves; tried again later
             self._next_failed(detail)
 
     def leg_closed(self, leg: int, reason: EndReason, detail: str) -> None:
@@ -204,17 +218,23 @@ class Rollover(Playback):
         self._control.append(CloseLeg(number, "failed"))
         self._next = None
         if self.link is Link.DOWN:
-            if (
-                self._down_since is not None
-                and self.clock.now() < self._down_since + self.timeouts.reconnect - 0.5
-            ):
-                self._open_next("reconnect")
+            # Opened, then refused or closed before it served: try again after a (jittered) pause.
+            self._attempts += 1
+            pause = min(RETRY_CAP, RETRY_BASE * 2**self._attempts) * self._jitter.uniform(0.5, 1.0)
+            assert self._down_since is not None
+            if self.clock.now() + pause < self._down_since + self.timeouts.reconnect - 0.5:
+                self._retry_at = self.clock.now() + pause
+                self.rearm = True
             else:
                 self.end(EndReason.MODEL_LOST, detail)
             return
         self._link_move(LinkTrigger.NEXT_FAILED)
         self._swap_due = self.clock.now() + ROLLOVER_RETRY
         self.rearm = True
+
+    def _retry(self, now: float) -> None:
+        self._retry_at = None
+        self._open_next("reconnect")
 
     def _next_timed_out(self, now: float) -> None:
         self._next_failed("no session.updated in time")
@@ -238,7 +258,8 @@ class Rollover(Playback):
             self.stats.upstream_errors += 1
             if event.fatal:
                 self.end(EndReason.MODEL_FATAL, f"{event.code}: {event.message}")
-            elif self.link is not Link.READY:  # before its session.updated: the configuration was refused
+            elif self.link is not Link.READY or event.session_lost:
+                # Before its session.updated: the configuration was refused; after it: it is going.
                 self._next_failed(f"{event.code}: {event.message}")
 
     def _rollover_due(self, now: float) -> None:
@@ -276,10 +297,13 @@ class Rollover(Playback):
                 self._control.append(SendToLeg(old, rest))
             info = self.legs[old]
             info.ended_at, info.ended = now, f"rolled over to session {new}"
-            self._control.append(CloseLeg(old, "rolled over"))
+            self._control.append(CloseLeg(old, "rolled over", LATE_GRACE))
+            held: list[rt.ClientCommand] = []
             self.stats.rollovers += 1
             log.info("call %s: rolled over from Realtime session %d to %d", self.call_id, old, new)
         else:
+            # What was asked for while no session served (a goodbye): after the conversation is carried.
+            held, self._to_model = [c for c in self._to_model if type(c) is not rt.AppendAudio], []
             gap = now - self._down_since
             self.stats.reconnect_gaps.append(gap)
             log.info("call %s: Realtime session %d replaces %d after %.2f s", self.call_id, new, old, gap)
@@ -291,28 +315,33 @@ class Rollover(Playback):
         self._dropped.clear()
         self._caller_speaking = self._answer_owed = False
         self._last_model_at = now
+        self._attempts, self._retry_at = 0, None
         to_model = self._to_model
         if self._cut is not None:
             self._carry_cut(self._cut)
         to_model.extend(self.conversation.carry(new, first=False))
-        if self._cut is not None:
-            to_model.append(rt.AddTextItem("system", RESUME_NOTE))
-        elif self._unanswered and not self.conversation.caller_known():
-            to_model.append(rt.AddTextItem("system", UNHEARD_NOTE))
-        if self._cut is not None or self._unanswered:
-            to_model.append(rt.CreateResponse())
-        self._cut, self._unanswered = None, False
+        if self.goodbye is Goodbye.NONE:  # a goodbye asked for meanwhile is the next response
+            if self._cut is not None:
+                to_model.append(rt.AddTextItem("system", RESUME_NOTE))
+            elif self._unanswered and not self.conversation.caller_known():
+                to_model.append(rt.AddTextItem("system", UNHEARD_NOTE))
+            if self._regreet:
+                to_model.append(rt.CreateResponse(self.profile.greeting_instructions()))
+            elif self._cut is not None or self._unanswered:
+                to_model.append(rt.CreateResponse())
+        to_model.extend(held)
+        self._cut, self._unanswered, self._regreet = None, False, False
         to_model.extend(rt.AppendAudio(chunk) for chunk in self._queue)
         self._queue.clear()
         self._down_since = self._hold_due = None
         self._forwarding = True
 
     def _carry_cut(self, item: Item) -> None:
-        """The answer a lost session was speaking: carried as far as the caller has heard it by now."""
-        position = self.heard_position()
+        """The answer a lost session was speaking: carried as far as it was sent to the caller, who hears
+        it to its end unless they interrupt (a barge-in then rewrites it where the marks prove it heard)."""
         generated = model_bytes_to_ms(item.model_bytes, self.audio_path)
-        heard = position[1] if position is not None and position[0] is item else generated
-        self.conversation.cut_off(item.item_id, heard, generated)
+        sent = item.sent_bytes / 8 - self._outbound.delay_ms
+        self.conversation.cut_off(item.item_id, min(sent, generated), generated)
 
     def _lost(self, cause: str, detail: str) -> None:
         """The serving session is gone (or going): hold the caller's audio and replace it."""
@@ -333,20 +362,28 @@ class Rollover(Playback):
         held = [c.audio for c in self._to_model if type(c) is rt.AppendAudio]
         self._to_model = []
         if self._caller_speaking:
-            # Its session heard the start of what the caller is saying: the next one gets all of it.
+            # Its session heard the start of what the caller is saying: the next one gets all of it (the
+            # utterance holds the frames not sent yet too).
             self._queue.extend(self._utterance)
-        self._queue.extend(held)
+        else:
+            self._queue.extend(held)
         while len(self._queue) > MAX_QUEUED_FRAMES:
             self._queue.popleft()
             self.stats.frames_queued_dropped += 1
-        owed = self._answer_owed or self._active_response is not None
-        if self._active_response is not None:
+        running = self._active_response is not None
+        if running:
             current = self._current
             if current is not None and current.response_id == self._active_response:
                 self._cut = current
             self._flush_outbound()  # what was generated plays on
             self._active_response = None
-        self._unanswered = owed and self._cut is None
+        caller_spoke = any(t.role == "user" for t in self.conversation.turns)
+        owed = self._answer_owed or running
+        self._unanswered = owed and self._cut is None and caller_spoke
+        # The greeting asked of the model was lost before any of it was heard: ask the next one.
+        self._regreet = (
+            running and self._cut is None and not caller_spoke and self._greeted and not self.greeting_audio
+        )
         self._caller_speaking = self._answer_owed = False
         if had_next:
             self._link_move(LinkTrigger.NEXT_READY)
@@ -367,12 +404,27 @@ class Rollover(Playback):
             self._play_local("hold", self.hold_audio)
 
     def _recarry(self, key: str) -> None:
-        """An answer of an earlier session was cut by a barge-in: rewrite the text item carrying it in the
-        serving session (a text item cannot be truncated), or remove it when nothing of it was heard."""
-        carried = self.conversation.carried_id(key, self.leg)
-        if carried is None or not self._forwarding:
-            return
-        self._to_model.append(rt.DeleteItem(carried))
-        text = self.conversation.text_of(key)
-        if text:
-            self._to_model.append(rt.AddTextItem("assistant", text, self.conversation.recarry(key, self.leg)))
+        """An answer was cut by a barge-in: where a text item carries it (the serving session, when it
+        was said in an earlier one; the next session, already told of it), rewrite that item as heard --
+        a text item cannot be truncated -- or remove it when nothing of it was heard."""
+        for leg, out in ((self.leg, self._to_model), (self._next, None)):
+            carried = None if leg is None else self.conversation.carried_id(key, leg)
+            if leg is None or carried is None or carried == key:  # not there, or its own item: truncated
+                continue
+            if out is None:
+                out = []
+                self._control.append(SendToLeg(leg, out))
+            elif not self._forwarding:
+                continue
+            out.append(rt.DeleteItem(carried))
+            text = self.conversation.text_of(key)
+            if text:
+                out.append(rt.AddTextItem("assistant", text, self.conversation.recarry(key, leg)))
+
+    def _late_transcript(self, event: rt.CallerTranscript | rt.AssistantTranscript, leg: int) -> None:
+        """A transcript from a session swapped from (its last turn's), kept and told to the serving one."""
+        role = "user" if isinstance(event, rt.CallerTranscript) else "assistant"
+        self.conversation.said(role, event.item_id, event.transcript, leg)
+        self.stats.transcript.append(("caller" if role == "user" else "assistant", event.transcript))
+        if self._forwarding:
+            self._to_model.extend(self.conversation.carry(self.leg, first=False))

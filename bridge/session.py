@@ -45,6 +45,7 @@ outbound resampler and framer are reset so the next response starts clean.
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
 
 from bridge import realtime as rt
@@ -140,6 +141,11 @@ class CallSession(Rollover):
         self._queue: deque[bytes] = deque()
         self._prestart: list[tuple[Item, bytes]] = []
         self._greeted = False
+        self._regreet = False
+        self._attempts = 0
+        self._retry_at: float | None = None
+        self._jitter = random.Random(call_id)
+        """Jitter of the pauses between reconnection attempts: varied across calls, the same on replay."""
         self.greeting_audio = greeting_audio or None
         """A pre-rendered greeting (μ-law 8 kHz), played the instant the stream starts."""
         self._turn_ended_at: float | None = None
@@ -205,9 +211,12 @@ class CallSession(Rollover):
 
     def model_to_send(self) -> list[rt.ClientCommand]:
         """The client commands for the serving Realtime session (:attr:`leg`) queued since the last call, in
-        order; the queue is emptied. Take :meth:`legs_to_send` first."""
+        order; the queue is emptied. Take :meth:`legs_to_send` first. While no session serves (a
+        reconnection), nothing: what is asked for meanwhile goes to the next one."""
         out = self._to_model
         if out:
+            if self.link is Link.DOWN:
+                return []
             self._to_model = []
         return out
 
@@ -268,8 +277,7 @@ class CallSession(Rollover):
                 # The caller is already hearing it: the model only needs to know it was said.
                 greeting = self.profile.greeting.strip()
                 to_model.append(rt.AddTextItem("assistant", greeting))
-                self.conversation.said("assistant", "local:greeting", greeting)
-                self.conversation.turns[-1].carried[self.leg] = "greeting"  # said in session 1 already
+                self.conversation.said("assistant", "local:greeting", greeting, self.leg)
             else:
                 to_model.append(rt.CreateResponse(instructions))
 
@@ -334,7 +342,9 @@ class CallSession(Rollover):
         if leg != self.leg or self.link is Link.DOWN:
             if leg == self._next:
                 self._from_next(event, leg)
-            return  # a session that no longer serves the call (its socket is being closed)
+            elif isinstance(event, rt.CallerTranscript | rt.AssistantTranscript):
+                self._late_transcript(event, leg)
+            return  # otherwise, a session that no longer serves the call (its socket is being closed)
         self._last_model_at = self.clock.now()
         if isinstance(event, rt.AudioDelta):
             self._on_delta(event)
@@ -349,7 +359,7 @@ class CallSession(Rollover):
             self._turn_ended_at = self.clock.now()
             self._caller_speaking = False
             self._answer_owed = self.profile.turn_detection.create_response
-            self.conversation.reserve("user", event.item_id)
+            self.conversation.reserve("user", event.item_id, leg)
         elif isinstance(event, rt.ResponseCreated):
             self.rearm = True  # a response runs: the watchdog runs
             self._active_response = event.response_id
@@ -363,7 +373,7 @@ class CallSession(Rollover):
                 self._current = self._items.setdefault(
                     event.item_id, Item(event.item_id, event.response_id, leg=leg)
                 )
-                self.conversation.reserve("assistant", event.item_id)
+                self.conversation.reserve("assistant", event.item_id, leg)
         elif isinstance(event, rt.AudioDone):
             if event.response_id not in self._dropped:
                 self._flush_outbound()
@@ -374,14 +384,14 @@ class CallSession(Rollover):
         elif isinstance(event, rt.SessionUpdated):
             self._on_session_updated(event)
         elif isinstance(event, rt.AssistantTranscriptDelta):
-            self.conversation.saying(event.item_id, event.delta)
+            self.conversation.saying(event.item_id, event.delta, leg)
         elif isinstance(event, rt.AssistantTranscript):
-            self.conversation.said("assistant", event.item_id, event.transcript)
+            self.conversation.said("assistant", event.item_id, event.transcript, leg)
             if event.response_id not in self._dropped:
                 self.stats.transcript.append(("assistant", event.transcript))
         elif isinstance(event, rt.CallerTranscript):
             self.stats.transcript.append(("caller", event.transcript))
-            self.conversation.said("user", event.item_id, event.transcript)
+            self.conversation.said("user", event.item_id, event.transcript, leg)
         elif isinstance(event, rt.ErrorEvent):
             self._on_error(event)
         self._maybe_swap()
@@ -405,8 +415,13 @@ class CallSession(Rollover):
         elif self.state in (CallState.WAITING_BOTH, CallState.WAITING_MODEL):
             # Before session.updated, an error means our configuration was refused: the call cannot work.
             self.end(EndReason.MODEL_REFUSED_SESSION, f"{event.code}: {event.message}")
+        elif event.session_lost and self.state is not CallState.LIVE:
+            self.end(
+                EndReason.MODEL_DROPPED, f"{event.code}: {event.message}"
+            )  # the fallback, not a reconnect
         elif event.session_lost:
-            self._lost(event.code or event.error_type or "error", f"{event.code}: {event.message}")
+            cause = "session_expired" if event.code == "session_expired" else "server_error"
+            self._lost(cause, f"{event.code}: {event.message}")
 
     def _on_delta(self, event: rt.AudioDelta) -> None:
         if event.response_id in self._dropped:
@@ -467,8 +482,7 @@ class CallSession(Rollover):
             conversation.heard(item.item_id, heard_ms, model_bytes_to_ms(item.model_bytes, self.audio_path))
             if item.leg == self.leg:
                 to_model.append(rt.TruncateItem(item.item_id, heard_ms))
-            else:
-                self._recarry(item.item_id)
+            self._recarry(item.item_id)
             # Later items of the same response were never heard: remove them from the conversation.
             later = False
             for other in self._items.values():
@@ -478,8 +492,7 @@ class CallSession(Rollover):
                     conversation.heard(other.item_id, 0, 1)
                     if other.leg == self.leg:
                         to_model.append(rt.DeleteItem(other.item_id))
-                    else:
-                        self._recarry(other.item_id)
+                    self._recarry(other.item_id)
         self._ledger.clear()
         self._unmarked_frames = 0
         self._framer.clear()
@@ -522,10 +535,12 @@ class CallSession(Rollover):
             self.stats.dtmf.append(event.digit)
             if self.state is CallState.LIVE:
                 text = f"[The caller pressed {event.digit} on the keypad.]"
-                self.conversation.said("user", f"dtmf:{len(self.stats.dtmf)}", text)
+                key = f"dtmf:{len(self.stats.dtmf)}"
                 if self._forwarding:
                     self._to_model.append(rt.AddTextItem("user", text))
-                    self.conversation.turns[-1].carried[self.leg] = "dtmf"
+                    self.conversation.said("user", key, text, self.leg)
+                else:
+                    self.conversation.said("user", key, text)
                 # else: reconnecting; the next session is told with the rest of the conversation
 
     def _on_start(self, event: tw.Start) -> None:

@@ -103,6 +103,7 @@ LINK_TRANSITIONS: dict[tuple[Link, LinkTrigger], Link] = {
     (L.PREPARING, LT.NEXT_READY): L.READY,
     (L.PREPARING, LT.NEXT_FAILED): L.UP,  # tried again a little later, while the old one still serves
     (L.READY, LT.SWAPPED): L.UP,
+    (L.READY, LT.NEXT_FAILED): L.UP,  # closed or broken while waiting for a boundary: tried again later
     (L.UP, LT.LOST): L.DOWN,
     (L.PREPARING, LT.LOST): L.DOWN,  # the session being opened becomes the reconnection
     (L.READY, LT.LOST): L.DOWN,  # ...or, ready already, is swapped to at once

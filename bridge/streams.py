@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class CallRecorder:
-    """One call's recording: the header, then every message of both sockets, timed from the call's start.
+    """One call's recording: the header, then every message of its sockets, timed from the call's start.
 
     Each socket gets a :meth:`tap`; a write that fails (a full disk) stops the recording, never the call.
     """

@@ -13,13 +13,16 @@ asked of the credential on every connect: the credential caches and refreshes to
 keep one (docs/protocols.md §4).
 
 Connect policy, for the whole process (:class:`Upstream`): a 429, a 5xx or a network failure is retried
-with exponential backoff and full jitter (the first try at once) within a budget -- a few seconds for a new
-call, :attr:`~bridge.states.Timeouts.reconnect` for a call's reconnection -- never sooner than the
-service's ``Retry-After``. 401/403/404 are fatal: reported at once with what to fix, never retried. A
-:class:`Breaker` counts failed connects across calls: after :data:`BREAKER_THRESHOLD` in a row it opens,
-and new calls fail at once (their callers hear the fallback message) instead of each spending handshakes
-on a service that refuses them; after a cooldown one connect is let through as a probe, and its success
-closes the breaker (its failure doubles the cooldown).
+with exponential back-off and jitter (the first try at once) within a budget -- a few seconds for a new
+call, what is left of :attr:`~bridge.states.Timeouts.reconnect` for a call's reconnection -- each
+handshake bounded by what is left of it. A ``Retry-After`` holds every connect of the process until
+then (or fails one whose budget it passes). 401/403/404 are fatal: reported at once with what to fix,
+never retried. A :class:`Breaker` counts connects that failed (with all their retries) in a row, across
+calls: after :data:`BREAKER_THRESHOLD` it opens, and new calls fail at once (the webhook answers with
+the fallback message) instead of each spending handshakes on a service that refuses them. After a
+cooldown one attempt is let through as the probe: its success closes the breaker, its failure doubles
+the cooldown; a probe abandoned (its call ended) or not done within :data:`PROBE_TIMEOUT` lets the
+next one through.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ BACKOFF_BASE, BACKOFF_CAP = 0.25, 2.0
 BREAKER_THRESHOLD = 5
 """Failed connects in a row (across calls) that open the breaker."""
 BREAKER_COOLDOWN, BREAKER_MAX_COOLDOWN = 5.0, 60.0
+PROBE_TIMEOUT = 30.0
+"""A probe not finished in this long is taken as lost: the next attempt probes instead."""
 SEND_HIGH_WATER = 64 * 1024
 """Above this many bytes waiting in the socket's buffer, sends wait for it to drain."""
 
@@ -196,22 +201,46 @@ class Breaker:
         self.failures = 0
         self.cooldown = BREAKER_COOLDOWN
         self.opened_at = 0.0
+        self.probing_since = 0.0
+        self.not_before = 0.0
+        """No connect before this (the clock's time): the service's last ``Retry-After``."""
 
     def allow(self) -> bool:
-        """Whether a connect may be tried now (after the cooldown, the first one is the probe)."""
+        """Whether an attempt may be made now (after the cooldown, the first one is the probe)."""
+        now = self.clock.now()
         if self.state == self.CLOSED:
             return True
-        if self.state == self.OPEN and self.clock.now() >= self.opened_at + self.cooldown:
-            self._set(self.PROBING)
-            log.info("realtime connects: the breaker lets one probe through")
-            return True
-        return False
+        if self.state == self.PROBING and now < self.probing_since + PROBE_TIMEOUT:
+            return False
+        if self.state == self.OPEN and now < self.opened_at + self.cooldown:
+            return False
+        self.probing_since = now
+        self._set(self.PROBING)
+        log.info("realtime connects: the breaker lets one probe through")
+        return True
+
+    @property
+    def is_open(self) -> bool:
+        """Open (or probing): new calls are answered with the fallback message without a connect."""
+        return self.state != self.CLOSED
 
     def wait(self) -> float:
-        """Seconds until a probe may go (0 when connects are allowed or a probe is under way)."""
-        if self.state != self.OPEN:
+        """Seconds until a probe may go (0 while connects are allowed)."""
+        if self.state == self.CLOSED:
             return 0.0
+        if self.state == self.PROBING:
+            return max(0.0, self.probing_since + PROBE_TIMEOUT - self.clock.now())
         return max(0.0, self.opened_at + self.cooldown - self.clock.now())
+
+    def abandoned(self) -> None:
+        """The probe ended without an answer (its call ended, a bug): let the next attempt probe."""
+        if self.state == self.PROBING:
+            self.opened_at = self.clock.now() - self.cooldown
+            self._set(self.OPEN)
+
+    def hold(self, seconds: float) -> None:
+        """The service asked every client to wait ``seconds`` (``Retry-After``)."""
+        self.not_before = max(self.not_before, self.clock.now() + seconds)
 
     def succeeded(self) -> None:
         """A connect succeeded: the service is back."""
@@ -221,7 +250,7 @@ class Breaker:
         self._set(self.CLOSED)
 
     def failed(self) -> None:
-        """A connect failed (any way)."""
+        """A connect failed, with all its retries (or the probe failed)."""
         self.failures += 1
         if self.state == self.PROBING:
             self.cooldown = min(self.cooldown * 2, BREAKER_MAX_COOLDOWN)
@@ -269,46 +298,60 @@ class Upstream:
         return {"Authorization": f"Bearer {token.token}"}
 
     async def connect(
-        self, *, tap: Tap | None = None, budget: float = CONNECT_BUDGET, wait_for_breaker: bool = False
+        self, *, tap: Tap | None = None, budget: float | None = None, wait_for_breaker: bool = False
     ) -> RealtimeConnection:
-        """Open a connection, retrying what may pass within ``budget`` seconds; raise
-        :class:`UpstreamRejected` (fatal) or :class:`UpstreamUnavailable`. While the breaker is open this
-        fails at once, unless ``wait_for_breaker`` (a live call's reconnection waits for the probe)."""
+        """Open a connection, retrying what may pass within ``budget`` seconds (default
+        :data:`CONNECT_BUDGET`); raise :class:`UpstreamRejected` (fatal) or :class:`UpstreamUnavailable`.
+        While the breaker is open, or its probe is under way, this fails at once, unless
+        ``wait_for_breaker`` (a live call's reconnection waits for the probe within its budget)."""
         clock, breaker = self.clock, self.breaker
-        until = clock.now() + budget
+        until = clock.now() + (CONNECT_BUDGET if budget is None else budget)
         last: UpstreamUnavailable | None = None
-        for attempt in range(1000):
-            if breaker.allow():
+        attempt = 0
+        while True:
+            now = clock.now()
+            if breaker.not_before > now:  # the service's Retry-After holds every connect
+                wait = breaker.not_before - now
+            elif breaker.allow():
+                probe = breaker.state == Breaker.PROBING
                 try:
-                    ws = await self._connect_once()
+                    ws = await self._connect_once(max(0.1, min(self.open_timeout, until - now)))
                 except UpstreamRejected:
                     breaker.failed()
                     raise
                 except UpstreamUnavailable as exc:
-                    breaker.failed()
                     last = exc
                     log.warning("realtime connect attempt %d failed: %s", attempt + 1, exc)
+                    if probe:
+                        breaker.failed()
+                    if exc.retry_after:
+                        breaker.hold(exc.retry_after)
                     wait = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
-                    wait = max(wait, exc.retry_after or 0.0)
+                    attempt += 1
+                except BaseException:
+                    if probe:
+                        breaker.abandoned()
+                    raise
                 else:
                     breaker.succeeded()
                     return RealtimeConnection(ws, adapter_for(self.target.dialect), tap=tap)
             else:
-                if last is None:
-                    last = UpstreamUnavailable(
-                        "the Realtime service has been refusing connections: not trying for "
-                        f"{breaker.wait():.0f} s more (circuit breaker open)"
-                    )
                 if not wait_for_breaker:
-                    raise last
+                    raise UpstreamUnavailable(
+                        "the Realtime service has been refusing connections: new calls get the fallback "
+                        f"message for {breaker.wait():.0f} s more (circuit breaker open)"
+                    )
                 wait = max(0.05, breaker.wait()) * random.uniform(1.0, 1.2)
             if clock.now() + wait > until:
                 break
             await asyncio.sleep(wait)
-        assert last is not None
+        if last is None:
+            last = UpstreamUnavailable("the Realtime service asked to wait longer than this connect may")
+        if breaker.state == Breaker.CLOSED:
+            breaker.failed()
         raise last
 
-    async def _connect_once(self) -> ClientConnection:
+    async def _connect_once(self, open_timeout: float) -> ClientConnection:
         url = self.target.url
         try:
             headers = await self._headers()
@@ -323,7 +366,7 @@ class Upstream:
                 url,
                 additional_headers=headers,
                 max_size=MAX_MESSAGE_BYTES,
-                open_timeout=self.open_timeout,
+                open_timeout=open_timeout,
                 ping_interval=20,
                 ping_timeout=20,
                 close_timeout=2,
@@ -342,7 +385,7 @@ class Upstream:
                     f"no Realtime deployment at {url.split('?')[0]} (HTTP 404): check AZURE_OPENAI_ENDPOINT "
                     "and AZURE_OPENAI_DEPLOYMENT"
                 ) from exc
-            if status == 429 or status >= 500:
+            if status in (408, 429) or status >= 500:
                 raise UpstreamUnavailable(
                     f"the Realtime service answered HTTP {status}",
                     retry_after=_retry_after(exc.response.headers.get("Retry-After")),

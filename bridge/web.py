@@ -64,6 +64,13 @@ async def voice(request: web.Request) -> web.Response:
         log.info("call %s: refused politely, the bridge is shutting down", call_sid)
         return _twiml(webhooks.reject_twiml(REFUSAL))
     from_number, to_number = form.get("From", ""), form.get("To", "")
+    if app[UPSTREAM].breaker.wait() > 0:
+        # The Realtime service has been refusing connections: the fallback message at once, no handshake.
+        version = await _profile_for(app, to_number)
+        fallback = (version.profile if version is not None else app[PROFILE]).fallback_message
+        metrics.refused.inc(label="model_unavailable")
+        log.warning("call %s: answered with the fallback message: the connect breaker is open", call_sid)
+        return _twiml(webhooks.reject_twiml(fallback))
     call = await new_call(app, call_sid, from_number, to_number)
     tokens = app[TOKENS]
     token = webhooks.make_stream_token(

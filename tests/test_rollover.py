@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
+import bridge.upstream
 from bridge.conversation import CONTINUE_NOTE, RESUME_NOTE
-from bridge.keys import REGISTRY, STORE, UPSTREAM
+from bridge.keys import GREETINGS, REGISTRY, STORE, UPSTREAM
 from bridge.local_model import LocalModel
 from bridge.testing import TwilioCaller
-from bridge.upstream import Breaker
+from bridge.upstream import BREAKER_THRESHOLD, Breaker
 from tests.conftest import AUTH_TOKEN, Bridge, fixture_audio
 
 pytestmark = pytest.mark.timeout(60)
@@ -226,33 +227,61 @@ async def test_session_expired_mid_call_is_a_reconnection_not_the_end(start_brid
     assert 'bridge_reconnects_total{cause="session_expired"} 1' in metrics
 
 
-async def test_the_breaker_opens_under_refusals_and_a_probe_closes_it(start_bridge: Any) -> None:
+async def test_the_breaker_opens_under_refusals_and_a_probe_closes_it(
+    start_bridge: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge.upstream, "CONNECT_BUDGET", 0.2)
     async with LocalModel(speed=4.0) as model:
-        bridge = await start_bridge(model)
-        upstream = bridge.app[UPSTREAM]
-        model.reject_next(503, count=100)
-        for _ in range(2):  # each new call spends its attempts; together they open the breaker
-            async with caller(bridge) as call:
+        served = await start_bridge(model)
+        upstream = served.app[UPSTREAM]
+        model.reject_next(503, count=1000)
+        for _ in range(
+            BREAKER_THRESHOLD
+        ):  # each call's connect fails, with its retries: in a row, they open it
+            async with caller(served) as call:
                 await call.dial()
                 await call.wait_closed(timeout=10)
-            outcomes, sid = bridge.app[REGISTRY].outcomes, call.call_sid
+            outcomes, sid = served.app[REGISTRY].outcomes, call.call_sid
             await until(lambda: sid in outcomes, 5)  # noqa: B023 -- awaited at once, in this iteration
             assert outcomes[sid].model_failed
         assert upstream.breaker.state == Breaker.OPEN
         left = len(model._rejects)
-        async with caller(bridge) as call:  # refused at once: no handshake, the fallback message
-            await call.dial()
-            await call.wait_closed(timeout=2)
+        async with caller(served) as call:  # answered with the fallback at once: no stream, no handshake
+            status, twiml = await call.post_voice()
+            assert status == 200 and "<Say>" in twiml and "<Connect>" not in twiml
         assert len(model._rejects) == left
-        status, metrics = await bridge.get("/metrics")
+        status, metrics = await served.get("/metrics")
         assert "bridge_upstream_breaker_state 1" in metrics
         # The service is back: after the cooldown the next connect is the probe, and it closes the breaker.
         model._rejects.clear()
         upstream.breaker.cooldown = 0.0
-        async with caller(bridge) as call:
+        async with caller(served) as call:
             await call.dial()
             await call.wait_for_played(0.3)
             await call.hang_up()
         assert upstream.breaker.state == Breaker.CLOSED
-        status, metrics = await bridge.get("/metrics")
+        status, metrics = await served.get("/metrics")
         assert "bridge_upstream_breaker_state 0" in metrics
+
+
+async def test_one_moment_please_fills_a_long_reconnection_in_the_profiles_voice(start_bridge: Any) -> None:
+    async with LocalModel(speed=4.0) as model:
+        served = await start_bridge(model, render_greetings=True)
+        greetings = served.app[GREETINGS]
+        async with caller(served) as first:  # the first call with this voice has its hold prompt rendered
+            await first.dial()
+            await first.wait_for_played(0.3)
+            await first.hang_up()
+        await until(lambda: bool(greetings._holds), 10)
+        async with caller(served) as call:
+            await call.dial()
+            await listen_until(call, lambda: call.heard_seconds() >= 1.4 and call.buffered_seconds() == 0)
+            conn = next(c for c in reversed(model.connections) if appends(c) > 0)  # this call's session
+            heard = call.heard_seconds()
+            model.connect_delay = 2.5  # the new session takes 2.5 s to open
+            conn.abort()
+            await listen_until(call, lambda: call.heard_seconds() > heard + 0.5, 10)  # "one moment"
+            await listen_until(call, lambda: appends(model.connections[-1]) > 0, 10)
+            await call.hang_up()
+        status, metrics = await served.get("/metrics")
+        assert "bridge_hold_prompts_total 1" in metrics

@@ -460,11 +460,16 @@ async def test_429_every_time_gives_up_within_the_budget_and_opens_the_breaker(
         assert "HTTP 429" in str(c.value)
         assert time.monotonic() - began < 0.3 + 0.5
         # The first try at once, then jittered exponential back-off: no two gaps alike, none above the cap.
-        attempts = len(dials)
-        assert attempts >= BREAKER_THRESHOLD and {d.status for d in dials} == {429}
+        assert len(dials) >= 4 and {d.status for d in dials} == {429}
         gaps = [b.at - a.at for a, b in itertools.pairwise(dials)]
         assert len({round(g, 4) for g in gaps}) > 1
-        # Failed connects in a row opened the breaker: a new call's connect fails at once, no handshake.
+        # One failed connect (of many attempts) is one failure; BREAKER_THRESHOLD of them in a row open it.
+        assert upstream.breaker.state == Breaker.CLOSED and upstream.breaker.failures == 1
+        for _ in range(BREAKER_THRESHOLD - 1):
+            with pytest.raises(UpstreamUnavailable, match="HTTP 429"):
+                await upstream.connect(budget=0.05)
+        attempts = len(dials)
+        # Open: a new call's connect fails at once, no handshake.
         assert upstream.breaker.state == Breaker.OPEN
         with pytest.raises(UpstreamUnavailable, match="circuit breaker open"):
             await upstream.connect()
@@ -493,9 +498,16 @@ async def test_a_handshake_that_never_answers_times_out_as_unavailable(
         upstream = Upstream(target(model), open_timeout=0.1)
         started = time.monotonic()
         with pytest.raises(UpstreamUnavailable, match="TimeoutError"):
-            await upstream.connect()
-        assert time.monotonic() - started < 2.0
+            await upstream.connect(budget=0.5)
+        assert time.monotonic() - started < 0.5 + 0.3  # each handshake bounded by open_timeout
+        # And by what is left of the budget: a 10 s open_timeout does not outlast a 0.3 s budget.
+        slow = Upstream(target(model), open_timeout=10.0)
+        started = time.monotonic()
+        with pytest.raises(UpstreamUnavailable, match="TimeoutError"):
+            await slow.connect(budget=0.3)
+        assert time.monotonic() - started < 0.3 + 0.3
         await upstream.close()
+        await slow.close()
 
 
 # --- 5. Secrets never logged --------------------------------------------------------------------------------
@@ -599,3 +611,32 @@ async def test_fast_writer_pins_the_websockets_internals_it_relies_on() -> None:
 
         await ws.close()
         assert not writer.try_write(cancel)  # closed: send() is the one to raise ConnectionClosed
+
+
+async def test_a_probe_abandoned_by_its_call_lets_the_next_connect_probe(
+    fast_retries: tuple[float, ...], dials: list[Dial]
+) -> None:
+    async with LocalModel() as model:
+        model.reject_next(503, count=1000)
+        upstream = Upstream(target(model))
+        for _ in range(BREAKER_THRESHOLD):
+            with pytest.raises(UpstreamUnavailable):
+                await upstream.connect(budget=0.05)
+        assert upstream.breaker.state == Breaker.OPEN
+        # The service is back but slow; the probe's call ends (hang-up, time-out) while it is connecting.
+        model._rejects.clear()
+        model.connect_delay = 5.0
+        upstream.breaker.cooldown = 0.0
+        probe = asyncio.create_task(upstream.connect(budget=10.0))
+        async with asyncio.timeout(5):
+            while upstream.breaker.state != Breaker.PROBING:
+                await asyncio.sleep(0.01)
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        # Not stuck "probing" for ever: the next connect is the probe, and it closes the breaker.
+        assert upstream.breaker.state == Breaker.OPEN
+        model.connect_delay = 0.0
+        await connect_and_close(upstream)
+        assert upstream.breaker.state == Breaker.CLOSED
+        await upstream.close()
