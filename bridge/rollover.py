@@ -243,7 +243,7 @@ class Rollover(Playback):
         """An event of the session being prepared (or reconnected to)."""
         if isinstance(event, rt.SessionCreated):
             self._created(self.legs[leg], event)
-        elif isinstance(event, rt.SessionUpdated):
+        elif isinstance(event, rt.SessionUpdated) and self.link is not Link.READY:  # (ready: a repeat)
             problem = self._format_problem(event)
             if problem:
                 self.end(EndReason.AUDIO_FORMAT_MISMATCH, problem)

@@ -479,8 +479,13 @@ class CallSession(Rollover):
             self.stats.truncations.append((item.item_id, heard_ms))
             log.info("call %s: barge-in: truncating %s at %d ms", self.call_id, item.item_id, heard_ms)
             conversation = self.conversation
-            conversation.heard(item.item_id, heard_ms, model_bytes_to_ms(item.model_bytes, self.audio_path))
-            if item.leg == self.leg:
+            generated = model_bytes_to_ms(item.model_bytes, self.audio_path)
+            if item is self._cut:  # cut off by a lost session, then interrupted: heard this far, final
+                conversation.cut_off(item.item_id, heard_ms, generated)
+                self._cut = None
+            else:
+                conversation.heard(item.item_id, heard_ms, generated)
+            if item.leg == self.leg and self.link is not Link.DOWN:
                 to_model.append(rt.TruncateItem(item.item_id, heard_ms))
             self._recarry(item.item_id)
             # Later items of the same response were never heard: remove them from the conversation.
@@ -490,7 +495,7 @@ class CallSession(Rollover):
                     later = True
                 elif later and other.response_id == item.response_id and other.model_bytes:
                     conversation.heard(other.item_id, 0, 1)
-                    if other.leg == self.leg:
+                    if other.leg == self.leg and self.link is not Link.DOWN:
                         to_model.append(rt.DeleteItem(other.item_id))
                     self._recarry(other.item_id)
         self._ledger.clear()

@@ -86,6 +86,11 @@ def test_secrets_never_show_in_repr(tmp_path: Path) -> None:
         ({"BRIDGE_PROFILE": "/nonexistent/profile.toml"}, "does not exist"),
         ({"BRIDGE_PROFILE": "profile.yaml"}, ".toml or .json"),
         ({"BRIDGE_LOG_LEVEL": "LOUD"}, "BRIDGE_LOG_LEVEL"),
+        ({"BRIDGE_ROLLOVER_MARGIN": "2 minutes"}, "BRIDGE_ROLLOVER_MARGIN"),
+        ({"BRIDGE_ROLLOVER_MARGIN": "0"}, "out of range"),
+        ({"BRIDGE_MAX_SESSION_SECONDS": "5"}, "BRIDGE_MAX_SESSION_SECONDS"),
+        ({"BRIDGE_MODEL_IDLE_TIMEOUT": "-1"}, "BRIDGE_MODEL_IDLE_TIMEOUT"),
+        ({"BRIDGE_LOCAL_MODEL_SESSION_SECONDS": "x"}, "BRIDGE_LOCAL_MODEL_SESSION_SECONDS"),
     ],
 )
 def test_a_wrong_setting_stops_start_up_with_one_line(
@@ -111,3 +116,18 @@ def test_insecure_dev_only_on_loopback(tmp_path: Path) -> None:
     assert s.stream_url == "ws://127.0.0.1:9999/twilio/stream"
     with pytest.raises(ConfigError, match="loopback"):
         load_settings(env, host="0.0.0.0")
+
+
+def test_rollover_settings_have_defaults_and_are_read(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    assert (s.rollover_margin, s.max_session_seconds, s.model_idle_timeout) == (120.0, 1500.0, 10.0)
+    assert s.local_model_session_seconds == 1800.0
+    s = settings(
+        tmp_path,
+        BRIDGE_ROLLOVER_MARGIN="30",
+        BRIDGE_MAX_SESSION_SECONDS="600",
+        BRIDGE_MODEL_IDLE_TIMEOUT="4",
+        BRIDGE_LOCAL_MODEL_SESSION_SECONDS="60",
+    )
+    assert (s.rollover_margin, s.max_session_seconds, s.model_idle_timeout) == (30.0, 600.0, 4.0)
+    assert s.local_model_session_seconds == 60.0
