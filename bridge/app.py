@@ -122,6 +122,10 @@ def _greetings(render: bool) -> Callable[[web.Application], AsyncIterator[None]]
                 log.info("created the first prompt profile %r in %s", first.profile.name, settings.database)
                 if render:
                     greetings.prepare(first)
+            if render:  # "one moment, please" in each profile's voice, ready before a call needs it
+                for summary in await store.list_profiles():
+                    profile = summary.latest.profile
+                    greetings.hold_audio(profile, profile.audio_path or settings.audio_path)
             yield
         finally:
             await greetings.close()

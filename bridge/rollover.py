@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable
 
 from bridge import realtime as rt
-from bridge.audio import model_bytes_to_ms
+from bridge.audio import InboundTranscoder, model_bytes_to_ms
 from bridge.config import AudioPath
 from bridge.conversation import RESUME_NOTE, UNHEARD_NOTE, Conversation
 from bridge.errors import IllegalTransition
@@ -364,7 +364,8 @@ class Rollover(Playback):
         if self._caller_speaking:
             # Its session heard the start of what the caller is saying: the next one gets all of it (the
             # utterance holds the frames not sent yet too).
-            self._queue.extend(self._utterance)
+            resend = InboundTranscoder(self.audio_path)
+            self._queue.extend(resend.convert(payload) for payload in self._utterance)
         else:
             self._queue.extend(held)
         while len(self._queue) > MAX_QUEUED_FRAMES:

@@ -95,8 +95,8 @@ MARK_EVERY_FRAMES = 5
 """A mark after every 5 frames (100 ms) bounds the interpolation between proofs of playback."""
 DEFAULT_TIMEOUTS = Timeouts()
 UTTERANCE_FRAMES = 50 * 15
-"""The caller's current utterance is kept (15 s at most) to give it again to a session that replaces one
-lost while the caller spoke."""
+"""The caller's current utterance is kept (15 s at most, as Twilio's μ-law) to give it again to a session
+that replaces one lost while the caller spoke."""
 PRE_SPEECH_FRAMES = 25
 """And the 500 ms before the VAD's ``speech_started`` (the service's prefix padding is 300 ms)."""
 
@@ -520,9 +520,10 @@ class CallSession(Rollover):
         if isinstance(event, tw.Media):
             self.stats.frames_in += 1
             audio = self._inbound.convert(event.payload)
-            self._recent.append(audio)
+            payload = event.payload  # kept as μ-law (a sixth of PCM16): converted again only when resent
+            self._recent.append(payload)
             if self._caller_speaking:
-                self._utterance.append(audio)
+                self._utterance.append(payload)
             if self._forwarding:
                 self._to_model.append(rt.AppendAudio(audio))
                 return
