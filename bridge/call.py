@@ -401,8 +401,16 @@ class Call:
             await self._send_twilio(to_twilio)
         if to_legs:
             await self._do_legs(to_legs)
-        if to_model:
-            await self._send_model(serving, to_model)
+        if to_model:  # inline, not _send_model: the hot path (50 appends a second) costs no coroutine
+            model = self._legs.get(serving)
+            if model is not None:
+                try:
+                    for command in to_model:
+                        pending = model.write(command)  # None: written at once
+                        if pending is not None:
+                            await pending
+                except ConnectionClosed:
+                    self._write_failed(serving, model)
         if to_twilio or len(session.stats.truncations) != self._counted[2]:
             self._count_sent(received)
         if session.rearm:
@@ -422,11 +430,15 @@ class Call:
                 if pending is not None:
                     await pending
         except ConnectionClosed:
-            if self._legs.get(number) is model:
-                del self._legs[number]
-                self.session.leg_closed(number, EndReason.MODEL_DROPPED, "while sending")
-                if self.session.ended:
-                    self._end(EndReason.MODEL_DROPPED, "while sending")
+            self._write_failed(number, model)
+
+    def _write_failed(self, number: int, model: RealtimeConnection) -> None:
+        """Writing to Realtime session ``number`` failed: its socket is gone; the session decides."""
+        if self._legs.get(number) is model:
+            del self._legs[number]
+            self.session.leg_closed(number, EndReason.MODEL_DROPPED, "while sending")
+            if self.session.ended:
+                self._end(EndReason.MODEL_DROPPED, "while sending")
 
     async def _do_legs(self, commands: list[LegCommand]) -> None:
         """Carry out what the session asked of its other Realtime sessions, in order."""
@@ -574,7 +586,7 @@ class Call:
             logging.INFO,
             "ended after %.1f s (%s): %d frames in, %d out, %d barge-ins, truncations %s, %d upstream errors",
             self.clock.now() - self.started_at,
-            self.describe_end(),
+            self.session.describe_end(),
             stats.frames_in,
             stats.frames_out,
             stats.barge_ins,
@@ -585,10 +597,3 @@ class Call:
     @staticmethod
     async def _close_twilio(ws: web.WebSocketResponse) -> None:
         await ws.close(code=1000)
-
-    def describe_end(self) -> str:
-        """Why the call ended, as the call log shows it: the reason, and its detail when there is one."""
-        reason, detail = self.session.end_reason, self.session.end_detail
-        if reason is None:
-            return ""
-        return f"{reason.value}: {detail}" if detail else reason.value

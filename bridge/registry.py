@@ -157,7 +157,7 @@ def call_record(call: Call) -> CallRecord:
         to_number=call.to_number,
         profile_id=call.profile_id,
         profile_version=call.profile_version,
-        end_reason=call.describe_end(),
+        end_reason=call.session.describe_end(),
         transcript=tuple(stats.transcript),
         barge_ins=stats.barge_ins,
         truncations=tuple(stats.truncations),

@@ -256,6 +256,13 @@ class CallSession(Rollover):
         """True once the call has ended."""
         return self.state is CallState.ENDED
 
+    def describe_end(self) -> str:
+        """Why the call ended, as the call log shows it: the reason, and its detail when there is one."""
+        reason, detail = self.end_reason, self.end_detail
+        if reason is None:
+            return ""
+        return f"{reason.value}: {detail}" if detail else reason.value
+
     def end(self, reason: EndReason, detail: str = "") -> None:
         """End the call (either side closed, a timeout, shutdown); the first reason stays."""
         if self.state is CallState.ENDED:
