@@ -5,6 +5,7 @@ watchdog, "one moment") are in tests/test_rollover_session.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ import bridge.upstream
 from bridge.conversation import CONTINUE_NOTE, RESUME_NOTE
 from bridge.keys import GREETINGS, REGISTRY, STORE, UPSTREAM
 from bridge.local_model import LocalModel
+from bridge.session import PRE_SPEECH_FRAMES
 from bridge.testing import TwilioCaller
 from bridge.upstream import BREAKER_THRESHOLD, Breaker
 from tests.conftest import AUTH_TOKEN, Bridge, fixture_audio
@@ -143,24 +145,35 @@ async def test_a_drop_mid_answer_reconnects_and_a_barge_in_after_it_works(
     assert 'bridge_reconnects_total{cause="dropped"} 1' in metrics
 
 
+def appended_audio(conn: Any) -> list[bytes]:
+    return [base64.b64decode(e["audio"]) for e in conn.received if e["type"] == "input_audio_buffer.append"]
+
+
 async def test_a_drop_mid_caller_speech_gives_the_new_session_the_whole_utterance(start_bridge: Any) -> None:
     async with LocalModel(speed=4.0) as model:
-        bridge = await start_bridge(model)
+        bridge = await start_bridge(model, audio_path="g711_ulaw")  # μ-law passes through: bytes compare
         async with caller(bridge) as call:
             await call.dial()
             first = await model.wait_for_connection()
-            await call.wait_for_played(1.0)
+            await listen_until(call, lambda: call.heard_seconds() >= 1.0)  # line silence, then speech
             speaking = asyncio.create_task(call.speak(QUESTION))
             await until(lambda: "input_audio_buffer.speech_started" in [e["type"] for e in first.sent], 5)
+            at_speech = appends(first)
+            await until(lambda: appends(first) >= at_speech + 10, 5)  # the bridge knows the caller speaks
             first.abort()
             second = await model.wait_for_connection(2, timeout=5)
             await speaking
-            await call.silence(1.5)
             # The new session heard the utterance from its start and answers it.
-            await until(lambda: "response.done" in [e["type"] for e in second.sent], 10)
+            await listen_until(call, lambda: "response.done" in [e["type"] for e in second.sent], 10)
+            total = call.frames_sent
             await call.hang_up()
-    resent = appends(second)
-    assert resent > appends(first) - 50  # the utterance again (and the rest of the call), not only its tail
+    before, after = appended_audio(first), appended_audio(second)
+    resent = len(before) + len(after) - total
+    # Given again: what the lost session had of the utterance, from 0.5 s before its speech_started...
+    assert PRE_SPEECH_FRAMES <= resent <= len(before) - at_speech + PRE_SPEECH_FRAMES + 5
+    assert after[:resent] == before[-resent:]
+    # ...then every later frame once: nothing lost, nothing else twice.
+    assert len(before) + len(after) - resent == total
     assert "input_audio_buffer.committed" in [e["type"] for e in second.sent]
 
 
