@@ -51,7 +51,7 @@ from bridge.prompts import Profile, profile_to_mapping
 from bridge.recordings import Header, RecordingFile, RecordingWriter, Source
 from bridge.session import DEFAULT_TIMEOUTS, CallSession
 from bridge.states import EndReason, Timeouts
-from bridge.streams import CallRecorder, TwilioStream
+from bridge.streams import CallRecorder, RealtimeLinks, TwilioStream
 from bridge.twilio import TwilioCommand
 from bridge.upstream import RealtimeConnection, Tap, Upstream
 
@@ -111,7 +111,8 @@ class Call:
         self._on_transcript = on_transcript
         self._on_end = on_end
         self._twilio: TwilioStream | None = None
-        self._legs: dict[int, RealtimeConnection] = {}
+        self.links = RealtimeLinks(self._write_failed)
+        self._legs = self.links.open
         """The open Realtime sessions of the call, by number (the serving one is the session's ``leg``)."""
         self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -401,16 +402,10 @@ class Call:
             await self._send_twilio(to_twilio)
         if to_legs:
             await self._do_legs(to_legs)
-        if to_model:  # inline, not _send_model: the hot path (50 appends a second) costs no coroutine
-            model = self._legs.get(serving)
-            if model is not None:
-                try:
-                    for command in to_model:
-                        pending = model.write(command)  # None: written at once
-                        if pending is not None:
-                            await pending
-                except ConnectionClosed:
-                    self._write_failed(serving, model)
+        if to_model:  # the hot path (50 appends a second): no coroutine unless the socket must drain
+            pending = self.links.write(serving, to_model)
+            if pending is not None:
+                await pending
         if to_twilio or len(session.stats.truncations) != self._counted[2]:
             self._count_sent(received)
         if session.rearm:
@@ -419,26 +414,11 @@ class Call:
         if session.ended and not self.finished.is_set():
             self._finished()  # the session decided (Twilio's stop, the goodbye heard, a timeout)
 
-    async def _send_model(self, number: int, commands: list[rt.ClientCommand]) -> None:
-        """Send ``commands`` to Realtime session ``number`` (the session queues nothing for one not open)."""
-        model = self._legs.get(number)
-        if model is None:
-            return
-        try:
-            for command in commands:
-                pending = model.write(command)  # None: written at once
-                if pending is not None:
-                    await pending
-        except ConnectionClosed:
-            self._write_failed(number, model)
-
-    def _write_failed(self, number: int, model: RealtimeConnection) -> None:
-        """Writing to Realtime session ``number`` failed: its socket is gone; the session decides."""
-        if self._legs.get(number) is model:
-            del self._legs[number]
-            self.session.leg_closed(number, EndReason.MODEL_DROPPED, "while sending")
-            if self.session.ended:
-                self._end(EndReason.MODEL_DROPPED, "while sending")
+    def _write_failed(self, number: int) -> None:
+        """Writing to Realtime session ``number`` failed (its socket is gone): the session decides."""
+        self.session.leg_closed(number, EndReason.MODEL_DROPPED, "while sending")
+        if self.session.ended:
+            self._end(EndReason.MODEL_DROPPED, "while sending")
 
     async def _do_legs(self, commands: list[LegCommand]) -> None:
         """Carry out what the session asked of its other Realtime sessions, in order."""
@@ -453,7 +433,9 @@ class Call:
                     if model is not None:
                         self._spawn(model.close())
             else:
-                await self._send_model(command.number, command.commands)
+                pending = self.links.write(command.number, command.commands)
+                if pending is not None:
+                    await pending
         self._count_legs()
 
     async def _close_later(self, number: int, grace: float) -> None:

@@ -57,7 +57,8 @@ class Turn:
     final: bool = False
     """Its text is complete (an answer being spoken is not carried until it is)."""
     carried: dict[int, str] = field(default_factory=dict)
-    """Session number → the id of the text item that carries this turn there."""
+    """Session number → the id of its item there: its own (the key) in the session it happened in, the
+    text item that carries it in a later one, ``""`` where it was left out for the budget."""
 
     @property
     def text(self) -> str:

@@ -6,8 +6,8 @@ waiting for the model, and the model is told it was said.
 
 The hold prompt ("one moment, please") is played when a call's Realtime session is being replaced and the
 caller would otherwise hear silence (``rollover.py``). It is rendered the same way, once per voice and
-audio path in each process, in the background when the first call with that voice begins, and kept in
-memory: it is a second of audio and never changes.
+audio path in each process -- at start-up for the voices of the stored profiles, and for another voice
+when its first call begins -- and kept in memory: it is a second of audio and never changes.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ async def render_greeting(upstream: Upstream, profile: Profile, audio_path: Audi
 async def render_speech(
     upstream: Upstream, profile: Profile, audio_path: AudioPath, instructions: str
 ) -> bytes:
-    """Have the model say what ``instructions`` ask in ``profile``'s voice; return raw μ-law 8 kHz."""
-    model = await upstream.connect()
+    """Have the model say what ``instructions`` ask in ``profile``'s voice; return raw μ-law 8 kHz. (Never
+    the breaker's probe: no caller waits for this.)"""
+    model = await upstream.connect(may_probe=False)
     transcoder = OutboundTranscoder(audio_path)
     audio = bytearray()
     try:

@@ -14,13 +14,16 @@ through both (the table: :data:`~bridge.states.LINK_TRANSITIONS`):
 * **Reconnection.** A lost session (the socket closed or reset, ``session_expired`` or ``server_error``,
   no event for :attr:`~bridge.states.Timeouts.model_idle` while one was owed) is replaced the same way at
   once, the caller's audio held meanwhile (with the utterance the caller was in, when they were speaking),
-  then given to the new session. An answer that was being spoken is carried as far as the marks prove it
-  was heard, and the new session is asked to finish it; a turn left unanswered is asked to be repeated.
+  then given to the new session. An answer that was being spoken is carried as far as it was generated and
+  sent (it plays on; if the caller interrupts it, its item is rewritten where the marks prove it heard),
+  and the new session is asked to finish it; a turn left unanswered is answered, or asked to be repeated
+  when its words were lost; a goodbye being said is asked of the new session.
   After :attr:`~bridge.states.Timeouts.hold_after` the caller hears a pre-rendered "one moment, please";
   after :attr:`~bridge.states.Timeouts.reconnect` the call ends with the profile's fallback message.
 * **The swap** is one step of the session: what was queued for the old session goes to it (its caller
-  audio to the new one), the old socket is closed, and from then on caller audio goes to the new session:
-  nothing lost, nothing sent twice.
+  audio to the new one), the old socket is closed a few seconds later (the transcripts of its last turn
+  may still come, and are told to the new session), and from then on caller audio goes to the new
+  session: nothing lost, nothing sent twice.
 
 What must be done to a session other than the serving one is queued as a :data:`~bridge.legs.LegCommand`
 for the driver (``call.py``), which reports back with :meth:`Rollover.leg_opened`,
@@ -42,7 +45,16 @@ from bridge.errors import IllegalTransition
 from bridge.legs import Began, CloseLeg, LegCommand, LegInfo, OpenLeg, SendToLeg, swap_times
 from bridge.playback import Item, Playback
 from bridge.prompts import Profile
-from bridge.states import LINK_TRANSITIONS, CallState, EndReason, Goodbye, Link, LinkTrigger, Timeouts
+from bridge.states import (
+    LINK_TRANSITIONS,
+    CallState,
+    EndReason,
+    Goodbye,
+    GoodbyeTrigger,
+    Link,
+    LinkTrigger,
+    Timeouts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +114,16 @@ class Rollover(Playback):
     _retry_at: float | None
     _jitter: random.Random
     _regreet: bool
+    _goodbye_ask: rt.CreateResponse | None
+    _goodbye_response: str | None
     _greeted: bool
     greeting_audio: bytes | None
 
     def end(self, reason: EndReason, detail: str = "") -> None:
+        """Overridden by the session."""
+        raise NotImplementedError
+
+    def _goodbye_move(self, trigger: GoodbyeTrigger) -> None:
         """Overridden by the session."""
         raise NotImplementedError
 
@@ -361,6 +379,11 @@ class Rollover(Playback):
         # Queued for the lost session and not sent: its audio is held for the next one, the rest is moot.
         held = [c.audio for c in self._to_model if type(c) is rt.AppendAudio]
         self._to_model = []
+        if self.goodbye in (Goodbye.ASKED, Goodbye.SPEAKING) and self._goodbye_ask is not None:
+            # The goodbye was asked of the lost session: ask it of the next one (after the conversation).
+            self._goodbye_move(GoodbyeTrigger.SESSION_LOST)
+            self._goodbye_response = None
+            self._to_model.append(self._goodbye_ask)
         if self._caller_speaking:
             # Its session heard the start of what the caller is saying: the next one gets all of it (the
             # utterance holds the frames not sent yet too).

@@ -159,6 +159,7 @@ class CallSession(Rollover):
         # Response bookkeeping.
         self.goodbye = Goodbye.NONE
         self._goodbye_response: str | None = None
+        self._goodbye_ask: rt.CreateResponse | None = None
         self._active_response: str | None = None
         self._dropped: set[str] = set()
         self._items: dict[str, Item] = {}
@@ -505,6 +506,13 @@ class CallSession(Rollover):
                     if other.leg == self.leg and self.link is not Link.DOWN:
                         to_model.append(rt.DeleteItem(other.item_id))
                     self._recarry(other.item_id)
+        if active is not None and (position is None or position[0].response_id != active):
+            # The caller was hearing something else (an answer of a lost session, "one moment"): what
+            # the serving session generated meanwhile was never heard.
+            for other in self._items.values():
+                if other.response_id == active and other.model_bytes and other.leg == self.leg:
+                    self.conversation.heard(other.item_id, 0, 1)
+                    to_model.append(rt.DeleteItem(other.item_id))
         self._ledger.clear()
         self._unmarked_frames = 0
         self._framer.clear()
@@ -583,4 +591,5 @@ class CallSession(Rollover):
             return
         self._goodbye_move(GoodbyeTrigger.ASK)
         self._barge_in()
-        self._to_model.append(rt.CreateResponse(f"Say exactly this to the caller, then stop: {text}"))
+        self._goodbye_ask = rt.CreateResponse(f"Say exactly this to the caller, then stop: {text}")
+        self._to_model.append(self._goodbye_ask)

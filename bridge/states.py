@@ -68,6 +68,7 @@ class GoodbyeTrigger(Enum):
     ASK = "say_goodbye"
     RESPONSE_CREATED = "response.created"
     RESPONSE_DONE = "response.done of the goodbye response"
+    SESSION_LOST = "the session saying it was lost: the next one is asked"
 
 
 G, GT = Goodbye, GoodbyeTrigger
@@ -75,6 +76,8 @@ GOODBYE_TRANSITIONS: dict[tuple[Goodbye, GoodbyeTrigger], Goodbye] = {
     (G.NONE, GT.ASK): G.ASKED,
     (G.ASKED, GT.RESPONSE_CREATED): G.SPEAKING,
     (G.SPEAKING, GT.RESPONSE_DONE): G.SPOKEN,
+    (G.ASKED, GT.SESSION_LOST): G.ASKED,
+    (G.SPEAKING, GT.SESSION_LOST): G.ASKED,
 }
 
 

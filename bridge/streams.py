@@ -1,21 +1,26 @@
-"""The Twilio stream socket's one write path, and a call's recording: the thin layers around a call's sockets.
+"""The thin layers around a call's sockets: their one write path each, and the call's recording.
 
 :class:`TwilioStream` wraps the Media Streams socket of one call (aiohttp's server WebSocket): every send
-goes through it, and it taps each message for the recording. :class:`CallRecorder` is that recording:
-each socket gets a tap (the Realtime sessions' carry their number), and every message is written as it
-crossed, timed from the call's start. Kept apart from ``call.py``, which drives the call.
+goes through it, and it taps each message for the recording. :class:`RealtimeLinks` holds the call's open
+Realtime sessions by number and writes to each in order, even when a socket must drain while other
+batches arrive. :class:`CallRecorder` is the recording: each socket gets a tap (the Realtime sessions'
+carry their number), and every message is written as it crossed, timed from the call's start. Kept apart
+from ``call.py``, which drives the call.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections import deque
+from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMessage, WSMsgType, web
+from websockets.exceptions import ConnectionClosed
 
+from bridge import realtime as rt
 from bridge.clock import Clock
 from bridge.recordings import Direction, RecordingFile, RecordingWriter, Source
-from bridge.upstream import Tap
+from bridge.upstream import RealtimeConnection, Tap
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +100,51 @@ class TwilioStream:
         if self._tap is not None:
             self._tap("out", text)
         return ws.send_str(text)
+
+
+class RealtimeLinks:
+    """A call's open Realtime sessions by number, and the one write path to each.
+
+    :meth:`write` writes a batch of commands at once, as long as the socket takes them without waiting
+    (no coroutine: the 50 appends a second of a call go this way). When the socket must drain, the rest
+    of the batch, and every batch written to that session meanwhile by another reader's flush, wait in
+    its backlog and go out in order: a caller frame never overtakes the held audio or the conversation
+    carried into a new session.
+    """
+
+    def __init__(self, on_write_failed: Callable[[int], None]) -> None:
+        self.open: dict[int, RealtimeConnection] = {}
+        self._backlog: dict[int, deque[rt.ClientCommand]] = {}
+        self._on_write_failed = on_write_failed
+
+    def write(self, number: int, commands: list[rt.ClientCommand]) -> Awaitable[None] | None:
+        """Write ``commands`` to session ``number`` (nothing when it is not open): ``None`` when all went
+        out, else what to await for the rest."""
+        backlog = self._backlog.get(number)
+        if backlog is not None:
+            backlog.extend(commands)  # behind the batch that is draining
+            return None
+        model = self.open.get(number)
+        if model is None:
+            return None
+        for i, command in enumerate(commands):
+            pending = model.write(command)
+            if pending is not None:
+                self._backlog[number] = deque(commands[i + 1 :])
+                return self._drain(number, model, pending)
+        return None
+
+    async def _drain(self, number: int, model: RealtimeConnection, pending: Awaitable[None]) -> None:
+        backlog = self._backlog[number]
+        try:
+            await pending
+            while backlog:
+                more = model.write(backlog.popleft())
+                if more is not None:
+                    await more
+        except ConnectionClosed:
+            if self.open.get(number) is model:
+                del self.open[number]
+                self._on_write_failed(number)
+        finally:
+            del self._backlog[number]

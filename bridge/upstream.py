@@ -298,12 +298,19 @@ class Upstream:
         return {"Authorization": f"Bearer {token.token}"}
 
     async def connect(
-        self, *, tap: Tap | None = None, budget: float | None = None, wait_for_breaker: bool = False
+        self,
+        *,
+        tap: Tap | None = None,
+        budget: float | None = None,
+        wait_for_breaker: bool = False,
+        may_probe: bool = True,
     ) -> RealtimeConnection:
         """Open a connection, retrying what may pass within ``budget`` seconds (default
         :data:`CONNECT_BUDGET`); raise :class:`UpstreamRejected` (fatal) or :class:`UpstreamUnavailable`.
         While the breaker is open, or its probe is under way, this fails at once, unless
-        ``wait_for_breaker`` (a live call's reconnection waits for the probe within its budget)."""
+        ``wait_for_breaker`` (a live call's reconnection looks again every quarter second, within its
+        budget). ``may_probe``: False for work no caller waits for (rendering a prompt), which must not
+        take the probe from a call."""
         clock, breaker = self.clock, self.breaker
         until = clock.now() + (CONNECT_BUDGET if budget is None else budget)
         last: UpstreamUnavailable | None = None
@@ -312,7 +319,7 @@ class Upstream:
             now = clock.now()
             if breaker.not_before > now:  # the service's Retry-After holds every connect
                 wait = breaker.not_before - now
-            elif breaker.allow():
+            elif (may_probe or breaker.state == Breaker.CLOSED) and breaker.allow():
                 probe = breaker.state == Breaker.PROBING
                 try:
                     ws = await self._connect_once(max(0.1, min(self.open_timeout, until - now)))
@@ -341,7 +348,7 @@ class Upstream:
                         "the Realtime service has been refusing connections: new calls get the fallback "
                         f"message for {breaker.wait():.0f} s more (circuit breaker open)"
                     )
-                wait = max(0.05, breaker.wait()) * random.uniform(1.0, 1.2)
+                wait = min(0.25, max(0.05, breaker.wait())) * random.uniform(1.0, 1.2)
             if clock.now() + wait > until:
                 break
             await asyncio.sleep(wait)

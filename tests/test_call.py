@@ -112,3 +112,44 @@ def test_the_recording_tap_records_each_socket_with_its_source_direction_and_tim
         ("twilio", "in", 250.0),
         ("model", "out", 250.0),
     ]
+
+
+async def test_writes_to_a_draining_realtime_socket_keep_their_order() -> None:
+    from bridge import realtime as rt
+    from bridge.streams import RealtimeLinks
+    from bridge.upstream import SEND_HIGH_WATER
+
+    async with LocalModel(record=True) as model:
+        upstream = Upstream(Target(model.endpoint, "dep", Dialect.GA, None, "key"))
+        conn = await upstream.connect()
+        failed: list[int] = []
+        links = RealtimeLinks(failed.append)
+        links.open[1] = conn
+        served = await model.wait_for_connection()
+        transport = served._ws.transport
+        assert transport is not None
+        transport.pause_reading()  # a slow reader: the kernel's buffers fill, then the bridge's
+        chunk = b"\x00" * 48_000  # a second of PCM16 (64 kB of base64)
+        count = 16 * 2**20 // 64_000 + SEND_HIGH_WATER // 64_000
+        batch: list[rt.ClientCommand] = [rt.AppendAudio(chunk) for _ in range(count)]
+        batch.append(rt.AddTextItem("user", "end of the held audio"))
+        pending = links.write(1, batch)
+        assert pending is not None  # it must drain
+        # Another reader's flush, meanwhile: a live frame and a note. They wait behind the batch.
+        assert links.write(1, [rt.AppendAudio(b"\x01" * 960), rt.AddTextItem("user", "live")]) is None
+        transport.resume_reading()
+        await pending
+        async with asyncio.timeout(20):
+            while "live" not in str(served.received[-1:]):
+                await asyncio.sleep(0.01)
+        kinds = [e["type"] for e in served.received if e["type"] != "session.update"]
+        texts = [
+            e["item"]["content"][0]["text"]
+            for e in served.received
+            if e["type"] == "conversation.item.create"
+        ]
+        assert texts == ["end of the held audio", "live"]
+        assert kinds[: len(batch) - 1] == ["input_audio_buffer.append"] * (len(batch) - 1)
+        assert failed == []
+        await conn.close()
+        await upstream.close()

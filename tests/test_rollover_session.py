@@ -574,3 +574,40 @@ def test_a_greeting_lost_before_a_word_of_it_was_heard_is_asked_of_the_next_sess
     assert not any("repeat" in t for t in texts)  # the caller said nothing: no apology for lost words
     (create,) = [c for c in call.sent[2] if isinstance(c, rt.CreateResponse)]
     assert create.instructions == profile.greeting_instructions()
+
+
+def test_a_goodbye_being_said_when_the_session_is_lost_is_asked_of_the_next_one() -> None:
+    call = line()
+    session = call.session
+    session.say_goodbye("Goodbye!")
+    call.pump()
+    call.event(rt.ResponseCreated("r_bye"))  # the goodbye is being spoken...
+    session.leg_closed(1, EndReason.MODEL_DROPPED, "1006")  # ...when the session is lost
+    call.pump()
+    (create,) = [c for c in call.sent[2] if isinstance(c, rt.CreateResponse)]
+    assert create.instructions is not None and "Goodbye!" in create.instructions
+    # The next session's answer is that goodbye; the call ends once it is heard, not before.
+    answer(call, "2_bye", 1)
+    assert not session.ended
+    for _ in range(int(1.5 / FRAME)):
+        call.step(frame(0))
+    assert session.end_reason is EndReason.SAID_GOODBYE
+
+
+def test_a_barge_in_on_the_lost_sessions_answer_removes_what_the_new_one_queued_unheard() -> None:
+    call = line()
+    session = call.session
+    answer(call, "1_1", 3, "word " * 30)  # three seconds, playing
+    for _ in range(int(0.5 / FRAME)):
+        call.step(frame(0))
+    session.leg_closed(1, EndReason.MODEL_DROPPED, "1006")
+    call.pump()
+    assert session.leg == 2
+    call.event(rt.ResponseCreated("r2"))  # the new session answers (its audio queued behind the old)
+    call.event(rt.OutputItemAdded("r2", "a2", "message"))
+    call.event(rt.AudioDelta("r2", "a2", b"\x7f" * 8000))
+    call.event(rt.SpeechStarted(0, "u1"))  # the caller interrupts the old answer, still playing
+    sent = call.sent[2]
+    assert rt.DeleteItem("a2") in sent  # never heard: removed, not left for the model to believe heard
+    assert rt.CancelResponse("r2") in sent
+    assert not any(isinstance(c, rt.TruncateItem) for c in sent)
