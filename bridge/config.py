@@ -107,6 +107,8 @@ class Settings:
     database: str = ""
     audio_path: AudioPath = AudioPath.PCM16
     admin_token: Secret | None = None
+    metrics_token: Secret | None = None
+    """When set, ``GET /metrics`` wants ``Authorization: Bearer`` it."""
     recordings_dir: Path | None = None
     recordings_gzip: bool = False
     profile_path: Path | None = None
@@ -261,6 +263,12 @@ def load_settings(
             )
         if parts.path not in ("", "/"):
             raise ConfigError(f"BRIDGE_PUBLIC_URL={public!r} must not have a path: give only scheme and host")
+        if insecure and not is_loopback_host(parts.hostname):
+            # Development mode checks no signature: reachable from the internet, anyone could place calls.
+            raise ConfigError(
+                f"BRIDGE_INSECURE_DEV=1 refuses a public BRIDGE_PUBLIC_URL ({public}): development mode "
+                "checks no Twilio signature; set TWILIO_AUTH_TOKEN and unset BRIDGE_INSECURE_DEV"
+            )
     elif token and not insecure:
         raise ConfigError(
             "BRIDGE_PUBLIC_URL is not set: set it to the https:// address Twilio reaches this bridge at "
@@ -302,6 +310,10 @@ def load_settings(
     if admin and len(admin) < 16:
         raise ConfigError("BRIDGE_ADMIN_TOKEN is too short: use at least 16 random characters")
 
+    metrics_token = env.get("BRIDGE_METRICS_TOKEN", "").strip()
+    if metrics_token and len(metrics_token) < 16:
+        raise ConfigError("BRIDGE_METRICS_TOKEN is too short: use at least 16 random characters")
+
     level = env.get("BRIDGE_LOG_LEVEL", "").strip().upper() or "INFO"
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"BRIDGE_LOG_LEVEL={level!r} is unknown: use DEBUG, INFO, WARNING or ERROR")
@@ -317,6 +329,7 @@ def load_settings(
         database=database,
         audio_path=audio_path,
         admin_token=Secret(admin) if admin else None,
+        metrics_token=Secret(metrics_token) if metrics_token else None,
         recordings_dir=recordings,
         recordings_gzip=_flag(env, "BRIDGE_RECORDINGS_GZIP"),
         profile_path=profile_path,

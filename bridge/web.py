@@ -9,6 +9,7 @@ A stream that fails either check is closed with 1008 and the reason is logged.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -308,7 +309,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
+    """Prometheus text exposition; behind ``Authorization: Bearer BRIDGE_METRICS_TOKEN`` when that is set."""
+    token = request.app[SETTINGS].metrics_token
+    if token is not None:
+        given = request.headers.get("Authorization", "")
+        expected = "Bearer " + token.reveal()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            request.app[METRICS].refused.inc(label="metrics_token")
+            return web.Response(
+                status=401, text="a bearer token is required\n", headers={"WWW-Authenticate": "Bearer"}
+            )
     return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 

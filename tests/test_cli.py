@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -185,3 +186,18 @@ async def test_bridge_call_names_an_unusable_file_in_one_line(tmp_path: Path) ->
         (line,) = err.strip().splitlines()
         assert line.startswith(f"bridge call: {path}: {fragment}"), line
     assert "sox in.wav -r 8000 -c 1" in (await run_cli(env, "call", "--say", str(tmp_path / "speech.wav")))[1]
+
+
+@pytest.mark.timeout(30)
+def test_scripts_serve_refuses_a_public_url_without_an_auth_token(tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "BRIDGE_PUBLIC_URL": "https://abc.example.com"}
+    done = subprocess.run(
+        ["bash", str(Path(__file__).parent.parent / "scripts" / "serve")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "TWILIO_AUTH_TOKEN" in done.stderr and "loopback only" in done.stderr

@@ -131,3 +131,22 @@ def test_rollover_settings_have_defaults_and_are_read(tmp_path: Path) -> None:
     )
     assert (s.rollover_margin, s.max_session_seconds, s.model_idle_timeout) == (30.0, 600.0, 4.0)
     assert s.local_model_session_seconds == 60.0
+
+
+def test_development_mode_refuses_a_public_url(tmp_path: Path) -> None:
+    env = {"BRIDGE_DATA_DIR": str(tmp_path), "BRIDGE_INSECURE_DEV": "1"}
+    with pytest.raises(ConfigError, match="refuses a public BRIDGE_PUBLIC_URL") as info:
+        load_settings({**env, "BRIDGE_PUBLIC_URL": "https://abc.trycloudflare.com"})
+    assert "TWILIO_AUTH_TOKEN" in str(info.value) and "\n" not in str(info.value)
+    for loopback in ("http://127.0.0.1:8080", "http://localhost:9000", "http://[::1]:8080"):
+        assert load_settings({**env, "BRIDGE_PUBLIC_URL": loopback}).public_url == loopback
+
+
+def test_the_metrics_token_is_read_and_checked_for_length(tmp_path: Path) -> None:
+    env = {"BRIDGE_DATA_DIR": str(tmp_path), **BASE}
+    assert load_settings(env).metrics_token is None
+    token = "m" * 24
+    s = load_settings({**env, "BRIDGE_METRICS_TOKEN": token})
+    assert s.metrics_token is not None and s.metrics_token.reveal() == token and token not in repr(s)
+    with pytest.raises(ConfigError, match="BRIDGE_METRICS_TOKEN is too short"):
+        load_settings({**env, "BRIDGE_METRICS_TOKEN": "short"})

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+import aiohttp
 import numpy as np
 import pytest
 
@@ -263,3 +264,18 @@ async def test_shutdown_drains_refuses_new_calls_and_says_goodbye(
         conn = model.connections[0]
         creates = [e for e in conn.received if e["type"] == "response.create"]
         assert "goodbye" in creates[-1]["response"]["instructions"].lower()
+
+
+async def test_metrics_want_the_bearer_token_when_one_is_set(start_bridge: Any) -> None:
+    token = "metrics-" + "x" * 20
+    async with LocalModel() as model:
+        served = await start_bridge(model, BRIDGE_METRICS_TOKEN=token)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(served.url + "/metrics") as resp:
+                assert resp.status == 401 and resp.headers["WWW-Authenticate"] == "Bearer"
+            async with http.get(served.url + "/metrics", headers={"Authorization": "Bearer wrong"}) as resp:
+                assert resp.status == 401
+            headers = {"Authorization": f"Bearer {token}"}
+            async with http.get(served.url + "/metrics", headers=headers) as resp:
+                assert resp.status == 200
+                assert 'bridge_refused_total{reason="metrics_token"} 2' in await resp.text()

@@ -352,3 +352,24 @@ def test_the_writer_refuses_a_session_number_the_reader_would_refuse() -> None:
     with pytest.raises(ValueError, match="only a model message"):
         writer.write(1.0, "twilio", "in", "{}", 2)
     assert Event(1.0, "twilio", "in", msg={}).session == 1
+
+
+@pytest.mark.timeout(10)
+def test_a_gzip_recording_cut_off_by_a_crash_is_read_up_to_the_cut(tmp_path: Path) -> None:
+    from bridge.recordings import Header, RecordingWriter, load_recording
+
+    clock = ManualClock()
+    path = tmp_path / "crashed.jsonl.gz"
+    sink = RecordingFile(path, clock)
+    writer = RecordingWriter(Header(call_sid="CA" + "7" * 32), sink)
+    for n in range(3):
+        writer.write(float(n), "model", "in", json.dumps({"type": "session.created", "n": n}))
+    clock.set(GZIP_FLUSH_SECONDS)
+    writer.write(3.0, "model", "in", json.dumps({"type": "session.updated"}))  # flushed: readable
+    writer.write(4.0, "model", "in", json.dumps({"type": "response.created"}))  # not flushed yet
+    crashed = path.read_bytes()  # what is on disk when the process dies: no gzip trailer
+    sink.close()
+    path.write_bytes(crashed)
+    rec = load_recording(path)  # not EOFError
+    assert rec.truncated
+    assert [e.kind for e in rec.events] == ["session.created"] * 3 + ["session.updated"]

@@ -7,6 +7,7 @@ injected :class:`~bridge.clock.Clock` (the call's), so that tests drive the gzip
 from __future__ import annotations
 
 import gzip
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,8 +23,15 @@ def load_recording(path: Path) -> Recording:
     with path.open("rb") as f:
         compressed = f.read(2) == b"\x1f\x8b"
     opener: Any = gzip.open if compressed else open
+    lines: list[str] = []
+    cut = False
     with opener(path, "rt", encoding="utf-8", errors="replace") as text:
-        return parse_recording(text, name=path.name)
+        try:
+            lines.extend(text)
+        except EOFError:  # a gzip stream a crash cut off: what was flushed before the cut is readable
+            cut = True
+    recording = parse_recording(lines, name=path.name)
+    return replace(recording, truncated=True) if cut else recording
 
 
 class RecordingFile:
