@@ -107,6 +107,8 @@ class Settings:
     database: str = ""
     audio_path: AudioPath = AudioPath.PCM16
     admin_token: Secret | None = None
+    max_calls: int = 100
+    """Calls one process accepts at once (answered, pre-warmed or live); above it the fallback message."""
     metrics_token: Secret | None = None
     """When set, ``GET /metrics`` wants ``Authorization: Bearer`` it."""
     recordings_dir: Path | None = None
@@ -168,6 +170,15 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     if not low <= value <= high:
         raise ConfigError(f"{name}={raw} is out of range: use a value from {low:g} to {high:g}")
     return value
+
+
+def _count(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{name}={raw!r} is not a count: give a whole number of 1 or more, e.g. {default}")
+    return int(raw)
 
 
 def _writable_dir(name: str, raw: str) -> Path:
@@ -330,6 +341,7 @@ def load_settings(
         audio_path=audio_path,
         admin_token=Secret(admin) if admin else None,
         metrics_token=Secret(metrics_token) if metrics_token else None,
+        max_calls=_count(env, "BRIDGE_MAX_CALLS", 100),
         recordings_dir=recordings,
         recordings_gzip=_flag(env, "BRIDGE_RECORDINGS_GZIP"),
         profile_path=profile_path,

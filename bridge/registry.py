@@ -63,6 +63,15 @@ class CallRegistry:
             except StoreError as exc:
                 log.error("call %s: the call record was not stored: %s", call.call_sid, exc)
 
+    @property
+    def active(self) -> int:
+        """Calls answered and not over: pre-warmed (waiting for their stream) and live."""
+        return len(self.live) + len(self._prewarmed)
+
+    def answered(self, call_sid: str) -> bool:
+        """Whether ``call_sid`` was answered and waits for its stream (a webhook Twilio retried)."""
+        return call_sid in self._prewarmed
+
     def prewarm(self, call: Call) -> None:
         """Start ``call``'s Realtime connection and keep it for its stream, until its pre-warm ends."""
         old = self._prewarmed.pop(call.call_sid, None)

@@ -65,12 +65,19 @@ async def voice(request: web.Request) -> web.Response:
         log.info("call %s: refused politely, the bridge is shutting down", call_sid)
         return _twiml(webhooks.reject_twiml(REFUSAL))
     from_number, to_number = form.get("From", ""), form.get("To", "")
-    if app[UPSTREAM].breaker.wait() > 0:
-        # The Realtime service has been refusing connections: the fallback message at once, no handshake.
+    full = registry.active >= settings.max_calls and not registry.answered(call_sid)
+    if full or app[UPSTREAM].breaker.wait() > 0:
+        # Full, or the Realtime service has been refusing connections: the fallback message at once, and
+        # no Realtime session opened.
         version = await _profile_for(app, to_number)
         fallback = (version.profile if version is not None else app[PROFILE]).fallback_message
-        metrics.refused.inc(label="model_unavailable")
-        log.warning("call %s: answered with the fallback message: the connect breaker is open", call_sid)
+        metrics.refused.inc(label="full" if full else "model_unavailable")
+        why = (
+            f"{settings.max_calls} calls already (BRIDGE_MAX_CALLS)"
+            if full
+            else "the connect breaker is open"
+        )
+        log.warning("call %s: answered with the fallback message: %s", call_sid, why)
         return _twiml(webhooks.reject_twiml(fallback))
     call = await new_call(app, call_sid, from_number, to_number)
     tokens = app[TOKENS]
@@ -303,8 +310,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: false while draining, so balancers stop sending new calls."""
-    if request.app[REGISTRY].draining:
+    registry = request.app[REGISTRY]
+    if registry.draining:
         return web.Response(status=503, text="draining\n")
+    if registry.active >= request.app[SETTINGS].max_calls:
+        return web.Response(status=503, text="full\n")  # a load balancer sends calls elsewhere meanwhile
     return web.Response(text="ready\n")
 
 

@@ -87,6 +87,8 @@ def test_secrets_never_show_in_repr(tmp_path: Path) -> None:
         ({"BRIDGE_PROFILE": "profile.yaml"}, ".toml or .json"),
         ({"BRIDGE_LOG_LEVEL": "LOUD"}, "BRIDGE_LOG_LEVEL"),
         ({"BRIDGE_ROLLOVER_MARGIN": "2 minutes"}, "BRIDGE_ROLLOVER_MARGIN"),
+        ({"BRIDGE_MAX_CALLS": "0"}, "BRIDGE_MAX_CALLS"),
+        ({"BRIDGE_MAX_CALLS": "many"}, "whole number"),
         ({"BRIDGE_ROLLOVER_MARGIN": "0"}, "out of range"),
         ({"BRIDGE_MAX_SESSION_SECONDS": "5"}, "BRIDGE_MAX_SESSION_SECONDS"),
         ({"BRIDGE_MODEL_IDLE_TIMEOUT": "-1"}, "BRIDGE_MODEL_IDLE_TIMEOUT"),

@@ -279,3 +279,27 @@ async def test_metrics_want_the_bearer_token_when_one_is_set(start_bridge: Any) 
             async with http.get(served.url + "/metrics", headers=headers) as resp:
                 assert resp.status == 200
                 assert 'bridge_refused_total{reason="metrics_token"} 2' in await resp.text()
+
+
+async def test_above_max_calls_the_webhook_answers_the_fallback_and_readyz_says_full(
+    model: LocalModel, start_bridge: Any
+) -> None:
+    bridge = await start_bridge(model, BRIDGE_MAX_CALLS="1")
+    status, _ = await bridge.get("/readyz")
+    assert status == 200
+    async with caller(bridge) as first:
+        await first.dial()
+        await first.wait_for_played(0.2)
+        opened = len(model.connections)
+        status, text = await bridge.get("/readyz")
+        assert (status, text) == (503, "full\n")  # a load balancer sends the next call elsewhere
+        async with caller(bridge) as second:
+            status, twiml = await second.post_voice()
+        assert status == 200 and "<Say>" in twiml and "<Connect>" not in twiml and "<Hangup" in twiml
+        assert len(model.connections) == opened  # no Realtime session opened for it
+        await first.hang_up()
+    await settle(lambda: not bridge.app[REGISTRY].live, 2)
+    status, _ = await bridge.get("/readyz")
+    assert status == 200
+    status, metrics = await bridge.get("/metrics")
+    assert 'bridge_refused_total{reason="full"} 1' in metrics
