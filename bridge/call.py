@@ -558,12 +558,15 @@ class Call:
             self.recorder.close()
         reason = self.session.end_reason or EndReason.SHUTDOWN
         self.metrics.calls.inc(label="completed" if reason.completed else "ended")
+        stats = self.session.stats
+        for why, count in stats.frames_discarded.items():
+            self.metrics.discarded.inc(count, label=why)
+        self.metrics.sequence_gaps.inc(stats.sequence_gaps)
         if self._on_end is not None:
             try:
                 await self._on_end(self)
             except Exception:  # the record must not stop the teardown of the other calls (a drain)
                 log.exception("call %s: its outcome or record could not be kept", self.call_sid)
-        stats = self.session.stats
         self._log(
             logging.INFO,
             "ended after %.1f s (%s): %d frames in, %d out, %d barge-ins, truncations %s, %d upstream errors",

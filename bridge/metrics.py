@@ -109,6 +109,15 @@ class Metrics:
             "bridge_malformed_messages_total", "Messages skipped as malformed.", "source"
         )
         self.refused = Counter("bridge_refused_total", "Requests or streams refused.", "reason")
+        self.discarded = Counter(
+            "bridge_twilio_discarded_total",
+            "Media that was not a call's caller audio, counted at its end.",
+            "why",
+        )
+        self.sequence_gaps = Counter(
+            "bridge_twilio_sequence_gaps_total",
+            "Jumps in Twilio's sequence numbers, counted at a call's end.",
+        )
         self.inbound_delay = Histogram(
             "bridge_inbound_added_seconds", "Caller frame received from Twilio to sent to the model."
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from bridge import realtime as rt
 from bridge.audio import Framer, OutboundTranscoder, model_bytes_to_ms
 from bridge.clock import Clock
 from bridge.config import AudioPath
@@ -76,6 +77,10 @@ class Stats:
     reconnect_gaps: list[float] = field(default_factory=list)
     """Seconds from each loss to the swap to the session that replaced it."""
     holds_played: int = 0
+    frames_discarded: dict[str, int] = field(default_factory=dict)
+    """Media that was not this call's caller audio, by why (before start, another stream, a track)."""
+    sequence_gaps: int = 0
+    """Times Twilio's sequence numbers of caller media jumped."""
 
 
 class Playback:
@@ -99,6 +104,9 @@ class Playback:
     _unmarked_frames: int
     _unmarked_since: float
     _last_echo_at: float
+    _dropped: set[str]
+    _prestart: list[tuple[Item, bytes]]
+    leg: int
 
     def _end_if_goodbye_heard(self) -> None:
         """Overridden by the session: a goodbye heard ends the call."""
@@ -199,3 +207,19 @@ class Playback:
         self._end_if_goodbye_heard()
         if not ledger:
             self._maybe_swap()  # all the model said was heard: perhaps a turn boundary
+
+    def _on_delta(self, event: rt.AudioDelta) -> None:
+        if event.response_id in self._dropped:
+            self.stats.late_deltas_dropped += 1
+            return
+        item = self._items.get(event.item_id)
+        if item is None:
+            item = self._items[event.item_id] = Item(event.item_id, event.response_id, leg=self.leg)
+        self._current = item
+        item.model_bytes += len(event.audio)
+        frames = self._framer.push(self._outbound.convert(event.audio))
+        if self.stream_sid is None:
+            # Twilio has not started the stream: nothing may be sent to it yet (docs/protocols.md §5.8).
+            self._prestart.extend((item, frame) for frame in frames)
+            return
+        self._emit(frames, item, final=False)

@@ -19,22 +19,12 @@ Call states (:data:`~bridge.states.TRANSITIONS`; the tables and enums live in ``
 may come first (the Realtime socket is opened while the webhook is answered). Caller audio that arrives
 before the call is live is queued, not dropped, and the greeting is requested the moment it goes live.
 
-Playback ledger: every outbound frame is followed, every few frames, by a Twilio ``mark``. Marks are the
-only proof of what the caller heard (Twilio's inbound ``timestamp`` is not): when a mark echoes, the item
-it closes has been played up to that mark's byte position. Between echoes the position is interpolated
-with the clock, never past the next unechoed mark.
+The playback ledger (what the caller heard, from Twilio's marks) is :class:`~bridge.playback.Playback`,
+and the call's Realtime sessions (rollover, reconnection) are :class:`~bridge.rollover.Rollover`: parts of
+this class, each in its own module.
 
 Responses and goodbyes (:data:`~bridge.states.GOODBYE_TRANSITIONS`): a goodbye (shutdown, time limit) is
 asked for, spoken by the next response, and the call ends once the caller has heard it (its last mark).
-
-Realtime sessions (:data:`~bridge.states.LINK_TRANSITIONS`, ``legs.py``): a live call may go through
-several. A rollover is due before the serving session's ``expires_at``: the next session is opened and
-configured (its ``session.update``, then the conversation so far from ``conversation.py``) while the old one
-serves, and swapped to at a turn boundary (the caller silent, no answer owed or running, nothing playing),
-or, past the force time, at the first moment no answer is running or owed and the caller is silent. A lost
-session (a drop, ``session_expired``, a ``server_error``, the idle watchdog) is replaced the same way, the
-caller's audio held meanwhile and a pre-rendered "one moment" played when the gap grows. The swap is one
-step: caller audio up to it went to the old session, from it to the new one.
 
 Barge-in (``input_audio_buffer.speech_started`` while the caller hears the model): Twilio ``clear``
 first, then ``conversation.item.truncate`` at the proved position (clamped to what the model generated),
@@ -199,6 +189,8 @@ class CallSession(Rollover):
         self._caller_speaking = False
         self._answer_owed = False
         self._recent: deque[bytes] = deque(maxlen=PRE_SPEECH_FRAMES)
+        self._sequence = 0
+        """The last Twilio sequence number of caller media (0: none yet)."""
         self._utterance: deque[bytes] = deque(maxlen=UTTERANCE_FRAMES)
 
     # -- what to send, per destination (taken by the driver, like websockets' data_to_send())
@@ -302,7 +294,7 @@ class CallSession(Rollover):
             if now < due:
                 return
             if isinstance(what, EndReason):
-                self.end(what, self._timeout_detail(what))
+                self.end(what, self.timeouts.detail(what))
                 return
             what(now)
 
@@ -327,15 +319,6 @@ class CallSession(Rollover):
         log.info("call %s: time limit of %d s reached", self.call_id, self.profile.max_call_seconds)
         self._limit_goodbye_at = now
         self.say_goodbye(TIME_LIMIT_GOODBYE)
-
-    def _timeout_detail(self, reason: EndReason) -> str:
-        timeouts = self.timeouts
-        seconds = {
-            EndReason.NO_STREAM: f"within {timeouts.prewarm:.0f} s",
-            EndReason.MODEL_NOT_READY: f"within {timeouts.model_ready:.0f} s",
-            EndReason.TWILIO_IDLE: f"nothing for {timeouts.twilio_idle:.0f} s",
-        }
-        return seconds.get(reason, "")
 
     # -- the Realtime side
 
@@ -431,22 +414,6 @@ class CallSession(Rollover):
             cause = "session_expired" if event.code == "session_expired" else "server_error"
             self._lost(cause, f"{event.code}: {event.message}")
 
-    def _on_delta(self, event: rt.AudioDelta) -> None:
-        if event.response_id in self._dropped:
-            self.stats.late_deltas_dropped += 1
-            return
-        item = self._items.get(event.item_id)
-        if item is None:
-            item = self._items[event.item_id] = Item(event.item_id, event.response_id, leg=self.leg)
-        self._current = item
-        item.model_bytes += len(event.audio)
-        frames = self._framer.push(self._outbound.convert(event.audio))
-        if self.stream_sid is None:
-            # Twilio has not started the stream: nothing may be sent to it yet (docs/protocols.md §5.8).
-            self._prestart.extend((item, frame) for frame in frames)
-            return
-        self._emit(frames, item, final=False)
-
     def _on_response_done(self, event: rt.ResponseDone) -> None:
         if event.response_id in self._dropped:
             self._dropped.discard(event.response_id)
@@ -533,6 +500,13 @@ class CallSession(Rollover):
             return
         self._last_twilio_at = self.clock.now()
         if isinstance(event, tw.Media):
+            if event.stream_sid != self.stream_sid or event.track != "inbound":
+                self._discard(event)  # before start, another call's stream, or our own audio echoed
+                return
+            sequence = event.sequence_number
+            if sequence != self._sequence + 1 and self._sequence:
+                self._gap(sequence)
+            self._sequence = sequence
             self.stats.frames_in += 1
             audio = self._inbound.convert(event.payload)
             payload = event.payload  # kept as μ-law (a sixth of PCM16): converted again only when resent
@@ -547,12 +521,14 @@ class CallSession(Rollover):
                 self._queue.popleft()
                 self.stats.frames_queued_dropped += 1
         elif isinstance(event, tw.Mark):
+            self._sequence = event.sequence_number  # every message of Twilio's is numbered
             self._on_mark(event.name)
         elif isinstance(event, tw.Start):
             self._on_start(event)
         elif isinstance(event, tw.Stop):
             self.end(EndReason.CALLER_HUNG_UP)
         elif isinstance(event, tw.Dtmf):
+            self._sequence = event.sequence_number
             self.stats.dtmf.append(event.digit)
             if self.state is CallState.LIVE:
                 text = f"[The caller pressed {event.digit} on the keypad.]"
@@ -564,11 +540,36 @@ class CallSession(Rollover):
                     self.conversation.said("user", key, text)
                 # else: reconnecting; the next session is told with the rest of the conversation
 
+    def _discard(self, event: tw.Media) -> None:
+        """Media that is not this call's caller audio: counted, logged once per kind, never the model's."""
+        kind = (
+            "before start"
+            if self.stream_sid is None
+            else ("of another stream" if event.stream_sid != self.stream_sid else f"on track {event.track!r}")
+        )
+        discarded = self.stats.frames_discarded
+        if kind not in discarded:
+            log.warning("call %s: discarding media %s (counted, logged once)", self.call_id, kind)
+        discarded[kind] = discarded.get(kind, 0) + 1
+
+    def _gap(self, sequence: int) -> None:
+        """Twilio's sequence numbers skipped (messages lost or reordered on the way): counted, logged once."""
+        if not self.stats.sequence_gaps:
+            log.warning(
+                "call %s: Twilio sequence jumped from %d to %d (counted, logged once)",
+                self.call_id,
+                self._sequence,
+                sequence,
+            )
+        self.stats.sequence_gaps += 1
+
     def _on_start(self, event: tw.Start) -> None:
         if self.start is not None:
+            log.info("call %s: a second start event, ignored", self.call_id)
             return  # a repeated start changes nothing
         self.start = event
         self.stream_sid = event.stream_sid
+        self._sequence = event.sequence_number
         self._started_at = self._last_twilio_at
         for item, frame in self._prestart:
             self._emit([frame], item, final=False)

@@ -194,3 +194,12 @@ class Timeouts:
     """How long a lost session may take to be replaced before the call ends with the fallback message."""
     hold_after: float = 1.5
     """After this long without the model (and nothing left playing), the caller hears "one moment"."""
+
+    def detail(self, reason: EndReason) -> str:
+        """What the call log adds to a timeout's reason (empty for others)."""
+        seconds = {
+            EndReason.NO_STREAM: f"within {self.prewarm:.0f} s",
+            EndReason.MODEL_NOT_READY: f"within {self.model_ready:.0f} s",
+            EndReason.TWILIO_IDLE: f"nothing for {self.twilio_idle:.0f} s",
+        }
+        return seconds.get(reason, "")

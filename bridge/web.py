@@ -30,8 +30,12 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT = 10.0
 """How long a stream may take between the upgrade and its ``start`` event."""
-WS_MAX_MESSAGE = 4 * 1024 * 1024
-"""aiohttp would close the socket on a larger frame; ours are checked (and skipped) by ``twilio.py``."""
+WS_MAX_MESSAGE = 64 * 1024
+"""A Media Streams message is under 1 KiB (a ``start`` with parameters a few): aiohttp closes the socket
+(1009) on a larger one, before it is held in memory."""
+PRESTART_MESSAGES, PRESTART_BYTES = 20, 64 * 1024
+"""What a stream may send before its ``start`` (Twilio sends ``connected``, then ``start``): beyond either,
+it is refused (1008) instead of held."""
 REFUSAL = "We're sorry, this line is busy right now. Please call again in a few minutes."
 
 
@@ -229,19 +233,28 @@ async def run_media_stream(
     metrics, registry = app[METRICS], app[REGISTRY]
     before: list[tw.TwilioEvent] = []
     raw: list[tuple[float, str | bytes]] = []
+    malformed = 0
     clock = app[CLOCK]
     start: tw.Start | None = None
+    held = 0
     try:
         async with asyncio.timeout(START_TIMEOUT):
             async for msg in ws:
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                     break
+                held += len(msg.data)
+                if len(raw) >= PRESTART_MESSAGES or held > PRESTART_BYTES:
+                    why = f"more than {PRESTART_MESSAGES} messages or {PRESTART_BYTES} bytes before start"
+                    await _refuse(ws, metrics, "no_start", why)
+                    return
                 raw.append((clock.now(), msg.data))
                 try:
                     event = tw.parse_message(msg.data)
                 except MalformedMessage as exc:
                     metrics.malformed.inc(label="twilio")
-                    log.warning("skipped a malformed message before start: %s", exc.reason)
+                    if not malformed:
+                        log.warning("skipped a malformed message before start: %s (logged once)", exc.reason)
+                    malformed += 1
                     continue
                 before.append(event)
                 if isinstance(event, tw.Start):

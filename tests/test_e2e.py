@@ -161,7 +161,8 @@ async def test_bad_frames_are_skipped_and_the_call_goes_on(model: LocalModel, st
         await call.send_raw(json.dumps(bad_base64))
         await call.send_raw(b"\x00\x01binary")
         await call.send_raw('{"event":"surprise","streamSid":"x"}')
-        await call.send_raw('{"event":"media","media":{"payload":"' + "A" * 100_000 + '"}}')
+        # Oversized for a media message yet under the socket's 64 KiB cap (above it the socket closes: 1009).
+        await call.send_raw('{"event":"media","media":{"payload":"' + "A" * 30_000 + '"}}')
         await call.speak(QUESTION)
         await call.silence(0.8)
         await call.wait_for_played(1.0, timeout=15)
@@ -303,3 +304,36 @@ async def test_above_max_calls_the_webhook_answers_the_fallback_and_readyz_says_
     assert status == 200
     status, metrics = await bridge.get("/metrics")
     assert 'bridge_refused_total{reason="full"} 1' in metrics
+
+
+async def test_a_stream_that_sends_too_much_before_start_is_refused_not_held(
+    model: LocalModel, start_bridge: Any
+) -> None:
+    from bridge.testing import messages
+
+    bridge = await start_bridge(model)
+    async with caller(bridge) as call:
+        status, twiml = await call.post_voice()
+        call.accept_twiml(twiml)
+        assert call.stream_url is not None
+        url = messages.socket_url(call.stream_url, bridge.url)
+        headers = messages.stream_headers(messages.sign(AUTH_TOKEN, call.stream_url, {}))
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
+            await ws.send_str(json.dumps(messages.connected()))
+            frame = json.dumps(
+                messages.media(stream_sid="MZ" + "1" * 32, chunk=1, timestamp=0, payload=b"\xff" * 160)
+            )
+            for _ in range(30):  # media with no start: Twilio never does this
+                if ws.closed:
+                    break
+                await ws.send_str(frame)
+            closing = await ws.receive(timeout=5)
+            assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert ws.close_code == 1008
+        # A single message over the size cap closes the socket before it is held.
+        async with aiohttp.ClientSession() as http, http.ws_connect(url, headers=headers) as ws:
+            await ws.send_str("x" * (1024 * 1024))
+            await ws.receive(timeout=5)
+            assert ws.close_code == 1009
+    status, metrics = await bridge.get("/metrics")
+    assert 'bridge_refused_total{reason="no_start"} 1' in metrics

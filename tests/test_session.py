@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -561,3 +562,38 @@ def test_end_reasons_say_whether_the_call_completed_and_whether_the_model_failed
     # Before the call is live too: the caller hears the fallback message, not a bare hang-up.
     assert EndReason.MODEL_NOT_READY.model_failed and EndReason.MODEL_REFUSED_SESSION.model_failed
     assert EndReason.MODEL_FATAL.model_failed and EndReason.MODEL_LOST.model_failed
+
+
+def test_media_that_is_not_this_calls_caller_audio_is_discarded_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    session, _ = make()
+    session.upstream_opened()
+    assert session.receive_twilio(media()) == []  # before start: not queued for the model
+    session.receive_twilio(start_event())
+    out = session.receive_realtime(updated(AudioPath.G711_ULAW.value))
+    assert not any(isinstance(c, rt.AppendAudio) for c in out)
+    other = tw.Media("MZ" + "9" * 32, "inbound", 1, 20, b"\xff" * 160, 2)
+    outbound = tw.Media(SID, "outbound", 1, 20, b"\xff" * 160, 3)
+    with caplog.at_level(logging.WARNING, logger="bridge.session"):
+        for _ in range(3):
+            assert session.receive_twilio(other) == [] and session.receive_twilio(outbound) == []
+    assert session.stats.frames_discarded == {
+        "before start": 1,
+        "of another stream": 3,
+        "on track 'outbound'": 3,
+    }
+    assert len([r for r in caplog.records if "discarding media" in r.getMessage()]) == 3  # once per kind
+    assert session.stats.frames_in == 0
+
+
+def test_sequence_gaps_are_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    session, _ = live()
+    with caplog.at_level(logging.WARNING, logger="bridge.session"):
+        for sequence in (2, 3, 4, 7, 8, 12, 13):  # two jumps: 4 → 7 and 8 → 12
+            out = session.receive_twilio(
+                tw.Media(SID, "inbound", sequence, 20 * sequence, b"\xff" * 160, sequence)
+            )
+            assert any(isinstance(c, rt.AppendAudio) for c in out)  # the frames still go to the model
+    assert session.stats.sequence_gaps == 2
+    assert len([r for r in caplog.records if "sequence jumped" in r.getMessage()]) == 1
