@@ -857,6 +857,8 @@ class Bench:
                 "BRIDGE_LOG_LEVEL": "WARNING",
                 "BRIDGE_AUDIO_PATH": opts.audio_path,
                 "BRIDGE_DRAIN_SECONDS": "0",
+                # The load is the point: admission control must not turn calls away.
+                "BRIDGE_MAX_CALLS": str(opts.calls + 10),
             }
             if opts.dialect == "preview":
                 env["AZURE_OPENAI_API_VERSION"] = PREVIEW_API_VERSION
