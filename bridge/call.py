@@ -112,8 +112,6 @@ class Call:
         self._on_end = on_end
         self._twilio: TwilioStream | None = None
         self.links = RealtimeLinks(self._write_failed)
-        self._legs = self.links.open
-        """The open Realtime sessions of the call, by number (the serving one is the session's ``leg``)."""
         self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -240,7 +238,7 @@ class Call:
         if self.finished.is_set():
             await model.close()
             return
-        self._legs[1] = model
+        self.links.open[1] = model
         self.session.upstream_opened()
         await self._flush()
         self.metrics.connect_time.observe(self.clock.now() - began)
@@ -262,7 +260,7 @@ class Call:
         if self.finished.is_set():
             await model.close()
             return
-        self._legs[number] = model
+        self.links.open[number] = model
         self.session.leg_opened(number)
         await self._flush()
         self._spawn(self._read_model(number, model))
@@ -298,9 +296,9 @@ class Call:
         except ConnectionClosed as exc:
             reason = EndReason.MODEL_DROPPED
             detail = str(exc.rcvd.code) if exc.rcvd else "no close frame"
-        if self._legs.get(number) is not model:
+        if self.links.open.get(number) is not model:
             return  # the bridge closed it (a rollover, or the call's end)
-        del self._legs[number]
+        del self.links.open[number]
         if not self.finished.is_set():
             self._log(
                 logging.WARNING,
@@ -429,7 +427,7 @@ class Call:
                 if command.grace > 0:
                     self._spawn(self._close_later(command.number, command.grace))
                 else:
-                    model = self._legs.pop(command.number, None)
+                    model = self.links.open.pop(command.number, None)
                     if model is not None:
                         self._spawn(model.close())
             else:
@@ -440,10 +438,10 @@ class Call:
 
     async def _close_later(self, number: int, grace: float) -> None:
         """Close session ``number`` after ``grace`` s (its reader hands the session what still comes)."""
-        model = self._legs.get(number)
+        model = self.links.open.get(number)
         await asyncio.sleep(grace)
-        if model is not None and self._legs.get(number) is model:
-            del self._legs[number]
+        if model is not None and self.links.open.get(number) is model:
+            del self.links.open[number]
             await model.close()
 
     def _count_legs(self) -> None:
@@ -482,7 +480,7 @@ class Call:
         metrics.frames_out.inc(frames)
         metrics.barge_ins.inc(barge_ins)
         metrics.truncations.inc(truncations)
-        if received is None and stats.holds_played != self._holds_counted:  # played on the timer
+        if stats.holds_played != self._holds_counted:
             metrics.holds.inc(stats.holds_played - self._holds_counted)
             self._holds_counted = stats.holds_played
         if received is not None:
@@ -539,7 +537,7 @@ class Call:
         closers: list[Coroutine[Any, Any, None]] = []
         if self._twilio is not None and not self._twilio.ws.closed:
             closers.append(self._close_twilio(self._twilio.ws))
-        closers.extend(model.close() for model in self._legs.values())
+        closers.extend(model.close() for model in self.links.open.values())
         if closers:
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT * 2):

@@ -18,6 +18,7 @@ from bridge import realtime as rt
 from bridge.audio import Framer, OutboundTranscoder, model_bytes_to_ms
 from bridge.clock import Clock
 from bridge.config import AudioPath
+from bridge.states import CallMachine
 from bridge.twilio import PlaceMark, PlayAudio, TwilioCommand
 
 ULAW_BYTES_PER_MS = 8
@@ -83,7 +84,7 @@ class Stats:
     """Times Twilio's sequence numbers of caller media jumped."""
 
 
-class Playback:
+class Playback(CallMachine):
     """Frames, marks and the ledger of the model's audio (see the module docstring)."""
 
     # The state this part reads and writes; :class:`~bridge.session.CallSession` sets it up.

@@ -41,12 +41,10 @@ from bridge import realtime as rt
 from bridge.audio import InboundTranscoder, model_bytes_to_ms
 from bridge.config import AudioPath
 from bridge.conversation import RESUME_NOTE, UNHEARD_NOTE, Conversation
-from bridge.errors import IllegalTransition
 from bridge.legs import Began, CloseLeg, LegCommand, LegInfo, OpenLeg, SendToLeg, swap_times
 from bridge.playback import Item, Playback
 from bridge.prompts import Profile
 from bridge.states import (
-    LINK_TRANSITIONS,
     CallState,
     EndReason,
     Goodbye,
@@ -79,14 +77,10 @@ class Rollover(Playback):
     """The Realtime sessions of a call: rollover and reconnection (see the module docstring)."""
 
     # The state this part reads and writes; :class:`~bridge.session.CallSession` sets it up.
-    call_id: str
     profile: Profile
     audio_path: AudioPath
     timeouts: Timeouts
-    state: CallState
-    goodbye: Goodbye
     conversation: Conversation
-    link: Link
     leg: int
     legs: dict[int, LegInfo]
     hold_audio: bytes | None
@@ -119,14 +113,6 @@ class Rollover(Playback):
     _greeted: bool
     greeting_audio: bytes | None
 
-    def end(self, reason: EndReason, detail: str = "") -> None:
-        """Overridden by the session."""
-        raise NotImplementedError
-
-    def _goodbye_move(self, trigger: GoodbyeTrigger) -> None:
-        """Overridden by the session."""
-        raise NotImplementedError
-
     def _format_problem(self, event: rt.SessionUpdated) -> str:
         expected = self.audio_path.value
         if event.input_format not in (None, expected) or event.output_format not in (None, expected):
@@ -135,15 +121,6 @@ class Rollover(Playback):
                 f"{expected}: the session.update was not applied"
             )
         return ""
-
-    def _link_move(self, trigger: LinkTrigger) -> Link:
-        nxt = LINK_TRANSITIONS.get((self.link, trigger))
-        if nxt is None:
-            raise IllegalTransition(
-                f"call {self.call_id}: no Realtime session transition from {self.link.name} on {trigger.name}"
-            )
-        self.link = nxt
-        return nxt
 
     def _link_timeouts(self) -> list[tuple[float, Due]]:
         """The Realtime sessions' timeouts of a live call: rollover, watchdogs, reconnection, "one moment"."""

@@ -44,7 +44,6 @@ from bridge.audio import Framer, InboundTranscoder, OutboundTranscoder, model_by
 from bridge.clock import Clock
 from bridge.config import AudioPath
 from bridge.conversation import Conversation
-from bridge.errors import IllegalTransition
 from bridge.legs import LegCommand, LegInfo
 from bridge.playback import Item, Mark, Stats
 from bridge.prompts import Profile
@@ -221,48 +220,6 @@ class CallSession(Rollover):
         return out
 
     # -- state tables
-
-    def _move(self, trigger: Trigger) -> CallState:
-        nxt = TRANSITIONS.get((self.state, trigger))
-        if nxt is None:
-            raise IllegalTransition(
-                f"call {self.call_id}: no transition from {self.state.name} on {trigger.name}"
-            )
-        self.state = nxt
-        return nxt
-
-    def _goodbye_move(self, trigger: GoodbyeTrigger) -> None:
-        nxt = GOODBYE_TRANSITIONS.get((self.goodbye, trigger))
-        if nxt is None:
-            raise IllegalTransition(
-                f"call {self.call_id}: no goodbye transition from {self.goodbye.name} on {trigger.name}"
-            )
-        self.goodbye = nxt
-
-    @property
-    def live(self) -> bool:
-        """True between the moment both sides are ready and the end of the call."""
-        return self.state is CallState.LIVE
-
-    @property
-    def ended(self) -> bool:
-        """True once the call has ended."""
-        return self.state is CallState.ENDED
-
-    def describe_end(self) -> str:
-        """Why the call ended, as the call log shows it: the reason, and its detail when there is one."""
-        reason, detail = self.end_reason, self.end_detail
-        if reason is None:
-            return ""
-        return f"{reason.value}: {detail}" if detail else reason.value
-
-    def end(self, reason: EndReason, detail: str = "") -> None:
-        """End the call (either side closed, a timeout, shutdown); the first reason stays."""
-        if self.state is CallState.ENDED:
-            return
-        self._move(Trigger.END)
-        self.end_reason = reason
-        self.end_detail = detail
 
     def _went_live(self) -> None:
         to_model = self._to_model

@@ -14,12 +14,17 @@ raises :class:`~bridge.errors.IllegalTransition` and changes nothing.
 * :class:`EndReason`: why a call ended, set once and read by the driver, the registry, metrics and the
   call record, instead of strings compared across modules.
 * :class:`Timeouts`: the timeouts :meth:`~bridge.session.CallSession.tick` applies.
+* :class:`CallMachine`: the tables applied, the one place a call's states move (a base of the session).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
+
+from bridge.errors import IllegalTransition
 
 
 class CallState(Enum):
@@ -203,3 +208,66 @@ class Timeouts:
             EndReason.TWILIO_IDLE: f"nothing for {self.twilio_idle:.0f} s",
         }
         return seconds.get(reason, "")
+
+
+State = TypeVar("State", bound=Enum)
+Move = TypeVar("Move", bound=Enum)
+
+
+def _next(
+    table: Mapping[tuple[State, Move], State], state: State, move: Move, call_id: str, what: str
+) -> State:
+    nxt = table.get((state, move))
+    if nxt is None:
+        raise IllegalTransition(f"call {call_id}: no {what}transition from {state.name} on {move.name}")
+    return nxt
+
+
+class CallMachine:
+    """The tables above applied to one call: the only code that moves its states (the base of
+    :class:`~bridge.session.CallSession`, which sets the attributes up). A move a table does not list
+    raises :class:`~bridge.errors.IllegalTransition` and changes nothing."""
+
+    call_id: str
+    state: CallState
+    goodbye: Goodbye
+    link: Link
+    end_reason: EndReason | None
+    end_detail: str
+    """What more there is to say about :attr:`end_reason` (an error's text), or empty."""
+
+    def _move(self, trigger: Trigger) -> CallState:
+        self.state = _next(TRANSITIONS, self.state, trigger, self.call_id, "")
+        return self.state
+
+    def _goodbye_move(self, trigger: GoodbyeTrigger) -> None:
+        self.goodbye = _next(GOODBYE_TRANSITIONS, self.goodbye, trigger, self.call_id, "goodbye ")
+
+    def _link_move(self, trigger: LinkTrigger) -> Link:
+        self.link = _next(LINK_TRANSITIONS, self.link, trigger, self.call_id, "Realtime session ")
+        return self.link
+
+    @property
+    def live(self) -> bool:
+        """True between the moment both sides are ready and the end of the call."""
+        return self.state is CallState.LIVE
+
+    @property
+    def ended(self) -> bool:
+        """True once the call has ended."""
+        return self.state is CallState.ENDED
+
+    def end(self, reason: EndReason, detail: str = "") -> None:
+        """End the call (either side closed, a timeout, shutdown); the first reason stays."""
+        if self.state is CallState.ENDED:
+            return
+        self._move(Trigger.END)
+        self.end_reason = reason
+        self.end_detail = detail
+
+    def describe_end(self) -> str:
+        """Why the call ended, as the call log shows it: the reason, and its detail when there is one."""
+        reason, detail = self.end_reason, self.end_detail
+        if reason is None:
+            return ""
+        return f"{reason.value}: {detail}" if detail else reason.value

@@ -114,6 +114,7 @@ class RealtimeLinks:
 
     def __init__(self, on_write_failed: Callable[[int], None]) -> None:
         self.open: dict[int, RealtimeConnection] = {}
+        """The open Realtime sessions of the call, by number (the serving one is the session's ``leg``)."""
         self._backlog: dict[int, deque[rt.ClientCommand]] = {}
         self._on_write_failed = on_write_failed
 

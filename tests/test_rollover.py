@@ -14,6 +14,7 @@ import bridge.upstream
 from bridge.conversation import CONTINUE_NOTE, RESUME_NOTE
 from bridge.keys import GREETINGS, REGISTRY, STORE, UPSTREAM
 from bridge.local_model import LocalModel
+from bridge.registry import Outcome
 from bridge.session import PRE_SPEECH_FRAMES
 from bridge.testing import TwilioCaller
 from bridge.upstream import BREAKER_THRESHOLD, Breaker
@@ -51,6 +52,13 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+async def outcome_of(bridge: Bridge, call_sid: str) -> Outcome:
+    """How the call ended, once the registry has it (its teardown runs after the stream closed)."""
+    outcomes = bridge.app[REGISTRY].outcomes
+    await until(lambda: call_sid in outcomes, 5)
+    return outcomes[call_sid]
 
 
 async def listen_until(call: TwilioCaller, condition: Any, timeout: float = 10.0) -> None:
@@ -187,9 +195,7 @@ async def test_a_fatal_refusal_on_reconnect_ends_with_the_fallback_at_once(start
             model.reject_next(401, count=10)
             await model.drop_all(1011, "server error")
             await call.wait_closed(timeout=5)
-        outcomes = bridge.app[REGISTRY].outcomes
-        await until(lambda: call.call_sid in outcomes, 5)
-        outcome = outcomes[call.call_sid]
+        outcome = await outcome_of(bridge, call.call_sid)
         assert outcome.model_failed  # Twilio's <Connect action> speaks the profile's fallback message
         assert len(model._rejects) == 9  # one handshake refused with 401, then no retry storm
         assert first.closed.is_set()
@@ -202,9 +208,7 @@ async def test_a_refused_session_update_before_the_call_is_live_gives_the_fallba
         async with caller(bridge) as call:
             await call.dial()
             await call.wait_closed(timeout=5)
-        outcomes = bridge.app[REGISTRY].outcomes
-        await until(lambda: call.call_sid in outcomes, 5)
-        outcome = outcomes[call.call_sid]
+        outcome = await outcome_of(bridge, call.call_sid)
         assert outcome.model_failed
 
 
@@ -218,9 +222,7 @@ async def test_a_fatal_error_mid_call_does_not_leave_a_silent_line(start_bridge:
             error = {"type": "insufficient_quota", "code": "insufficient_quota", "message": "Quota exceeded."}
             await conn.send({"type": "error", "error": error})
             await call.wait_closed(timeout=5)
-        outcomes = bridge.app[REGISTRY].outcomes
-        await until(lambda: call.call_sid in outcomes, 5)
-        outcome = outcomes[call.call_sid]
+        outcome = await outcome_of(bridge, call.call_sid)
         assert outcome.model_failed
         assert len(model.connections) == 1  # fatal: no reconnection tried
 
@@ -254,9 +256,7 @@ async def test_the_breaker_opens_under_refusals_and_a_probe_closes_it(
             async with caller(served) as call:
                 await call.dial()
                 await call.wait_closed(timeout=10)
-            outcomes, sid = served.app[REGISTRY].outcomes, call.call_sid
-            await until(lambda: sid in outcomes, 5)  # noqa: B023 -- awaited at once, in this iteration
-            assert outcomes[sid].model_failed
+            assert (await outcome_of(served, call.call_sid)).model_failed
         assert upstream.breaker.state == Breaker.OPEN
         left = len(model._rejects)
         async with caller(served) as call:  # answered with the fallback at once: no stream, no handshake

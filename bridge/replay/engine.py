@@ -50,23 +50,9 @@ from bridge.keys import METRICS, STORE
 from bridge.local_model import LocalModel
 from bridge.prompts import Profile, profile_from_mapping
 from bridge.recordings import Event, Recording, load_recording
-from bridge.replay.compare import compare_client_events, compare_sessions
-from bridge.replay.loop import Speed, VirtualTimeLoop, run
+from bridge.replay.compare import compare_sessions
+from bridge.replay.loop import Speed, run
 from bridge.testing import TwilioCaller, serve_bridge
-
-__all__ = [
-    "ModelChoice",
-    "RecordedModel",
-    "ReplayResult",
-    "Speed",
-    "VirtualTimeLoop",
-    "compare_client_events",
-    "compare_sessions",
-    "profile_of",
-    "replay_file",
-    "replay_recording",
-    "run",
-]
 
 ModelChoice = Literal["recorded", "local", "azure"]
 
