@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
 
@@ -26,13 +28,20 @@ from bridge.local_model import LocalModel
 from bridge.metrics import Metrics
 from bridge.prompts import DEFAULT_PROFILE, Profile, parse_profile, voices_for
 from bridge.registry import GOODBYE, CallRegistry
-from bridge.store import open_store
+from bridge.store import StoreError, open_store
 from bridge.upstream import Target, Upstream
 from bridge.web import add_routes
 
 log = logging.getLogger(__name__)
 
 LOCAL_DEPLOYMENT = "local-model"
+BEAT_SECONDS = 30.0
+"""How often an instance notes in the store that it is alive."""
+STALE_AFTER = 120.0
+"""An instance silent this long has stopped: its calls in progress are marked interrupted."""
+IDLE_TIMEOUT = 30.0
+"""An HTTP connection whose request headers are not complete this long after it opened (or after its
+last response) is closed: a slow client cannot hold a connection open for ever."""
 
 
 def load_profile(settings: Settings) -> Profile:
@@ -77,6 +86,14 @@ def create_app(
     else:
         admin.closed(app)
     return app
+
+
+def make_runner(app: web.Application, *, shutdown_timeout: float) -> web.AppRunner:
+    """The runner ``bridge serve`` (and :func:`bridge.testing.serve_bridge`) serves ``app`` with, with
+    the header and idle timeout :data:`IDLE_TIMEOUT`."""
+    return web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=shutdown_timeout, keepalive_timeout=IDLE_TIMEOUT
+    )
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
@@ -134,10 +151,43 @@ def _greetings(render: bool) -> Callable[[web.Application], AsyncIterator[None]]
 
 
 async def _calls(app: web.Application) -> AsyncIterator[None]:
-    """The call registry; at shutdown, calls still going are ended."""
-    registry = app[REGISTRY] = CallRegistry(app[STORE])
-    yield
-    await registry.drain(0.0, GOODBYE)
+    """The call registry; at start-up, records a crash left in progress are marked interrupted; while
+    running, this instance beats in the store; at shutdown, calls still going are ended."""
+    settings, store = app[SETTINGS], app[STORE]
+    registry = app[REGISTRY] = CallRegistry(store, metrics=app[METRICS], instance=settings.instance_id)
+    try:
+        await _sweep(app)
+    except StoreError as exc:  # the calls can still be served; the sweep is tried again at the next beat
+        log.error("could not look for call records a crash left in progress: %s", exc)
+    beats = asyncio.get_running_loop().create_task(_beat(app))
+    try:
+        yield
+    finally:
+        beats.cancel()
+        await asyncio.gather(beats, return_exceptions=True)
+        await registry.drain(0.0, GOODBYE)
+
+
+async def _sweep(app: web.Application) -> None:
+    """Beat, after marking interrupted the records in progress of this instance's last run and of
+    instances that stopped beating."""
+    settings, store = app[SETTINGS], app[STORE]
+    stale = datetime.now(UTC) - timedelta(seconds=STALE_AFTER)
+    interrupted = await store.interrupt_calls(settings.instance_id, stale_before=stale)
+    if interrupted:
+        log.warning("%d call records were left in progress by a crash: marked interrupted", interrupted)
+    await store.heartbeat(settings.instance_id)
+
+
+async def _beat(app: web.Application) -> None:
+    """Every :data:`BEAT_SECONDS`: :func:`_sweep`; a failure is logged and counted, and tried again."""
+    while True:
+        await asyncio.sleep(BEAT_SECONDS)
+        try:
+            await _sweep(app)
+        except StoreError as exc:
+            app[METRICS].store_errors.inc(label="heartbeat")
+            log.error("the store missed this instance's heartbeat: %s", exc)
 
 
 async def drain(app: web.Application, deadline: float | None = None) -> None:

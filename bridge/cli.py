@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __version__
-from bridge.app import create_app, drain
+from bridge.app import create_app, drain, make_runner
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError
 from bridge.keys import REGISTRY
@@ -108,7 +108,7 @@ def _configure_logging(level: str) -> None:
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain: refuse new calls, let live calls finish, stop."""
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    runner = make_runner(app, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,9 @@ class Settings:
     """Calls one process accepts at once (answered, pre-warmed or live); above it the fallback message."""
     metrics_token: Secret | None = None
     """When set, ``GET /metrics`` wants ``Authorization: Bearer`` it."""
+    instance_id: str = "local"
+    """This instance's name on the call records it writes (``BRIDGE_INSTANCE_ID``, default host:port):
+    at start-up, its records a crash left in progress are marked interrupted."""
     recordings_dir: Path | None = None
     recordings_gzip: bool = False
     profile_path: Path | None = None
@@ -325,6 +329,10 @@ def load_settings(
     if metrics_token and len(metrics_token) < 16:
         raise ConfigError("BRIDGE_METRICS_TOKEN is too short: use at least 16 random characters")
 
+    instance = env.get("BRIDGE_INSTANCE_ID", "").strip() or f"{socket.gethostname()}:{port}"
+    if len(instance) > 200 or not instance.isprintable():
+        raise ConfigError("BRIDGE_INSTANCE_ID must be printable and at most 200 characters")
+
     level = env.get("BRIDGE_LOG_LEVEL", "").strip().upper() or "INFO"
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"BRIDGE_LOG_LEVEL={level!r} is unknown: use DEBUG, INFO, WARNING or ERROR")
@@ -342,6 +350,7 @@ def load_settings(
         admin_token=Secret(admin) if admin else None,
         metrics_token=Secret(metrics_token) if metrics_token else None,
         max_calls=_count(env, "BRIDGE_MAX_CALLS", 100),
+        instance_id=instance,
         recordings_dir=recordings,
         recordings_gzip=_flag(env, "BRIDGE_RECORDINGS_GZIP"),
         profile_path=profile_path,

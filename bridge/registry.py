@@ -1,17 +1,20 @@
 """The calls of one process: pre-warmed calls waiting for their stream, live calls, recent outcomes, the
-drain at shutdown, and each call's record for the call log (:func:`call_record`)."""
+drain at shutdown, and each call's record for the call log (:func:`call_record`): written when the call
+starts (in progress) and completed when it ends, each write retried before it is logged and counted."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from bridge.call import Call
+from bridge.metrics import Metrics
 from bridge.states import EndReason
-from bridge.store import CallRecord, ModelSession, Store, StoreError
+from bridge.store import CallRecord, CallStatus, Conflict, ModelSession, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +22,8 @@ GOODBYE = "I'm sorry, I have to end our call now. Please call back in a moment. 
 """Said to live calls still going when the drain's deadline passes."""
 GOODBYE_TIMEOUT = 10.0
 """At shutdown, how long the goodbye may take before calls are ended regardless."""
+STORE_RETRIES = (0.1, 0.5, 1.5)
+"""Pauses between the tries of a call record write that failed (a busy or briefly unreachable store)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,25 +48,65 @@ class CallRegistry:
 
     OUTCOMES_KEPT = 1000
 
-    def __init__(self, store: Store | None = None) -> None:
+    def __init__(
+        self, store: Store | None = None, *, metrics: Metrics | None = None, instance: str = ""
+    ) -> None:
         self.store = store
+        self.metrics = metrics
+        self.instance = instance
+        """``BRIDGE_INSTANCE_ID``: written on each call record, so a crash's records can be found."""
         self.outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self.draining = False
         self.live: set[Call] = set()
         self._prewarmed: dict[str, tuple[Call, asyncio.Task[None]]] = {}
         self._cleanup: set[asyncio.Task[None]] = set()
 
+    async def started(self, call: Call) -> None:
+        """A call's stream has started: write its record, in progress, so that a crash leaves a trace."""
+        if self.store is not None:
+            record = call_record(call, CallStatus.IN_PROGRESS, self.instance)
+            await self._write(self.store.start_call, record, "started")
+
     async def ended(self, call: Call) -> None:
-        """A call has ended: remember how (for ``<Connect action>``) and store its record."""
+        """A call has ended: remember how (for ``<Connect action>``) and complete its record."""
         reason = call.end_reason or EndReason.SHUTDOWN
         self.outcomes[call.call_sid] = Outcome(reason, call.session.profile.fallback_message)
         while len(self.outcomes) > self.OUTCOMES_KEPT:
             self.outcomes.popitem(last=False)
         if self.store is not None and call.session.start is not None:
+            record = call_record(call, CallStatus.COMPLETED, self.instance)
+            await self._write(self.store.add_call, record, "ended")
+
+    async def _write(
+        self, write: Callable[[CallRecord], Awaitable[None]], record: CallRecord, when: str
+    ) -> None:
+        """``write`` the record, retried on a store error; at last logged (what it held) and counted."""
+        for attempt, pause in enumerate((*STORE_RETRIES, None), start=1):
             try:
-                await self.store.add_call(call_record(call))
+                await write(record)
+                return
+            except Conflict as exc:  # another call's record: retrying cannot help, and it must stay
+                problem = str(exc)
+                break
             except StoreError as exc:
-                log.error("call %s: the call record was not stored: %s", call.call_sid, exc)
+                problem = str(exc)
+                if pause is None:
+                    break
+                log.warning("call %s: writing its record failed (try %d): %s", record.call_sid, attempt, exc)
+                await asyncio.sleep(pause)
+        if self.metrics is not None:
+            self.metrics.store_errors.inc(label="call_record")
+        log.error(
+            "call %s: its record (%s) was not stored: %s; it held: from %s to %s, started %s, %s, %s",
+            record.call_sid,
+            when,
+            problem,
+            record.from_number or "?",
+            record.to_number or "?",
+            record.started_at.isoformat(timespec="seconds"),
+            record.status.value,
+            record.end_reason or "no end yet",
+        )
 
     @property
     def active(self) -> int:
@@ -107,6 +152,10 @@ class CallRegistry:
             return None
         return call
 
+    def abandon(self, call: Call, reason: EndReason) -> None:
+        """End a claimed call that will not run (its stream was refused), closing its Realtime session."""
+        self._track(call.abandon(reason))
+
     def _track(self, task: asyncio.Task[None]) -> None:
         self._cleanup.add(task)
         task.add_done_callback(self._cleanup.discard)
@@ -147,8 +196,8 @@ class CallRegistry:
                     log.error("draining: closing a call failed", exc_info=result)
 
 
-def call_record(call: Call) -> CallRecord:
-    """What happened on ``call``, for the call log."""
+def call_record(call: Call, status: CallStatus = CallStatus.COMPLETED, instance: str = "") -> CallRecord:
+    """What happened on ``call`` so far, for the call log."""
     stats = call.session.stats
     turns = sorted(stats.turn_latencies_ms)
     latency: dict[str, float] = {}
@@ -175,6 +224,8 @@ def call_record(call: Call) -> CallRecord:
         recording_path=str(call.recording_path) if call.recording_path else None,
         test_call=call.test_call,
         sessions=_sessions(call),
+        status=status,
+        instance=instance,
     )
 
 

@@ -9,6 +9,7 @@ A stream that fails either check is closed with 1008 and the reason is logged.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 from collections.abc import Mapping
@@ -23,8 +24,8 @@ from bridge.config import AFTER_STREAM_PATH, STATUS_PATH, STREAM_PATH, VOICE_PAT
 from bridge.errors import AuthenticationFailed, MalformedMessage
 from bridge.keys import CLOCK, GREETINGS, METRICS, PROFILE, REGISTRY, SETTINGS, STORE, TOKENS, UPSTREAM
 from bridge.metrics import Metrics
-from bridge.states import Timeouts
-from bridge.store import ProfileVersion, StoreError
+from bridge.states import EndReason, Timeouts
+from bridge.store import Answer, ProfileVersion, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +84,34 @@ async def voice(request: web.Request) -> web.Response:
         )
         log.warning("call %s: answered with the fallback message: %s", call_sid, why)
         return _twiml(webhooks.reject_twiml(fallback))
-    call = await new_call(app, call_sid, from_number, to_number)
     tokens = app[TOKENS]
-    token = webhooks.make_stream_token(
-        tokens.secret, call_sid, now=app[CLOCK].wall(), ttl=settings.stream_token_ttl
-    )
+    now = app[CLOCK].wall()
+    token = webhooks.make_stream_token(tokens.secret, call_sid, now=now, ttl=settings.stream_token_ttl)
+    earlier = await _answer_once(app, call_sid, token, now)
+    if earlier is not None:
+        if earlier.streamed or earlier.token_expiry <= now:
+            metrics.refused.inc(label="webhook_replayed")
+            why = "its stream has run" if earlier.streamed else "its stream token has expired"
+            log.warning("call %s: refused a repeated voice webhook: %s", call_sid, why)
+            return _twiml(webhooks.reject_twiml(""))
+        # Twilio retried (or someone replayed) the webhook before the stream came: the same answer, with
+        # the same one-time token, and no second Realtime session.
+        log.info("call %s: the voice webhook came again before its stream; the same answer", call_sid)
+        token = webhooks.render_stream_token(
+            tokens.secret, call_sid, earlier.token_nonce, earlier.token_expiry
+        )
+        version = await _profile_for(app, to_number)
+        profile = version.profile if version is not None else app[PROFILE]
+    else:
+        call = await new_call(app, call_sid, from_number, to_number)
+        registry.prewarm(call)
+        profile = call.session.profile
     parameters = {
         tw.PARAM_CALL_SID: call_sid,
         tw.PARAM_FROM: from_number,
         tw.PARAM_TO: to_number,
         tw.PARAM_TOKEN: token,
     }
-    registry.prewarm(call)
-    profile = call.session.profile
     log.info("call %s: answering with profile %r, stream %s", call_sid, profile.name, settings.stream_url)
     return _twiml(
         webhooks.connect_twiml(
@@ -106,6 +122,28 @@ async def voice(request: web.Request) -> web.Response:
             say_first=profile.consent_message if profile.record_calls else None,
         )
     )
+
+
+async def _answer_once(app: web.Application, call_sid: str, token: str, now: float) -> Answer | None:
+    """Record the answer to ``call_sid`` in the store (every instance sees it); the earlier answer when
+    there was one. When the store fails, this process's own memory decides (and the failure is logged)."""
+    nonce, expiry = webhooks.verify_stream_token(app[TOKENS].secret, call_sid, token, now=now)
+    try:
+        return await app[STORE].answer_call(call_sid, nonce, expiry)
+    except StoreError as exc:
+        app[METRICS].store_errors.inc(label="call_answer")
+        log.error("call %s: the store could not record the answer (%s); answering from memory", call_sid, exc)
+        return None
+
+
+async def _claim_stream(app: web.Application, call_sid: str) -> bool:
+    """Whether this is ``call_sid``'s first stream on any instance (the store keeps the fact)."""
+    try:
+        return await app[STORE].claim_stream(call_sid)
+    except StoreError as exc:  # the one-time token, checked in this process, still holds
+        app[METRICS].store_errors.inc(label="stream_claim")
+        log.error("call %s: the store could not record its stream (%s); letting it in", call_sid, exc)
+        return True
 
 
 async def after_stream(request: web.Request) -> web.Response:
@@ -223,12 +261,14 @@ async def run_media_stream(
     version: ProfileVersion | None = None,
     test_call: bool = False,
     on_transcript: TranscriptListener | None = None,
+    call_sid: str | None = None,
 ) -> None:
     """Serve a prepared Media Streams socket as a call: read up to ``start``, then run the call.
 
-    The Twilio stream checks the one-time token (``check_token``); the admin page's test call is
-    authorised by the signed-in session instead and runs ``version`` of a profile. Both take the same
-    path from here on, so staff hear exactly what a caller would.
+    The Twilio stream checks the one-time token (``check_token``) and claims its CallSid's one stream in
+    the store; the admin page's test call is authorised by the signed-in session instead, runs
+    ``version`` of a profile, and is given its ``call_sid`` by the server (the browser's is ignored).
+    Both take the same path from here on, so staff hear exactly what a caller would.
     """
     metrics, registry = app[METRICS], app[REGISTRY]
     before: list[tw.TwilioEvent] = []
@@ -266,6 +306,9 @@ async def run_media_stream(
     if start is None:
         log.info("a media stream closed before its start event")
         return
+    if call_sid is not None and start.call_sid != call_sid:
+        start = dataclasses.replace(start, call_sid=call_sid)
+        before = [start if isinstance(event, tw.Start) else event for event in before]
 
     if check_token:
         token = start.custom_parameters.get(tw.PARAM_TOKEN, "")
@@ -281,6 +324,11 @@ async def run_media_stream(
             return
 
     call = None if test_call else registry.claim(start.call_sid)
+    if check_token and not await _claim_stream(app, start.call_sid):
+        if call is not None:  # a pre-warmed call of this CallSid cannot be its: it was answered again
+            registry.abandon(call, EndReason.REPLACED)
+        await _refuse(ws, metrics, "stream_reused", f"call {start.call_sid}: its stream has run already")
+        return
     if call is None:
         # The webhook reached another instance (or the pre-warm expired), or a test call: connect now.
         if not test_call:
@@ -297,6 +345,7 @@ async def run_media_stream(
         )
     registry.live.add(call)
     try:
+        await registry.started(call)
         await call.run(ws, before, raw)
     finally:
         registry.live.discard(call)

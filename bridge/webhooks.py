@@ -34,6 +34,7 @@ __all__ = [
     "connect_twiml",
     "make_stream_token",
     "reject_twiml",
+    "render_stream_token",
     "verify_stream_token",
     "websocket_signature_urls",
 ]
@@ -141,9 +142,16 @@ def make_stream_token(secret: bytes, call_sid: str, *, now: float, ttl: float) -
         raise LocalError("the stream token secret is empty")
     if not ttl > 0:
         raise LocalError(f"stream token ttl must be positive, not {ttl!r}")
-    expiry = str(math.ceil(now + ttl))
-    nonce = secrets.token_urlsafe(_NONCE_BYTES)
-    return f"{expiry}.{nonce}.{_token_mac(secret, call_sid, expiry, nonce)}"
+    return render_stream_token(secret, call_sid, secrets.token_urlsafe(_NONCE_BYTES), math.ceil(now + ttl))
+
+
+def render_stream_token(secret: bytes, call_sid: str, nonce: str, expiry: float) -> str:
+    """The token of ``nonce`` and ``expiry`` (whole seconds) for ``call_sid``: what
+    :func:`make_stream_token` handed out, written again for a webhook Twilio retried."""
+    if not secret:
+        raise LocalError("the stream token secret is empty")
+    whole = str(int(expiry))
+    return f"{whole}.{nonce}.{_token_mac(secret, call_sid, whole, nonce)}"
 
 
 def verify_stream_token(secret: bytes, call_sid: str, token: str, *, now: float) -> tuple[str, float]:

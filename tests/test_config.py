@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ def test_defaults_use_the_local_model_and_ga(tmp_path: Path) -> None:
     assert (s.host, s.port) == ("127.0.0.1", 8080)
     assert s.stream_url == "wss://bridge.example.com/twilio/stream"
     assert s.database.endswith("bridge.sqlite3")
+    assert s.instance_id == f"{socket.gethostname()}:8080"
+    named = load_settings({"BRIDGE_DATA_DIR": str(tmp_path), **BASE, "BRIDGE_INSTANCE_ID": "b-2"})
+    assert named.instance_id == "b-2"
 
 
 def test_azure_ga_and_preview(tmp_path: Path) -> None:
@@ -93,6 +97,8 @@ def test_secrets_never_show_in_repr(tmp_path: Path) -> None:
         ({"BRIDGE_MAX_SESSION_SECONDS": "5"}, "BRIDGE_MAX_SESSION_SECONDS"),
         ({"BRIDGE_MODEL_IDLE_TIMEOUT": "-1"}, "BRIDGE_MODEL_IDLE_TIMEOUT"),
         ({"BRIDGE_LOCAL_MODEL_SESSION_SECONDS": "x"}, "BRIDGE_LOCAL_MODEL_SESSION_SECONDS"),
+        ({"BRIDGE_INSTANCE_ID": "a\tb"}, "BRIDGE_INSTANCE_ID"),
+        ({"BRIDGE_INSTANCE_ID": "x" * 201}, "BRIDGE_INSTANCE_ID"),
     ],
 )
 def test_a_wrong_setting_stops_start_up_with_one_line(

@@ -15,7 +15,9 @@ import pytest
 from bridge.errors import ConfigError
 from bridge.prompts import Profile, ProfileError, Transcription, TurnDetection
 from bridge.store import (
+    AdminSession,
     CallRecord,
+    CallStatus,
     Conflict,
     ModelSession,
     NotFound,
@@ -338,8 +340,10 @@ async def test_calls(store: SQLiteStore) -> None:
     assert [c.call_sid for c in await store.calls(profile_id=1)] == ["CA5", "CA3", "CA1"]
     assert [c.call_sid for c in await store.calls(profile_id=1, before=before, limit=1)] == ["CA3"]
 
-    await store.add_call(dataclasses.replace(full, end_reason="replaced"))
-    assert (await store.call("CA1")).end_reason == "replaced"
+    # A finished record is never overwritten by another call's on the same CallSid.
+    with pytest.raises(Conflict, match="CA1"):
+        await store.add_call(dataclasses.replace(full, end_reason="replaced"))
+    assert (await store.call("CA1")).end_reason == "caller hung up"
     assert len(await store.calls()) == 5
     assert (await store.call("CA2")).started_at.tzinfo is UTC
     with pytest.raises(NotFound):
@@ -350,7 +354,7 @@ async def test_a_new_file_gets_every_migration(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "er" / "bridge.sqlite3"
     async with await SQLiteStore.open(path):
         pass
-    assert user_version(path) == len(MIGRATIONS) == 3
+    assert user_version(path) == len(MIGRATIONS) == 4
     assert {"calls_by_start", "calls_by_profile"} <= indexes(path)
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -426,9 +430,11 @@ async def test_call_sessions_round_trip(store: SQLiteStore) -> None:
     assert (await store.call("CAn")).sessions == ()
     assert {c.call_sid: len(c.sessions) for c in await store.calls()} == {"CAs": 3, "CAn": 0}
 
-    # Replacing a record replaces its sessions too.
-    await store.add_call(dataclasses.replace(with_sessions, sessions=SESSIONS[:1]))
-    assert (await store.call("CAs")).sessions == SESSIONS[:1]
+    # Completing an in-progress record replaces its sessions too.
+    started = record("CAp", 3, status=CallStatus.IN_PROGRESS, sessions=SESSIONS)
+    await store.start_call(started)
+    await store.add_call(dataclasses.replace(started, status=CallStatus.COMPLETED, sessions=SESSIONS[:1]))
+    assert (await store.call("CAp")).sessions == SESSIONS[:1]
 
 
 @pytest.mark.timeout(30)
@@ -479,8 +485,8 @@ async def test_a_database_before_sessions_is_upgraded_and_its_calls_read_without
     add_old_call(path, old_call)
 
     async with await SQLiteStore.open(path) as store:
-        assert user_version(path) == len(MIGRATIONS) == 3
-        assert call_columns(path)[-1] == "sessions"
+        assert user_version(path) == len(MIGRATIONS) == 4
+        assert call_columns(path)[-3:] == ["sessions", "status", "instance"]
         read = await store.call("CAold")
         assert read == old_call and read.sessions == ()
         assert [c.sessions for c in await store.calls()] == [()]
@@ -591,3 +597,96 @@ async def test_unusable_files_stop_start_up_with_one_line(tmp_path: Path) -> Non
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot create the directory"):
         await open_store(str(blocker / "sub" / "db.sqlite3"))
+
+
+@pytest.mark.timeout(30)
+async def test_a_call_record_is_written_at_the_start_and_completed_at_the_end(store: SQLiteStore) -> None:
+    started = record("CAx", 1, status=CallStatus.IN_PROGRESS, instance="host-a:8080")
+    await store.start_call(started)
+    assert (await store.call("CAx")).status is CallStatus.IN_PROGRESS
+    # A second call on the same CallSid can neither start a record nor finish over this one.
+    other = record("CAx", 5, status=CallStatus.IN_PROGRESS, instance="host-b:8080")
+    with pytest.raises(Conflict):
+        await store.start_call(other)
+    with pytest.raises(Conflict):
+        await store.add_call(dataclasses.replace(other, status=CallStatus.COMPLETED))
+    done = dataclasses.replace(started, status=CallStatus.COMPLETED, end_reason="caller hung up")
+    await store.add_call(done)
+    assert await store.call("CAx") == done
+    # Once completed, it stays: finishing it again is another call's write.
+    with pytest.raises(Conflict):
+        await store.add_call(dataclasses.replace(done, end_reason="again"))
+    # A record whose start was never written (the store was down then) is written at the end.
+    await store.add_call(record("CAy", 2))
+    assert (await store.call("CAy")).status is CallStatus.COMPLETED
+
+
+@pytest.mark.timeout(30)
+async def test_records_left_in_progress_are_interrupted_by_their_restart_or_a_stale_beat(
+    tmp_path: Path,
+) -> None:
+    clock = [datetime(2025, 1, 1, 9, 0, tzinfo=UTC)]
+    async with await SQLiteStore.open(tmp_path / "b.sqlite3", now=lambda: clock[0]) as store:
+        await store.heartbeat("a")
+        await store.heartbeat("b")
+        for sid, instance in (("CA-a", "a"), ("CA-b", "b"), ("CA-c", "c")):
+            await store.start_call(record(sid, 1, status=CallStatus.IN_PROGRESS, instance=instance))
+        clock[0] += timedelta(minutes=30)
+        await store.heartbeat("b")
+        # "a" restarts: its own calls died with it; "b" beats, "c" never did.
+        fresh = clock[0] - timedelta(minutes=2)
+        assert await store.interrupt_calls("a", stale_before=fresh) == 2
+        a, b, c = [await store.call(sid) for sid in ("CA-a", "CA-b", "CA-c")]
+        assert (a.status, b.status, c.status) == (
+            CallStatus.INTERRUPTED,
+            CallStatus.IN_PROGRESS,
+            CallStatus.INTERRUPTED,
+        )
+        assert "stopped during the call" in a.end_reason
+        assert a.ended_at == datetime(2025, 1, 1, 9, 1, tzinfo=UTC)  # its last beat was before the start
+        # "b" falls silent: another instance marks its calls once the beat is stale.
+        clock[0] += timedelta(minutes=10)
+        assert await store.interrupt_calls("a", stale_before=clock[0] - timedelta(minutes=2)) == 1
+        b = await store.call("CA-b")
+        assert b.status is CallStatus.INTERRUPTED and b.ended_at == datetime(2025, 1, 1, 9, 30, tzinfo=UTC)
+        assert await store.interrupt_calls("a", stale_before=clock[0]) == 0
+
+
+@pytest.mark.timeout(30)
+async def test_a_call_sid_is_answered_once_and_streamed_once_across_stores(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    async with await SQLiteStore.open(path) as one, await SQLiteStore.open(path) as two:
+        assert await one.answer_call("CA1", "nonce1", 1000.0) is None
+        again = await two.answer_call("CA1", "nonce2", 2000.0)
+        assert again is not None
+        assert (again.token_nonce, again.token_expiry, again.streamed) == ("nonce1", 1000.0, False)
+        assert await two.claim_stream("CA1") is True
+        assert await one.claim_stream("CA1") is False
+        assert await two.claim_stream("CA1") is False
+        streamed = await one.answer_call("CA1", "nonce3", 3000.0)
+        assert streamed is not None and streamed.streamed and streamed.token_nonce == "nonce1"
+        # A stream whose answer was never recorded still claims once.
+        assert await one.claim_stream("CA2") is True
+        assert await two.claim_stream("CA2") is False
+
+
+@pytest.mark.timeout(30)
+async def test_admin_sessions_are_kept_until_they_expire_or_are_revoked(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite3"
+    clock = [datetime(2025, 1, 1, 9, 0, tzinfo=UTC)]
+    later = clock[0] + timedelta(hours=8)
+    async with await SQLiteStore.open(path, now=lambda: clock[0]) as one:
+        await one.add_admin_session("s1", "ana", later)
+        await one.add_admin_session("s2", "bo", later)
+        assert await one.admin_session("s1") == AdminSession("s1", "ana", later)
+        assert await one.admin_session("nope") is None
+    async with await SQLiteStore.open(path, now=lambda: clock[0]) as two:  # a restart
+        await two.revoke_admin_session("s1")
+        assert await two.admin_session("s1") is None
+        assert await two.admin_session("s2") is not None
+        clock[0] = later
+        assert await two.admin_session("s2") is None  # expired
+        await two.add_admin_session("s3", "cy", later + timedelta(hours=8))
+        with sqlite3.connect(path) as conn:  # expired sessions are forgotten on the next sign-in
+            assert {row[0] for row in conn.execute("SELECT sid FROM admin_sessions")} == {"s3"}
+        conn.close()

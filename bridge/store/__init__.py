@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from bridge.errors import StoreError
 from bridge.store.base import (
+    AdminSession,
+    Answer,
     CallRecord,
+    CallStatus,
     Conflict,
     ModelSession,
     NotFound,
@@ -25,7 +28,10 @@ from bridge.store.base import (
 from bridge.store.sqlite import SQLiteStore
 
 __all__ = [
+    "AdminSession",
+    "Answer",
     "CallRecord",
+    "CallStatus",
     "Conflict",
     "ModelSession",
     "NotFound",

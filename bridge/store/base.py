@@ -16,6 +16,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from typing import Protocol
 
 from bridge.errors import ConfigError, StoreError
@@ -108,9 +109,20 @@ class ModelSession:
         return (self.ended_at - self.started_at).total_seconds()
 
 
+class CallStatus(StrEnum):
+    """Where a call record stands."""
+
+    IN_PROGRESS = "in progress"
+    """Written when the call's stream starts; completed when it ends."""
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"
+    """The bridge stopped (a crash, ``kill -9``) before the call ended: found at the next start-up, or
+    by another instance once this one stopped beating (:meth:`Store.interrupt_calls`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class CallRecord:
-    """What happened on one call (written when it ends)."""
+    """What happened on one call: written when its stream starts (in progress), completed when it ends."""
 
     call_sid: str
     started_at: datetime
@@ -132,11 +144,35 @@ class CallRecord:
     """Placed from the admin page, not by a real caller."""
     sessions: tuple[ModelSession, ...] = ()
     """The Realtime sessions the call used, in order (empty in records from before they were kept)."""
+    status: CallStatus = CallStatus.COMPLETED
+    instance: str = ""
+    """The bridge instance that served the call (``BRIDGE_INSTANCE_ID``)."""
 
     @property
     def duration_s(self) -> float:
         """Seconds from answer to hang-up."""
         return (self.ended_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A voice webhook answered: the stream token it handed out, and whether a stream has claimed it."""
+
+    call_sid: str
+    answered_at: datetime
+    token_nonce: str
+    token_expiry: float
+    streamed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSession:
+    """A signed-in member of staff, kept server-side so that sign-out holds everywhere and for good."""
+
+    sid: str
+    user: str
+    expires_at: datetime
+    """Aware UTC."""
 
 
 class Store(Protocol):
@@ -190,8 +226,46 @@ class Store(Protocol):
         """A version's pre-rendered greeting, or ``None``."""
         ...
 
+    async def start_call(self, record: CallRecord) -> None:
+        """Write a call's record as it starts (status in progress); raises :class:`Conflict` when the
+        CallSid already has one (no call ever overwrites another's record)."""
+        ...
+
     async def add_call(self, record: CallRecord) -> None:
-        """Store a call record (replacing one with the same CallSid)."""
+        """Write a call's final record: in place of the one :meth:`start_call` wrote for the same call
+        (same CallSid and start, still in progress), else new; raises :class:`Conflict` when another
+        call's record holds the CallSid."""
+        ...
+
+    async def interrupt_calls(self, instance: str, *, stale_before: datetime) -> int:
+        """Mark interrupted the records left in progress by ``instance`` (starting up: its calls died
+        with its last run) or by an instance whose last :meth:`heartbeat` is older than ``stale_before``;
+        how many."""
+        ...
+
+    async def heartbeat(self, instance: str) -> None:
+        """Note that ``instance`` is alive now (see :meth:`interrupt_calls`)."""
+        ...
+
+    async def answer_call(self, call_sid: str, token_nonce: str, token_expiry: float) -> Answer | None:
+        """Record the voice webhook's answer to ``call_sid``; ``None`` when this is the first, else the
+        earlier :class:`Answer` (a retried or replayed webhook), unchanged."""
+        ...
+
+    async def claim_stream(self, call_sid: str) -> bool:
+        """Whether this is the first media stream of ``call_sid`` ever (then it is recorded as claimed)."""
+        ...
+
+    async def add_admin_session(self, sid: str, user: str, expires_at: datetime) -> None:
+        """Keep a new admin session (expired ones are forgotten meanwhile)."""
+        ...
+
+    async def admin_session(self, sid: str) -> AdminSession | None:
+        """A live admin session; ``None`` when unknown, expired or signed out."""
+        ...
+
+    async def revoke_admin_session(self, sid: str) -> None:
+        """Sign a session out, on every instance and for good."""
         ...
 
     async def calls(

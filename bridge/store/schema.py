@@ -16,7 +16,7 @@ from typing import Any
 
 from bridge.errors import ConfigError
 from bridge.prompts import ProfileError, profile_from_mapping
-from bridge.store.base import CallRecord, ModelSession, ProfileVersion, UnreadableProfile
+from bridge.store.base import CallRecord, CallStatus, ModelSession, ProfileVersion, UnreadableProfile
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the initial schema. A profile's name and numbers are its latest version's; they are copied into
@@ -74,6 +74,32 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 3: a call may use several Realtime sessions (rollover, reconnect): a JSON list of them, see
     # sessions_text. Rows from before read as no sessions.
     ("ALTER TABLE calls ADD COLUMN sessions TEXT NOT NULL DEFAULT '[]'",),
+    # 4: hardening. A call record is written when the call starts (status 'in progress') and by which
+    # instance; instances beat so that another can tell a crashed one. A CallSid is answered once and
+    # streamed once (call_answers), across instances. Admin sessions live here so sign-out is durable.
+    (
+        "ALTER TABLE calls ADD COLUMN status TEXT NOT NULL DEFAULT 'completed'",
+        "ALTER TABLE calls ADD COLUMN instance TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX calls_in_progress ON calls(instance) WHERE status = 'in progress'",
+        """CREATE TABLE instances (
+            id TEXT PRIMARY KEY,
+            seen_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE call_answers (
+            call_sid TEXT PRIMARY KEY,
+            answered_at TEXT NOT NULL,
+            token_nonce TEXT NOT NULL,
+            token_expiry REAL NOT NULL,
+            streamed_at TEXT
+        )""",
+        """CREATE TABLE admin_sessions (
+            sid TEXT PRIMARY KEY,
+            user TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            revoked_at TEXT
+        )""",
+    ),
 )
 """Schema migrations, applied in order on open, one transaction each; ``PRAGMA user_version`` counts them.
 Never edit one that has shipped: append."""
@@ -92,7 +118,8 @@ LATEST_JOIN = "profiles p JOIN profile_versions v ON v.profile_id = p.id AND v.v
 
 CALL_COLUMNS = (
     "call_sid, started_at, ended_at, from_number, to_number, profile_id, profile_version, end_reason, "
-    "transcript, barge_ins, truncations, latency, upstream_errors, recording_path, test_call, sessions"
+    "transcript, barge_ins, truncations, latency, upstream_errors, recording_path, test_call, sessions, "
+    "status, instance"
 )
 """The columns of a call record, in the order of :func:`call_of` and :func:`call_values`."""
 
@@ -157,6 +184,8 @@ def call_of(row: Sequence[Any]) -> CallRecord:
         recording_path=row[13],
         test_call=bool(row[14]),
         sessions=sessions_of(row[15]),
+        status=CallStatus(row[16]),
+        instance=str(row[17]),
     )
 
 
@@ -179,6 +208,8 @@ def call_values(record: CallRecord) -> tuple[Any, ...]:
         record.recording_path,
         int(record.test_call),
         sessions_text(record.sessions),
+        record.status.value,
+        record.instance,
     )
 
 

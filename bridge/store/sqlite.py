@@ -22,11 +22,14 @@ import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from bridge.errors import LocalError, StoreError
 from bridge.prompts import Profile, profile_from_mapping, profile_to_mapping
+from bridge.store import calls_sql
 from bridge.store.base import (
+    AdminSession,
+    Answer,
     CallRecord,
     Conflict,
     NotFound,
@@ -36,12 +39,9 @@ from bridge.store.base import (
     StaleVersion,
 )
 from bridge.store.schema import (
-    CALL_COLUMNS,
     LATEST_JOIN,
     MIGRATIONS,
     VERSION_COLUMNS,
-    call_of,
-    call_values,
     connect,
     parse_time,
     time_text,
@@ -408,51 +408,56 @@ class SQLiteStore:
 
         return await self._run(work)
 
-    # --- calls ---
+    # --- calls (the SQL is bridge.store.calls_sql) ---
+
+    async def start_call(self, record: CallRecord) -> None:
+        """Write a call's record as it starts; raises :class:`Conflict` when the CallSid has one."""
+        await self._run(calls_sql.start_call(record), write=True)
 
     async def add_call(self, record: CallRecord) -> None:
-        """Store a call record (replacing one with the same CallSid)."""
-        values = call_values(record)
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                f"INSERT OR REPLACE INTO calls ({CALL_COLUMNS}) VALUES ({', '.join('?' * len(values))})",
-                values,
-            )
-
-        await self._run(work, write=True)
+        """Write a call's final record over its own in-progress one, or new; raises :class:`Conflict`
+        when another call's record holds the CallSid."""
+        await self._run(calls_sql.finish_call(record), write=True)
 
     async def calls(
         self, *, limit: int = 50, before: datetime | None = None, profile_id: int | None = None
     ) -> list[CallRecord]:
         """Call records, newest first: at most ``limit``, started before ``before``, of one profile."""
-        where: list[str] = []
-        params: list[Any] = []
-        if before is not None:
-            where.append("started_at < ?")
-            params.append(time_text(before))
-        if profile_id is not None:
-            where.append("profile_id = ?")
-            params.append(profile_id)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        params.append(max(0, limit))
-
-        def work(conn: sqlite3.Connection) -> list[CallRecord]:
-            rows = conn.execute(
-                f"SELECT {CALL_COLUMNS} FROM calls {clause} ORDER BY started_at DESC, call_sid DESC LIMIT ?",
-                params,
-            ).fetchall()
-            return [call_of(row) for row in rows]
-
-        return await self._run(work)
+        return await self._run(calls_sql.calls(limit, before, profile_id))
 
     async def call(self, call_sid: str) -> CallRecord:
         """One call record; raises :class:`NotFound`."""
+        return await self._run(calls_sql.call(call_sid))
 
-        def work(conn: sqlite3.Connection) -> CallRecord:
-            row = conn.execute(f"SELECT {CALL_COLUMNS} FROM calls WHERE call_sid = ?", (call_sid,)).fetchone()
-            if row is None:
-                raise NotFound(f"no call {call_sid}")
-            return call_of(row)
+    async def interrupt_calls(self, instance: str, *, stale_before: datetime) -> int:
+        """Mark interrupted what ``instance``, or an instance silent since ``stale_before``, left in
+        progress; how many."""
+        return await self._run(calls_sql.interrupt_calls(instance, stale_before), write=True)
 
-        return await self._run(work)
+    async def heartbeat(self, instance: str) -> None:
+        """Note that ``instance`` is alive now."""
+        await self._run(calls_sql.heartbeat(instance, self._now()), write=True)
+
+    async def answer_call(self, call_sid: str, token_nonce: str, token_expiry: float) -> Answer | None:
+        """Record the first answer to ``call_sid`` (``None``), else return the earlier :class:`Answer`."""
+        return await self._run(
+            calls_sql.answer_call(call_sid, token_nonce, token_expiry, self._now()), write=True
+        )
+
+    async def claim_stream(self, call_sid: str) -> bool:
+        """Whether this is ``call_sid``'s first media stream ever (then it is recorded)."""
+        return await self._run(calls_sql.claim_stream(call_sid, self._now()), write=True)
+
+    # --- admin sessions ---
+
+    async def add_admin_session(self, sid: str, user: str, expires_at: datetime) -> None:
+        """Keep a new admin session (and forget expired ones)."""
+        await self._run(calls_sql.add_admin_session(sid, user, expires_at, self._now()), write=True)
+
+    async def admin_session(self, sid: str) -> AdminSession | None:
+        """A live admin session; ``None`` when unknown, expired or signed out."""
+        return await self._run(calls_sql.admin_session(sid, self._now()))
+
+    async def revoke_admin_session(self, sid: str) -> None:
+        """Sign a session out, for good and on every instance."""
+        await self._run(calls_sql.revoke_admin_session(sid, self._now()), write=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from bridge.app import create_app
+from bridge.app import create_app, make_runner
 from bridge.clock import Clock
 from bridge.config import Settings, load_settings
 from bridge.prompts import Profile
@@ -87,7 +87,7 @@ async def serve_bridge(
             env = {"BRIDGE_PUBLIC_URL": f"http://{LOOPBACK}:{port}", **settings}
             settings = load_settings(env, host=LOOPBACK, port=port)
         app = create_app(settings, profile=profile, clock=clock, render_greetings=render_greetings)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=shutdown_timeout)
+        runner = make_runner(app, shutdown_timeout=shutdown_timeout)
     except BaseException:
         sock.close()
         raise

@@ -1,0 +1,196 @@
+"""Replayed webhooks and streams, call records that survive crashes and store failures, slow clients."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bridge import app as bridge_app
+from bridge import registry as bridge_registry
+from bridge.keys import METRICS, REGISTRY, STORE
+from bridge.local_model import LocalModel
+from bridge.store import CallRecord, CallStatus, SQLiteStore, Store, StoreError
+from bridge.testing import TwilioCaller
+from tests.conftest import AUTH_TOKEN, Bridge
+from tests.test_cli import clean_env, free_port, spawn_server, wait_ready
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def caller(bridge: Bridge, **kw: Any) -> TwilioCaller:
+    return TwilioCaller(bridge.url, auth_token=AUTH_TOKEN, **kw)
+
+
+async def settle(condition: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_a_repeated_voice_webhook_gets_the_same_answer_and_no_second_session(
+    model: LocalModel, start_bridge: Any
+) -> None:
+    bridge = await start_bridge(model)
+    async with caller(bridge) as call:
+        status, first = await call.post_voice()
+        assert status == 200 and "<Connect" in first
+        status, again = await call.post_voice()  # Twilio retried, or someone replayed the signed POST
+        assert (status, again) == (200, first)  # the same one-time token: nothing new minted
+        assert bridge.app[REGISTRY].active == 1
+        call.accept_twiml(again)
+        await call.connect_stream()
+        await call.wait_for_played(0.3)  # the greeting
+        assert len(model.connections) == 1  # the pre-warmed session serves the call; no second one
+        # Once the stream has run, the same webhook is refused: no token, no session.
+        status, late = await call.post_voice()
+        assert status == 200 and "<Connect" not in late and "<Hangup" in late
+        await call.hang_up()
+    await settle(lambda: not bridge.app[REGISTRY].live)
+    assert len(model.connections) == 1
+    _, metrics = await bridge.get("/metrics")
+    assert 'bridge_refused_total{reason="webhook_replayed"} 1' in metrics
+
+
+async def test_a_call_sid_gets_one_stream_across_instances(model: LocalModel, start_bridge: Any) -> None:
+    one = await start_bridge(model)
+    # A second instance behind the same public URL, on the same database.
+    two = await start_bridge(model, BRIDGE_PUBLIC_URL=one.url)
+    async with caller(one) as call:
+        await call.dial()
+        await call.wait_for_played(0.2)  # the greeting
+        replay = TwilioCaller(two.url, auth_token=AUTH_TOKEN, public_url=one.url, call_sid=call.call_sid)
+        async with replay:
+            assert call.twiml is not None
+            replay.accept_twiml(call.twiml)  # the captured TwiML, token and all, and a valid signature
+            await replay.connect_stream()
+            await replay.wait_closed(timeout=5)
+        assert not two.app[REGISTRY].live
+        await call.hang_up()
+    await settle(lambda: not one.app[REGISTRY].live)
+    _, metrics = await two.get("/metrics")
+    assert 'bridge_refused_total{reason="stream_reused"} 1' in metrics
+    record = await one.app[STORE].call(call.call_sid)
+    assert record.status is CallStatus.COMPLETED and record.instance == one.settings.instance_id
+
+
+async def test_the_record_is_written_when_the_call_starts(model: LocalModel, start_bridge: Any) -> None:
+    bridge = await start_bridge(model)
+    store = bridge.app[STORE]
+    async with caller(bridge) as call:
+        await call.dial()
+        await settle(lambda: bool(bridge.app[REGISTRY].live))
+        live = next(iter(bridge.app[REGISTRY].live))
+        await settle(lambda: live.session.start is not None)
+        record = await store.call(call.call_sid)
+        assert record.status is CallStatus.IN_PROGRESS and record.end_reason == ""
+        await call.hang_up()
+    await settle(lambda: not bridge.app[REGISTRY].live)
+    done = await store.call(call.call_sid)
+    assert done.status is CallStatus.COMPLETED and done.started_at == record.started_at
+
+
+@pytest.mark.timeout(90)
+async def test_a_call_cut_by_kill_9_is_marked_interrupted_at_the_next_start(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(tmp_path, BRIDGE_INSECURE_DEV="1", TWILIO_AUTH_TOKEN="", BRIDGE_INSTANCE_ID="box-1")
+    server = await spawn_server(env, port, asyncio.subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(port)
+        async with TwilioCaller(url, auth_token=None) as call:
+            await call.dial()
+            await call.wait_for_media(1, timeout=20)  # live: the greeting plays
+            server.send_signal(signal.SIGKILL)
+            await server.wait()
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+    database = tmp_path / "data" / "bridge.sqlite3"
+    async with await SQLiteStore.open(database) as store:
+        left = await store.call(call.call_sid)
+    assert left.status is CallStatus.IN_PROGRESS and left.instance == "box-1"
+
+    server = await spawn_server(env, port, asyncio.subprocess.DEVNULL)  # the restart
+    try:
+        await wait_ready(port)
+        async with await SQLiteStore.open(database) as store:
+            found = await store.call(call.call_sid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(server.wait(), 20)
+    assert found.status is CallStatus.INTERRUPTED
+    assert "stopped during the call" in found.end_reason
+
+
+class FlakyStore:
+    """A store whose call record writes fail ``failures`` times, then go through."""
+
+    def __init__(self, real: Store, failures: int) -> None:
+        self.real, self.failures = real, failures
+        self.tries = 0
+
+    async def start_call(self, record: CallRecord) -> None:
+        await self.real.start_call(record)
+
+    async def add_call(self, record: CallRecord) -> None:
+        self.tries += 1
+        if self.tries <= self.failures:
+            raise StoreError("database is locked")
+        await self.real.add_call(record)
+
+
+@pytest.mark.parametrize("failures", [2, 10])
+async def test_a_failed_record_write_is_retried_then_logged_and_counted(
+    model: LocalModel,
+    start_bridge: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failures: int,
+) -> None:
+    monkeypatch.setattr(bridge_registry, "STORE_RETRIES", (0.01, 0.01, 0.01))
+    bridge = await start_bridge(model)
+    registry = bridge.app[REGISTRY]
+    flaky = FlakyStore(bridge.app[STORE], failures)
+    registry.store = flaky  # type: ignore[assignment]
+    async with caller(bridge) as call:
+        await call.dial()
+        await call.wait_for_media(1)
+        await call.hang_up()
+    await settle(lambda: not registry.live)
+    await settle(lambda: flaky.tries >= min(failures + 1, 4))
+    record = await bridge.app[STORE].call(call.call_sid)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and call.call_sid in r.getMessage()]
+    counted = bridge.app[METRICS].store_errors.get("call_record")
+    if failures < 4:
+        assert record.status is CallStatus.COMPLETED and flaky.tries == failures + 1
+        assert not errors and counted == 0
+    else:  # four tries, then the error says what the record held, and it is counted
+        await settle(lambda: bridge.app[METRICS].store_errors.get("call_record") == 1)
+        assert record.status is CallStatus.IN_PROGRESS and flaky.tries == 4
+        await settle(lambda: any("was not stored" in r.getMessage() for r in caplog.records))
+        message = next(r.getMessage() for r in caplog.records if "was not stored" in r.getMessage())
+        assert call.call_sid in message and "database is locked" in message and call.from_ in message
+
+
+async def test_a_connection_that_never_completes_its_headers_is_closed(
+    model: LocalModel, start_bridge: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge_app, "IDLE_TIMEOUT", 0.5)
+    bridge = await start_bridge(model)
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    try:
+        writer.write(b"POST /twilio/voice HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and then nothing
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the bridge
+    finally:
+        writer.close()
+    # A client that completes its request is served as usual.
+    async with aiohttp.ClientSession() as http, http.get(bridge.url + "/healthz") as resp:
+        assert resp.status == 200
