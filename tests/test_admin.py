@@ -20,11 +20,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.admin.auth import COOKIE, GUARD, SessionSigner, safe_next
 from bridge.admin.forms import values_from_profile
+from bridge.admin.testcall import SLOTS, TEST_CALLS_PER_USER
+from bridge.admin.throttle import MAX_ADDRESSES, MAX_DELAY, MAX_HELD, Throttle, backoff
 from bridge.app import create_app
 from bridge.config import load_settings
-from bridge.keys import GREETINGS, STORE
+from bridge.errors import StoreError
+from bridge.keys import GREETINGS, METRICS, STORE
 from bridge.prompts import Profile
-from bridge.store import CallRecord, ModelSession, Store
+from bridge.store import CallRecord, ModelSession, NotFound, Store
 
 TOKEN = "admin-token-for-tests-0123456789"
 RECORDINGS = Path(__file__).parent / "recordings"
@@ -165,26 +168,166 @@ async def test_sign_in_redirects_back_and_shows_the_name(client: Client) -> None
     assert "Signed in as <strong>Grace Hopper</strong>" in page
 
 
-async def test_wrong_token_is_refused_with_backoff_and_never_logged(
+class HeldAnswers:
+    """Stands in for the throttle's sleep: notes each delay and holds that answer until released."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self.released = asyncio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        await self.released.wait()
+
+
+def hold_wrong_answers(client: Client) -> HeldAnswers:
+    """Late answers wait for the test, and time stands still (no failure fades meanwhile)."""
+    held = HeldAnswers()
+    throttle = client.app[GUARD].throttle
+    throttle.sleep, throttle.now = held.sleep, lambda: 1000.0
+    return held
+
+
+def auth_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "bridge.admin.throttle"]
+
+
+def flood_session() -> aiohttp.ClientSession:
+    """A client with no connection limit (aiohttp's default of 100 would queue the flood client-side)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), cookie_jar=aiohttp.CookieJar(unsafe=True)
+    )
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 10) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+def test_backoff_grows_with_recent_failures_per_address_and_overall_and_fades() -> None:
+    # Per address: 3 free tries, then 0.25 s doubling, at most MAX_DELAY.
+    assert [backoff(n, n) for n in range(1, 10)] == [0, 0, 0, 0.25, 0.5, 1, 2, 4, MAX_DELAY]
+    # Overall (a spray from many addresses): 30 free, then 0.25 s doubling every 5.
+    assert (backoff(1, 30), backoff(1, 31), backoff(1, 36), backoff(1, 10**9)) == (0, 0.25, 0.5, MAX_DELAY)
+    now = [0.0]
+    throttle = Throttle(now=lambda: now[0])
+    assert [throttle.failed("10.0.0.1") for _ in range(8)][-1] == 4
+    assert throttle.failed("10.0.0.2") == 0  # another address is not slowed by this one (yet)
+    now[0] += 3600  # an hour later the failures have faded
+    assert throttle.failed("10.0.0.1") == 0
+    for i in range(MAX_ADDRESSES + 50):  # memory stays bounded under a spray of addresses
+        throttle.failed(f"10.1.{i // 256}.{i % 256}")
+    assert len(throttle.addresses) == MAX_ADDRESSES
+
+
+async def test_wrong_sign_ins_are_slowed_down_but_the_right_token_is_never_locked_out(
     client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    held = hold_wrong_answers(client)
+    held.released.set()  # answers go out at once here; the delays they were given are noted
     wrong = "not-the-token-0123456789"
-    for _ in range(4):
+    for _ in range(5):
         resp = await client.post("/admin/sign-in", data={"token": wrong}, allow_redirects=False)
         assert resp.status == 401
         assert "not the admin token" in await resp.text()
-    # Backing off now: even the right token must wait.
-    resp = await client.post("/admin/sign-in", data={"token": TOKEN}, allow_redirects=False)
-    assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
-    assert (await client.get("/admin", allow_redirects=False)).status == 303
-    assert wrong not in caplog.text and TOKEN not in caplog.text
-    # Once the wait is over, the right token works.
-    guard = client.app[GUARD]
-    real_now = guard.signer.now
-    guard.signer.now = lambda: real_now() + 10
+    assert held.delays == [0.25, 0.5]  # three free tries, then slower and slower
+    # The right token right after: accepted at once (the old backoff answered 429 here).
     resp = await client.post("/admin/sign-in", data={"token": TOKEN}, allow_redirects=False)
     assert resp.status == 303
+    assert (await client.get("/admin", allow_redirects=False)).status == 200
+    assert held.delays == [0.25, 0.5]
+    assert client.app[METRICS].refused.get("sign_in") == 5
+    assert wrong not in caplog.text and TOKEN not in caplog.text
+    assert len(auth_log(caplog)) == 1  # the first failure; the rest are summed up later
+
+
+@pytest.mark.timeout(60)
+async def test_a_flood_of_wrong_bearer_tokens_is_slowed_counted_and_logged_not_locking_out_staff(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    held = hold_wrong_answers(client)
+    url = client.make_url("/admin/api/profiles")
+    guesses_sent = [f"guess-{i:04d}-abcdefghijklmnop" for i in range(200)]
+    async with flood_session() as http:
+
+        async def guess(value: str) -> int:
+            async with http.get(url, headers={"Authorization": f"Bearer {value}"}) as resp:
+                return resp.status
+
+        guesses = [asyncio.create_task(guess(value)) for value in guesses_sent]
+        await wait_until(lambda: len(held.delays) + sum(t.done() for t in guesses) == 200)
+        pending = [t for t in guesses if not t.done()]
+        # Three free tries, then MAX_HELD late answers; beyond that bound, 429 at once (not held).
+        assert len(pending) == len(held.delays) == MAX_HELD
+        early = sorted(t.result() for t in guesses if t.done())
+        assert early == [401] * 3 + [429] * (200 - 3 - MAX_HELD)
+        # Slower with every failure, up to the cap: this flood takes MAX_DELAY s, not 0.1 s.
+        assert held.delays[:5] == [0.25, 0.5, 1, 2, 4] and held.delays == sorted(held.delays)
+        assert max(held.delays) == MAX_DELAY and sum(held.delays) > 400
+
+        # Meanwhile staff (from the same address) use the right token: answered at once.
+        async with http.get(url, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            assert resp.status == 200
+        assert not any(t.done() for t in pending)
+
+        held.released.set()
+        assert await asyncio.gather(*pending) == [401] * MAX_HELD
+        async with http.get(url, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+            assert resp.status == 200  # and after it
+
+    assert client.app[METRICS].refused.get("admin_token") == 200
+    assert 'bridge_refused_total{reason="admin_token"} 200' in client.app[METRICS].render()
+    lines = auth_log(caplog)
+    assert len(lines) == 1 and "bearer token from 127.0.0.1" in lines[0]  # not one line per guess
+    client.app[GUARD].throttle.log.flush()
+    lines = auth_log(caplog)
+    assert (
+        len(lines) == 2
+        and "199 more wrong tokens" in lines[1]
+        and "97 of them answered 429 at once" in lines[1]
+    )
+    assert not any(value in caplog.text for value in guesses_sent) and TOKEN not in caplog.text
+
+
+@pytest.mark.timeout(60)
+async def test_a_flood_of_wrong_sign_ins_does_not_lock_out_the_right_token(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    held = hold_wrong_answers(client)
+    url = client.make_url("/admin/sign-in")
+    async with flood_session() as http:
+
+        async def guess(i: int) -> int:
+            data = {"token": f"guess-{i:04d}-abcdefghijklmnop"}
+            async with http.post(url, data=data, allow_redirects=False) as resp:
+                return resp.status
+
+        guesses = [asyncio.create_task(guess(i)) for i in range(20)]
+        await wait_until(lambda: len(held.delays) + sum(t.done() for t in guesses) == 20)
+        pending = [t for t in guesses if not t.done()]
+        assert len(pending) == 17 and held.delays[-1] == MAX_DELAY
+
+        # The right token from the same address while the wrong ones wait: signed in at once.
+        resp = await client.post(
+            "/admin/sign-in", data={"token": TOKEN, "name": "Ada"}, allow_redirects=False
+        )
+        assert resp.status == 303
+        assert "Signed in as <strong>Ada</strong>" in await (await client.get("/admin")).text()
+        assert not any(t.done() for t in pending)
+        held.released.set()
+        assert await asyncio.gather(*pending) == [401] * 17
+    assert client.app[METRICS].refused.get("sign_in") == 20
+    assert len(auth_log(caplog)) == 1 and "guess-" not in caplog.text
+
+
+async def test_the_sign_in_form_is_refused_when_it_is_too_large(client: Client) -> None:
+    resp = await client.post("/admin/sign-in", data={"token": "x" * 10_000}, allow_redirects=False)
+    assert resp.status == 413
+    assert client.app[GUARD].throttle.addresses == {}
 
 
 async def test_session_cookie_attributes(make_client: ClientFactory) -> None:
@@ -227,14 +370,83 @@ def test_sign_in_goes_back_only_inside_the_admin_ui() -> None:
         assert safe_next(bad) == "/admin"
 
 
+def cookie_of(client: Client) -> str:
+    return client.session.cookie_jar.filter_cookies(client.make_url("/admin"))[COOKIE].value
+
+
 async def test_sign_out_revokes_the_session(client: Client) -> None:
     csrf = await sign_in(client)
-    cookie = client.session.cookie_jar.filter_cookies(client.make_url("/admin"))[COOKIE].value
+    cookie = cookie_of(client)
     resp = await client.post("/admin/sign-out", data={"csrf": csrf}, allow_redirects=False)
     assert resp.status == 303 and resp.headers["Location"] == "/admin/sign-in"
     assert "You are signed out." in await (await client.get("/admin/sign-in")).text()
     client.session.cookie_jar.update_cookies({COOKIE: cookie})  # a copy of the old cookie
     assert (await client.get("/admin", allow_redirects=False)).status == 303
+    # A correctly signed cookie is not enough either: the session must be in the store.
+    value, _ = client.app[GUARD].signer.issue("Eve")
+    client.session.cookie_jar.update_cookies({COOKIE: value})
+    assert (await client.get("/admin", allow_redirects=False)).status == 303
+
+
+async def test_sessions_and_sign_out_survive_a_restart(make_client: ClientFactory) -> None:
+    first = await make_client()
+    csrf = await sign_in(first, "Ada")
+    signed_out = cookie_of(first)
+    assert (await first.post("/admin/sign-out", data={"csrf": csrf}, allow_redirects=False)).status == 303
+    await sign_in(first, "Grace")
+    kept = cookie_of(first)
+    await first.close()
+
+    restarted = await make_client()  # a new app on the same database file
+    jar = restarted.session.cookie_jar
+    jar.update_cookies({COOKIE: signed_out})
+    assert (await restarted.get("/admin", allow_redirects=False)).status == 303
+    jar.update_cookies({COOKIE: kept})
+    assert "Signed in as <strong>Grace</strong>" in await (await restarted.get("/admin")).text()
+
+
+async def test_sign_out_on_one_instance_holds_on_every_other(make_client: ClientFactory) -> None:
+    one, two = await make_client(), await make_client()  # two instances sharing the database
+    csrf = await sign_in(one, "Ada")
+    cookie = cookie_of(one)
+    two.session.cookie_jar.update_cookies({COOKIE: cookie})
+    assert (await two.get("/admin", allow_redirects=False)).status == 200
+    assert (await one.post("/admin/sign-out", data={"csrf": csrf}, allow_redirects=False)).status == 303
+    assert (await two.get("/admin", allow_redirects=False)).status == 303
+    assert (await two.get("/admin/api/profiles")).status == 401
+
+
+async def test_sessions_fail_closed_when_the_store_fails(
+    client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    csrf = await sign_in(client)
+    store = store_of(client)
+
+    async def broken(*args: Any) -> Any:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(store, "admin_session", broken)
+    resp = await client.get("/admin", allow_redirects=False)
+    assert resp.status == 503 and "session store is unavailable" in await resp.text()
+    resp = await client.get("/admin/api/profiles")
+    assert resp.status == 503 and (await resp.json())["error"] == "unavailable"
+    assert "sessions cannot be checked: database is locked" in caplog.text
+    # The bearer token does not depend on sessions.
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await client.get("/admin/api/profiles", headers=auth)).status == 200
+    monkeypatch.undo()
+
+    monkeypatch.setattr(store, "revoke_admin_session", broken)
+    resp = await client.post("/admin/sign-out", data={"csrf": csrf}, allow_redirects=False)
+    assert resp.status == 503 and "You are not signed out yet" in await resp.text()
+    monkeypatch.undo()
+
+    monkeypatch.setattr(store, "add_admin_session", broken)
+    client.session.cookie_jar.clear()
+    resp = await client.post("/admin/sign-in", data={"token": TOKEN}, allow_redirects=False)
+    assert resp.status == 503 and "Signing in is unavailable" in await resp.text()
+    assert COOKIE not in resp.cookies
+    assert "the session could not be stored: database is locked" in caplog.text
 
 
 async def test_pages_carry_security_headers(client: Client) -> None:
@@ -298,6 +510,108 @@ async def test_the_test_call_socket_needs_a_session_and_this_origin(client: Clie
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await client.ws_connect(f"/admin/test-call?profile=1&csrf={csrf}")  # no Origin: not a browser page
     assert refused.value.status == 403
+
+
+ORIGIN = {"Origin": "http://bridge.example.test"}
+
+
+def start_message(stream_sid: str, call_sid: str) -> dict[str, Any]:
+    """Twilio's ``start``, as the test call page sends it (with a CallSid of its choosing)."""
+    return {
+        "event": "start",
+        "sequenceNumber": "1",
+        "streamSid": stream_sid,
+        "start": {
+            "streamSid": stream_sid,
+            "callSid": call_sid,
+            "accountSid": "AC" + "2" * 32,
+            "tracks": ["inbound"],
+            "customParameters": {},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        },
+    }
+
+
+@pytest.mark.timeout(60)
+async def test_a_test_call_gets_its_own_call_sid_and_cannot_touch_a_real_call(start_bridge: Any) -> None:
+    # A bridge on a real port: aiohttp's TestServer cancels a handler when its client goes, which would
+    # cut the call's teardown (and its record) short.
+    bridge = await start_bridge(None, BRIDGE_ADMIN_TOKEN=TOKEN)
+    store: Store = bridge.app[STORE]
+    real = "CA" + "7" * 32
+    start = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+    await store.add_call(call(real, start, from_number="+15551230001", transcript=(("caller", "Real."),)))
+    before = await store.call(real)
+
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        signed_in = await http.post(bridge.url + "/admin/sign-in", data={"token": TOKEN, "next": "/admin"})
+        match = re.search(r'name="csrf" value="([^"]+)"', await signed_in.text())
+        assert match is not None
+        url = bridge.url.replace("http", "ws", 1) + f"/admin/test-call?profile=1&csrf={match.group(1)}"
+        async with http.ws_connect(url, headers={"Origin": bridge.url}) as ws:
+            first = await ws.receive_json()
+            assert first["event"] == "call" and re.fullmatch(r"test-[0-9a-f]{32}", first["callSid"])
+            sid = first["callSid"]
+            stream = "MZ" + "0" * 32
+            await ws.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+            await ws.send_json(start_message(stream, real))  # the page says it is the real call
+            async with asyncio.timeout(10):
+                while (await ws.receive_json())["event"] != "media":
+                    pass  # the call runs: the greeting comes back
+            await ws.send_json({"event": "stop", "sequenceNumber": "2", "streamSid": stream, "stop": {}})
+            async with asyncio.timeout(10):
+                async for _ in ws:
+                    pass  # the bridge ends the call and closes the socket
+
+    async def final_record() -> CallRecord | None:
+        try:
+            record = await store.call(sid)
+        except NotFound:
+            return None
+        return record if record.end_reason else None  # written in full when the call has ended
+
+    async with asyncio.timeout(10):
+        while (record := await final_record()) is None:
+            await asyncio.sleep(0.05)
+    assert record.test_call and record.profile_id == 1
+    assert await store.call(real) == before  # untouched
+    assert sorted(r.call_sid for r in await store.calls()) == sorted([real, sid])
+
+
+@pytest.mark.timeout(60)
+async def test_a_staff_member_has_at_most_two_test_calls_at_once(client: Client) -> None:
+    assert TEST_CALLS_PER_USER == 2
+    csrf = await sign_in(client, "Ada")
+    url = f"/admin/test-call?profile=1&csrf={csrf}"
+    calls = [await client.ws_connect(url, headers=ORIGIN) for _ in range(TEST_CALLS_PER_USER)]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await client.ws_connect(url, headers=ORIGIN)
+    assert refused.value.status == 429
+    upgrade = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}  # fmt: skip
+    resp = await client.get(url, headers=ORIGIN | upgrade)
+    assert resp.status == 429 and (await resp.json())["error"] == "too_many_test_calls"
+
+    # Someone else may still place theirs.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+        signed_in = await other.post(
+            client.make_url("/admin/sign-in"), data={"token": TOKEN, "name": "Grace", "next": "/admin"}
+        )
+        match = re.search(r'name="csrf" value="([^"]+)"', await signed_in.text())
+        assert match is not None
+        theirs = await other.ws_connect(
+            client.make_url(f"/admin/test-call?profile=1&csrf={match.group(1)}"), headers=ORIGIN
+        )
+        await theirs.close()
+
+    # When one of Ada's calls ends, she may place another.
+    slots = client.app[SLOTS]
+    await calls.pop().close()
+    await wait_until(lambda: slots.live["Ada"] == TEST_CALLS_PER_USER - 1)
+    calls.append(await client.ws_connect(url, headers=ORIGIN))
+    for ws in calls:
+        await ws.close()
+    await wait_until(lambda: not slots.live)
 
 
 # -- the profile form

@@ -576,6 +576,8 @@ async def test_the_test_call_socket_needs_a_session_its_csrf_token_and_this_orig
 
         # Accepted: it is a Media Stream like Twilio's, and the greeting comes back as μ-law media.
         async with http.ws_connect(f"{ws_url}?profile=1&csrf={csrf}", headers=origin) as ws:
+            chosen = await ws.receive_json()  # the bridge chooses the CallSid, not the page
+            assert chosen["event"] == "call" and chosen["callSid"].startswith("test-")
             sid = "MZ" + "0" * 32
             await ws.send_json({"event": "connected", "protocol": "Call", "version": "1.0.0"})
             await ws.send_json(start_message(sid, "CA" + "1" * 32))
@@ -593,7 +595,7 @@ async def test_the_test_call_socket_needs_a_session_its_csrf_token_and_this_orig
             while not await call_records(admin_bridge):
                 await asyncio.sleep(0.05)
         (record,) = await call_records(admin_bridge)
-        assert record.test_call and record.call_sid == "CA" + "1" * 32
+        assert record.test_call and record.call_sid == chosen["callSid"]
     finally:
         await http.close()
 

@@ -49,7 +49,13 @@ def setup(app: web.Application) -> None:
     settings = app[SETTINGS]
     if settings.admin_token is None:
         raise ValueError("the admin UI needs BRIDGE_ADMIN_TOKEN; use bridge.admin.closed(app) without it")
-    app[GUARD] = Guard(SessionSigner(settings.admin_token.reveal()), settings)
+    guard = app[GUARD] = Guard(SessionSigner(settings.admin_token.reveal()), settings)
+    app[testcall.SLOTS] = testcall.StaffCallSlots()
+
+    async def close_failure_log(app: web.Application) -> None:
+        guard.throttle.log.close()  # the last summary of wrong tokens, and no timer left behind
+
+    app.on_cleanup.append(close_failure_log)
     app[TEMPLATES] = make_environment()
     app[calls.RECORDING_ROOTS] = calls.recording_roots(settings)
     # A middleware rather than per-handler checks: it also guards routes other modules add under

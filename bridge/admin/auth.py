@@ -2,21 +2,35 @@
 
 Theory of operation
 -------------------
-* **Sign-in** compares the typed token with ``BRIDGE_ADMIN_TOKEN`` in constant time. On success the
-  browser gets one cookie holding ``{session id, name, expiry}`` and an HMAC-SHA256 over it. The HMAC key
-  is derived from the admin token with a fixed label, so changing the token signs everyone out, and no
-  server-side session table is needed (any instance behind a balancer accepts the cookie).
+* **Sign-in** compares the typed token with ``BRIDGE_ADMIN_TOKEN`` in constant time. On success a session
+  is written to the store (``{session id, name, expiry}``) and the browser gets one cookie holding the same
+  and an HMAC-SHA256 over it. The HMAC key is derived from the admin token with a fixed label, so changing
+  the token signs everyone out.
+* **Sessions live in the store**: a request's session is valid only while its cookie's HMAC is right, it
+  has not expired, and the store still has it, unexpired and not signed out. So a sign-out holds for good
+  (across restarts) and on every instance sharing the store. When the store cannot be read, signed-in
+  requests are refused with 503 and a log line (fail closed); the bearer token does not need the store.
 * **Every** request under ``/admin`` goes through :func:`admin_middleware`: only the sign-in page (and
   its POST) and ``/admin/static/`` are public. Pages answer an anonymous visitor with 303 to sign-in;
   the JSON API and WebSocket upgrades answer 401 JSON. The JSON API also takes
   ``Authorization: Bearer <BRIDGE_ADMIN_TOKEN>`` for automation.
-* **CSRF**: each session has a token, an HMAC of its session id (so it needs no storage either). Every
+* **CSRF**: each session has a token, an HMAC of its session id (so it needs no storage). Every
   POST/PUT/PATCH/DELETE must carry it (forms: field ``csrf``; JSON: header ``X-CSRF-Token``), and when
   the browser says where the request comes from (``Origin``, else ``Referer``) that must be this site.
   Bearer requests carry no cookie, so they cannot be forged cross-site and need no CSRF token.
   WebSocket upgrades (the test call) must carry an ``Origin`` of this site: browsers always send one.
-* **Failed sign-ins** back off per client address, doubling up to five minutes; the token is never logged.
-* **Sign-out** clears the cookie and revokes its session id on this instance until it would have expired.
+* **Wrong tokens** (the sign-in form and the bearer header alike, :class:`Throttle`): the right token is
+  checked first and always accepted at once, whatever came before, so nobody is ever locked out (staff
+  behind one proxy share an address). A wrong one is counted (``bridge_refused_total{reason="sign_in"}``
+  or ``{reason="admin_token"}``), logged without the guess (the first at once, then one summary a minute
+  while they go on) and answered late: after 3 recent failures from an address, 0.25 s doubling per
+  failure, and after 30 recent failures from anywhere, 0.25 s doubling every 5; at most 5 s. Failures are
+  forgotten gradually (half-life 5 min per address, 1 min overall). At most 100 late answers are held at
+  once; beyond that a wrong guess is answered 429 at once rather than held (bounded memory; such a flood
+  learns sooner that those guesses were wrong, so what makes guessing hopeless is the token's length, at
+  least 16 characters: the delays and the log make trying slow and visible). The sign-in form is refused
+  (413) above 8 KiB, before it is read.
+* **Sign-out** clears the cookie and revokes the session in the store.
 """
 
 from __future__ import annotations
@@ -26,17 +40,22 @@ import binascii
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import hdrs, web
 
+from bridge.admin.throttle import MAX_DELAY, REASON_BEARER, Throttle
 from bridge.config import Settings
+from bridge.errors import StoreError
+from bridge.keys import STORE
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +74,13 @@ BEARER_USER = "api"
 """The author recorded for changes made with the bearer token (no name was typed)."""
 DEFAULT_USER = "staff"
 _KEY_LABEL = b"bridge admin session v1"
-_FREE_FAILURES = 3
-"""Failed sign-ins from one address before the backoff starts (typos happen)."""
-_MAX_BACKOFF = 300.0
-_LIMITER_SIZE = 10_000
+SIGN_IN_MAX_BYTES = 8 * 1024
+"""The sign-in form is tiny: a larger (or unsized) body is refused before it is read."""
 
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """A signed-in staff member, as the cookie says."""
+    """A signed-in staff member, as the cookie says (and the store confirms)."""
 
     sid: str
     user: str
@@ -76,13 +93,14 @@ class SessionSigner:
     def __init__(self, admin_token: str, now: Callable[[], float] = time.time) -> None:
         # Derived, not the token itself: a leaked cookie signature says nothing about the token.
         self._key = hmac.new(admin_token.encode(), _KEY_LABEL, hashlib.sha256).digest()
-        self._token = admin_token.encode()
+        self._token_digest = hashlib.sha256(admin_token.encode()).digest()
         self.now = now
         """Wall-clock time (expiry must survive restarts, so not the monotonic clock); tests replace it."""
 
     def token_matches(self, candidate: str) -> bool:
-        """Whether ``candidate`` is the admin token (constant time)."""
-        return hmac.compare_digest(candidate.encode(), self._token)
+        """Whether ``candidate`` is the admin token (constant time, its length included)."""
+        given = hashlib.sha256(candidate.encode("utf-8", "surrogatepass")).digest()
+        return hmac.compare_digest(given, self._token_digest)
 
     def _mac(self, label: bytes, data: bytes) -> bytes:
         return hmac.new(self._key, label + b"\0" + data, hashlib.sha256).digest()
@@ -134,32 +152,15 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-@dataclass
-class SignInLimiter:
-    """Per-address backoff after failed sign-ins: a few free tries, then 1, 2, 4 … s, at most 5 min."""
+# -- sessions
 
-    failures: dict[str, tuple[int, float]] = field(default_factory=dict)
-    """address → (failures in a row, earliest time of the next try)."""
 
-    def wait(self, address: str, now: float) -> float:
-        """Seconds ``address`` must still wait before it may try again (0: go ahead)."""
-        entry = self.failures.get(address)
-        return max(0.0, entry[1] - now) if entry else 0.0
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    session: Session | None
 
-    def failed(self, address: str, now: float) -> None:
-        """Count a failed try."""
-        count = self.failures.get(address, (0, now))[0] + 1
-        delay = 0.0 if count <= _FREE_FAILURES else min(2.0 ** (count - _FREE_FAILURES - 1), _MAX_BACKOFF)
-        self.failures[address] = (count, now + delay)
-        if len(self.failures) > _LIMITER_SIZE:
-            # Bounded memory under a spray of addresses: forget those whose backoff ended long ago.
-            stale = [a for a, (_, until) in self.failures.items() if until < now - _MAX_BACKOFF]
-            for a in stale:
-                del self.failures[a]
 
-    def succeeded(self, address: str) -> None:
-        """Forget the failures of an address that signed in."""
-        self.failures.pop(address, None)
+_RESOLVED = web.RequestKey("bridge_admin_session", _Resolved)
 
 
 @dataclass
@@ -168,28 +169,43 @@ class Guard:
 
     signer: SessionSigner
     settings: Settings
-    limiter: SignInLimiter = field(default_factory=SignInLimiter)
-    revoked: dict[str, float] = field(default_factory=dict)
-    """Signed-out session ids → their expiry; kept until then so a copied cookie stops working."""
+    throttle: Throttle = field(default_factory=Throttle)
 
     @property
     def secure_cookies(self) -> bool:
         """Cookies get ``Secure`` when the bridge is reached over https."""
         return self.settings.public_url.lower().startswith("https://")
 
-    def session(self, request: web.Request) -> Session | None:
-        """The request's valid, unrevoked session, if any."""
+    async def load_session(self, request: web.Request) -> Session | None:
+        """The request's session: its cookie is signed and unexpired, and the store still has it.
+
+        Remembered on the request (:meth:`session`); raises :class:`StoreError` when the store fails.
+        """
+        resolved: _Resolved | None = request.get(_RESOLVED)
+        if resolved is not None:
+            return resolved.session
         session = self.signer.verify(request.cookies.get(COOKIE))
-        if session is None or session.sid in self.revoked:
-            return None
+        if session is not None:
+            stored = await request.app[STORE].admin_session(session.sid)
+            if stored is None or stored.user != session.user:
+                session = None  # signed out, expired, or never written here
+        request[_RESOLVED] = _Resolved(session)
         return session
 
-    def revoke(self, session: Session) -> None:
-        """End a session on this instance (sign-out)."""
-        now = self.signer.now()
-        for sid in [s for s, until in self.revoked.items() if until < now]:
-            del self.revoked[sid]
-        self.revoked[session.sid] = session.expires
+    def session(self, request: web.Request) -> Session | None:
+        """The session :meth:`load_session` found for this request (``None`` before it ran)."""
+        resolved: _Resolved | None = request.get(_RESOLVED)
+        return resolved.session if resolved is not None else None
+
+    async def start_session(self, request: web.Request, user: str) -> tuple[str, Session]:
+        """A new session for ``user``, written to the store: the cookie value and the session.
+
+        Raises :class:`StoreError` when it cannot be written.
+        """
+        value, session = self.signer.issue(user)
+        expires_at = datetime.fromtimestamp(session.expires, UTC)
+        await request.app[STORE].add_admin_session(session.sid, session.user, expires_at)
+        return value, session
 
     def bearer_ok(self, request: web.Request) -> bool:
         """Whether the request carries ``Authorization: Bearer <BRIDGE_ADMIN_TOKEN>``."""
@@ -221,7 +237,10 @@ GUARD = web.AppKey("bridge_admin_guard", Guard)
 
 
 def current_user(request: web.Request) -> str | None:
-    """Who is making this admin request: the name typed at sign-in, ``api`` for the bearer token, or None."""
+    """Who is making this admin request: the name typed at sign-in, ``api`` for the bearer token, or None.
+
+    The session is the one :func:`admin_middleware` found (public pages look it up themselves).
+    """
     guard = request.app[GUARD]
     session = guard.session(request)
     if session is not None:
@@ -269,6 +288,26 @@ def _forbidden(request: web.Request, message: str) -> web.Response:
     return web.Response(status=403, text=message + "\n")
 
 
+def too_many_attempts(request: web.Request) -> web.Response:
+    """429: too many wrong tokens are being answered late already (see :class:`Throttle`)."""
+    message = "Too many wrong tokens are being tried right now: wait a few seconds and try again."
+    response = json_error(429, "too_many_attempts", message)
+    response.headers[hdrs.RETRY_AFTER] = str(math.ceil(MAX_DELAY))
+    return response
+
+
+def store_unavailable(request: web.Request, what: str) -> web.Response:
+    """503 when admin sessions cannot be read or written: nothing goes through unchecked."""
+    message = f"{what}: the session store is unavailable. Try again in a moment."
+    response = (
+        json_error(503, "unavailable", message)
+        if _wants_json(request)
+        else web.Response(status=503, text=message + "\n")
+    )
+    response.headers[hdrs.RETRY_AFTER] = "5"
+    return response
+
+
 def _unauthorized(request: web.Request) -> web.Response:
     if _wants_json(request):
         response = json_error(
@@ -311,10 +350,16 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
             return _forbidden(request, "This form was sent from another site.")
         return await handler(request)
     if request.path.startswith(API_PREFIX) and hdrs.AUTHORIZATION in request.headers:
-        if not guard.bearer_ok(request):
-            return json_error(401, "unauthorized", "The bearer token is not BRIDGE_ADMIN_TOKEN.")
-        return await handler(request)  # no cookie involved: a cross-site page cannot send this header
-    session = guard.session(request)
+        if guard.bearer_ok(request):  # the right token first: accepted at once, whatever came before
+            return await handler(request)  # no cookie involved: a cross-site page cannot send this header
+        if not await guard.throttle.wrong_token(request, REASON_BEARER):
+            return too_many_attempts(request)
+        return json_error(401, "unauthorized", "The bearer token is not BRIDGE_ADMIN_TOKEN.")
+    try:
+        session = await guard.load_session(request)
+    except StoreError as exc:
+        log.error("admin: %s %s refused: sessions cannot be checked: %s", request.method, request.path, exc)
+        return store_unavailable(request, "Your session cannot be checked")
     if session is None:
         return _unauthorized(request)
     if upgrade and hdrs.ORIGIN not in request.headers:
@@ -395,8 +440,3 @@ def take_flash(request: web.Request, response: web.StreamResponse | None = None)
         response.del_cookie(FLASH_COOKIE, path=PREFIX)
     payload = request.app[GUARD].signer.unsign("flash", value)
     return payload.decode("utf-8", "replace") if payload is not None else None
-
-
-def client_address(request: web.Request) -> str:
-    """The peer address for the sign-in backoff (not X-Forwarded-For, which a client can forge)."""
-    return request.remote or "unknown"

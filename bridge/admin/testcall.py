@@ -6,10 +6,17 @@ and 20 ms μ-law ``media`` frames from the microphone, plays what comes back at 
 :func:`bridge.web.run_media_stream`, the same path a Twilio stream takes, so staff hear exactly what a
 caller would. The one difference is authorisation: instead of a Twilio signature and a one-time token,
 the upgrade needs a signed-in admin session, the session's CSRF token in the query (a cross-site page
-cannot read it) and an ``Origin`` that is this site. Every refusal is an HTTP 403 *before* the upgrade,
-so the browser sees a failed handshake (with a JSON reason), never a half-open call.
+cannot read it) and an ``Origin`` that is this site. Every refusal is an HTTP error *before* the upgrade
+(403, or 429 past the limit below), so the browser sees a failed handshake (with a JSON reason), never a
+half-open call.
 
-Besides Twilio's own messages the socket carries one extra kind, server to browser only:
+Test calls have their own id space: the server chooses the CallSid (``test-`` and 32 hex digits; Twilio's
+are ``CA`` and 32 hex digits), whatever the browser's ``start`` says, so a test call can never write over
+a real call's record. Each staff member (the name typed at sign-in) may have at most
+:data:`TEST_CALLS_PER_USER` test calls at once on an instance; the next is refused until one ends.
+
+Besides Twilio's own messages the socket carries two extra kinds, server to browser only:
+``{"event": "call", "callSid": "test-…"}`` first, the id the call is recorded under, and
 ``{"event": "transcript", "role": "caller"|"assistant", "text": …}`` as turns are transcribed.
 """
 
@@ -17,13 +24,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import hdrs, web
 
 from bridge.admin.auth import csrf_token, current_user, json_error
-from bridge.keys import SETTINGS, STORE
+from bridge.keys import METRICS, SETTINGS, STORE
 from bridge.store import NotFound, ProfileVersion, StoreError
 from bridge.web import WS_MAX_MESSAGE, run_media_stream
 
@@ -31,6 +41,39 @@ log = logging.getLogger(__name__)
 
 PATH = "/admin/test-call"
 """Where :func:`test_call` is routed (``app.router.add_get(PATH, test_call)``)."""
+TEST_CALLS_PER_USER = 2
+"""Test calls one staff member may have at once (on one instance)."""
+SID_PREFIX = "test-"
+"""Test calls' CallSids: this and 32 hex digits. Twilio's start with ``CA``, so they never meet."""
+
+
+def new_call_sid() -> str:
+    """A fresh CallSid for a test call, chosen by the server."""
+    return SID_PREFIX + secrets.token_hex(16)
+
+
+@dataclass
+class StaffCallSlots:
+    """The test calls each staff member has going, against :data:`TEST_CALLS_PER_USER`."""
+
+    limit: int = TEST_CALLS_PER_USER
+    live: Counter[str] = field(default_factory=Counter)
+
+    def take(self, user: str) -> bool:
+        """Take a slot for ``user``'s new test call; ``False`` when they have ``limit`` going."""
+        if self.live[user] >= self.limit:
+            return False
+        self.live[user] += 1
+        return True
+
+    def give_back(self, user: str) -> None:
+        """A test call of ``user`` has ended."""
+        self.live[user] -= 1
+        if self.live[user] <= 0:
+            del self.live[user]
+
+
+SLOTS = web.AppKey("bridge_admin_test_call_slots", StaffCallSlots)
 
 
 def _origin_ok(request: web.Request) -> bool:
@@ -79,14 +122,37 @@ async def test_call(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(max_msg_size=WS_MAX_MESSAGE, autoping=True)
     if not ws.can_prepare(request).ok:
         return json_error(400, "bad_request", "This URL takes a WebSocket upgrade.")
+    slots = request.app[SLOTS]
+    if not slots.take(user):
+        metrics = request.app.get(METRICS)
+        if metrics is not None:
+            metrics.refused.inc(label="test_call_limit")
+        log.info("test call by %s refused: %d going already", user, slots.limit)
+        return json_error(
+            429,
+            "too_many_test_calls",
+            f"You have {slots.limit} test calls going already: hang one up first.",
+        )
+    try:
+        return await _serve(request, ws, version, user)
+    finally:
+        slots.give_back(user)
+
+
+async def _serve(
+    request: web.Request, ws: web.WebSocketResponse, version: ProfileVersion, user: str
+) -> web.WebSocketResponse:
+    call_sid = new_call_sid()
     await ws.prepare(request)
     log.info(
-        "test call of profile %d version %d (%r) by %s",
+        "test call %s of profile %d version %d (%r) by %s",
+        call_sid,
         version.profile_id,
         version.version,
         version.profile.name,
         user,
     )
+    await ws.send_str(orjson.dumps({"event": "call", "callSid": call_sid}).decode())
 
     async def send_transcript(role: str, text: str) -> None:
         """Show each transcribed turn on the page (not a Twilio message: the browser only displays it)."""
@@ -96,7 +162,13 @@ async def test_call(request: web.Request) -> web.StreamResponse:
         await ws.send_str(message)
 
     await run_media_stream(
-        request.app, ws, check_token=False, version=version, test_call=True, on_transcript=send_transcript
+        request.app,
+        ws,
+        check_token=False,
+        version=version,
+        test_call=True,
+        on_transcript=send_transcript,
+        call_sid=call_sid,  # the browser's start does not choose it
     )
     if not ws.closed:
         await ws.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import re
 import wave
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.admin import auth
+from bridge.admin import auth, throttle
 from bridge.admin.forms import (
     FORM_ANCHORS,
     FORM_LABELS,
@@ -33,7 +34,7 @@ from bridge.audio import ulaw_to_pcm16
 from bridge.greeting import Greetings
 from bridge.keys import GREETINGS, SETTINGS, STORE
 from bridge.prompts import EAGERNESS, NOISE_REDUCTION, Profile, ProfileError, profile_from_mapping, voices_for
-from bridge.store import Conflict, NotFound, ProfileVersion, StaleVersion, Store
+from bridge.store import Conflict, NotFound, ProfileVersion, StaleVersion, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -79,33 +80,36 @@ def author(request: web.Request) -> str:
 async def sign_in_page(request: web.Request) -> web.Response:
     """``GET /admin/sign-in``."""
     target = auth.safe_next(request.query.get("next"))
-    if auth.current_user(request) is not None:
+    try:
+        signed_in = await request.app[auth.GUARD].load_session(request) is not None
+    except StoreError as exc:  # the form itself still shows; signing in will say what is wrong
+        log.error("admin: sessions cannot be checked: %s", exc)
+        signed_in = False
+    if signed_in:
         raise web.HTTPSeeOther(location=target)
     return page(request, "sign_in.html", {"next": target, "name": "", "error": None}, title="Sign in")
 
 
 async def sign_in(request: web.Request) -> web.Response:
-    """``POST /admin/sign-in``: check the token, back off after failures, set the session cookie."""
+    """``POST /admin/sign-in``: check the token, keep the session in the store, set the cookie.
+
+    The right token is accepted at once; a wrong one is answered late (:class:`throttle.Throttle`).
+    """
     guard = request.app[auth.GUARD]
+    if request.content_length is None or request.content_length > auth.SIGN_IN_MAX_BYTES:
+        return web.Response(status=413, text="The sign-in form is larger than a sign-in form can be.\n")
     form = await request.post()
     target = auth.safe_next(_text(form, "next"))
     name = _clean_name(_text(form, "name"))
-    address, now = auth.client_address(request), guard.signer.now()
+    address = throttle.client_address(request)
     context: dict[str, Any] = {"next": target, "name": name}
-    wait = guard.limiter.wait(address, now)
-    if wait > 0:
-        response = page(
-            request,
-            "sign_in.html",
-            context | {"error": f"Too many wrong tokens. Try again in {int(wait) + 1} seconds."},
-            status=429,
-            title="Sign in",
-        )
-        response.headers["Retry-After"] = str(int(wait) + 1)
-        return response
     if not guard.signer.token_matches(_text(form, "token").strip()):
-        guard.limiter.failed(address, now)
-        log.warning("admin sign-in refused from %s: wrong token", address)  # never the token itself
+        # Counted, logged (never the token) and answered late there; 429 at once when too many wait.
+        if not await guard.throttle.wrong_token(request, throttle.REASON_SIGN_IN):
+            error = "Too many wrong tokens are being tried right now. Wait a few seconds and try again."
+            response = page(request, "sign_in.html", context | {"error": error}, status=429, title="Sign in")
+            response.headers["Retry-After"] = str(math.ceil(throttle.MAX_DELAY))
+            return response
         return page(
             request,
             "sign_in.html",
@@ -113,8 +117,14 @@ async def sign_in(request: web.Request) -> web.Response:
             status=401,
             title="Sign in",
         )
-    guard.limiter.succeeded(address)
-    value, session = guard.signer.issue(name or auth.DEFAULT_USER)
+    try:
+        value, session = await guard.start_session(request, name or auth.DEFAULT_USER)
+    except StoreError as exc:
+        log.error("admin sign-in from %s failed: the session could not be stored: %s", address, exc)
+        error = "Signing in is unavailable: the session store cannot be written. Try again in a moment."
+        response = page(request, "sign_in.html", context | {"error": error}, status=503, title="Sign in")
+        response.headers["Retry-After"] = "5"
+        return response
     log.info("admin sign-in from %s as %r", address, session.user)
     response = web.Response(status=303, headers={"Location": target})
     auth.set_session_cookie(guard, response, value)
@@ -122,11 +132,25 @@ async def sign_in(request: web.Request) -> web.Response:
 
 
 async def sign_out(request: web.Request) -> web.Response:
-    """``POST /admin/sign-out``: forget the cookie and revoke the session on this instance."""
-    guard = request.app[auth.GUARD]
-    session = guard.session(request)
+    """``POST /admin/sign-out``: revoke the session in the store (every instance, for good), drop the
+    cookie."""
+    session = request.app[auth.GUARD].session(request)  # the middleware found it (else: to sign-in)
     if session is not None:
-        guard.revoke(session)
+        try:
+            await store_of(request).revoke_admin_session(session.sid)
+        except StoreError as exc:
+            log.error("admin sign-out of %r failed: the session could not be revoked: %s", session.user, exc)
+            return page(
+                request,
+                "error.html",
+                {
+                    "message": "You are not signed out yet: the session store is unavailable, so the "
+                    "sign-out could not be recorded. Try again in a moment."
+                },
+                status=503,
+                title="Sign-out failed",
+            )
+        log.info("admin sign-out of %r", session.user)
     response = see_other(request, auth.SIGN_IN, "You are signed out.")
     auth.clear_session_cookie(response)
     return response

@@ -9,6 +9,8 @@
  *     played gaplessly in arrival order, a short jitter buffer ahead of the audio clock;
  *   - `mark`: echoed when playback (the audio clock) reaches the point where it was placed;
  *   - `clear`: everything scheduled is stopped and dropped, every pending mark echoed at once;
+ *   - `call` (ours, not Twilio's): the CallSid the bridge chose for this test call ("test-…"), the id it
+ *     is logged under (whatever our `start` said);
  *   - `transcript` (ours, not Twilio's): a line in the transcript list.
  *
  * This one file is also the AudioWorklet module (loaded by its own URL with addModule), because the admin
@@ -526,10 +528,10 @@
       setButtons(true);
       const ids = {
         streamSid: "MZ" + hex(16),
-        callSid: "CA" + hex(16),
+        callSid: "CA" + hex(16), // a placeholder for the start message: the bridge sends the real one
         accountSid: "AC" + hex(16),
       };
-      stats.callSid = ids.callSid;
+      stats.callSid = null;
       call = { ids, ws: null, stream: null, ctx: null, sequence: 0, chunk: 0, live: false };
       const current = call;
 
@@ -686,6 +688,13 @@
           case "clear":
             stats.clears++;
             player.clear();
+            break;
+          case "call":
+            // The bridge chooses the test call's CallSid ("test-…"): the one it is logged under.
+            if (typeof message.callSid === "string" && message.callSid) {
+              current.ids.callSid = message.callSid;
+              stats.callSid = message.callSid;
+            }
             break;
           case "transcript":
             addTranscript(String(message.role || ""), String(message.text || ""));
