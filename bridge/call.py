@@ -24,7 +24,9 @@ one (with the process's connect policy), send to one, close one -- before it sen
 commands, and it reports each socket's opening, failure and end back to the session. The recording tap
 is a wrapper around each socket (:class:`~bridge.streams.TwilioStream`, and each connection's ``tap``), so
 every message is recorded exactly where it crosses, with the number of its Realtime session
-(:class:`~bridge.streams.CallRecorder`).
+(:class:`~bridge.streams.CallRecorder`). A Realtime socket that must drain does so in a task of its own,
+behind a bounded backlog (:class:`~bridge.streams.RealtimeLinks`): no reader waits for it, and one that
+stalls is replaced. The call's figures reach the process's metrics through :class:`~bridge.tally.Tally`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from bridge.recordings import Header, RecordingFile, RecordingWriter, Source
 from bridge.session import DEFAULT_TIMEOUTS, CallSession
 from bridge.states import EndReason, Timeouts
 from bridge.streams import CallRecorder, RealtimeLinks, TwilioStream
+from bridge.tally import Tally
 from bridge.twilio import TwilioCommand
 from bridge.upstream import RealtimeConnection, Tap, Upstream
 
@@ -111,18 +114,14 @@ class Call:
         self._on_transcript = on_transcript
         self._on_end = on_end
         self._twilio: TwilioStream | None = None
-        self.links = RealtimeLinks(self._write_failed)
+        self.links = RealtimeLinks(self._write_failed, self._stalled, audio_path=audio_path, metrics=metrics)
         self._opening: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seen_unknown: set[str] = set()
         self._malformed: dict[str, int] = {}
         self._torn_down = False
-        self._counted = (0, 0, 0)
-        """The session's frames out, barge-ins and truncations that metrics have been told of."""
-        self._holds_counted = 0
-        self._counted_legs = (0, 0, 0)
-        """The session's rollovers, reconnections and reconnection gaps that metrics have been told of."""
+        self.tally = Tally(self.session, metrics, clock)
         self.recorder: CallRecorder | None = None
         if recordings_dir is not None:
             self.recorder = self._open_recording(recordings_dir, recording_suffix)
@@ -378,7 +377,7 @@ class Call:
                 self._once(event.event, "ignoring unknown Twilio event %r")
                 continue
             session.receive_twilio(event)
-            await self._flush(received)
+            await self._flush()  # (frames an echo lets go are not timed: outbound_delay times the model's)
             if type(event) is tw.Media:
                 metrics.frames_in.inc()
                 metrics.inbound_delay.observe(clock.now() - received)
@@ -399,26 +398,33 @@ class Call:
         if to_twilio:
             await self._send_twilio(to_twilio)
         if to_legs:
-            await self._do_legs(to_legs)
+            self._do_legs(to_legs)
         if to_model:  # the hot path (50 appends a second): no coroutine unless the socket must drain
-            pending = self.links.write(serving, to_model)
-            if pending is not None:
-                await pending
-        if to_twilio or len(session.stats.truncations) != self._counted[2]:
-            self._count_sent(received)
+            draining = self.links.write(serving, to_model)
+            if draining is not None:  # drained by a task of its own: this reader goes on (a bounded backlog)
+                self._spawn(draining)
+        self.tally.sent(received)
         if session.rearm:
             session.rearm = False
             self._arm()
         if session.ended and not self.finished.is_set():
             self._finished()  # the session decided (Twilio's stop, the goodbye heard, a timeout)
 
+    def _stalled(self, number: int, unsent: list[bytes], detail: str) -> None:
+        """Realtime session ``number``'s socket takes no more (``streams.RealtimeLinks``): the session
+        replaces it (and says so), with the caller audio it never got."""
+        self.session.leg_stalled(number, unsent, detail)
+        self._spawn(self._flush())
+
     def _write_failed(self, number: int) -> None:
         """Writing to Realtime session ``number`` failed (its socket is gone): the session decides."""
         self.session.leg_closed(number, EndReason.MODEL_DROPPED, "while sending")
         if self.session.ended:
             self._end(EndReason.MODEL_DROPPED, "while sending")
+        else:
+            self._spawn(self._flush())  # (from a drain's task: no reader's flush follows)
 
-    async def _do_legs(self, commands: list[LegCommand]) -> None:
+    def _do_legs(self, commands: list[LegCommand]) -> None:
         """Carry out what the session asked of its other Realtime sessions, in order."""
         for command in commands:
             if isinstance(command, OpenLeg):
@@ -431,10 +437,10 @@ class Call:
                     if model is not None:
                         self._spawn(model.close())
             else:
-                pending = self.links.write(command.number, command.commands)
-                if pending is not None:
-                    await pending
-        self._count_legs()
+                draining = self.links.write(command.number, command.commands)
+                if draining is not None:
+                    self._spawn(draining)
+        self.tally.legs()
 
     async def _close_later(self, number: int, grace: float) -> None:
         """Close session ``number`` after ``grace`` s (its reader hands the session what still comes)."""
@@ -443,16 +449,6 @@ class Call:
         if model is not None and self.links.open.get(number) is model:
             del self.links.open[number]
             await model.close()
-
-    def _count_legs(self) -> None:
-        stats, metrics = self.session.stats, self.metrics
-        rollovers, reconnects, gaps = self._counted_legs
-        for cause in stats.reconnects[reconnects:]:
-            metrics.reconnects.inc(label=cause)
-        for gap in stats.reconnect_gaps[gaps:]:
-            metrics.reconnect_gap.observe(gap)
-        metrics.rollovers.inc(stats.rollovers - rollovers)
-        self._counted_legs = (stats.rollovers, len(stats.reconnects), len(stats.reconnect_gaps))
 
     async def _send_twilio(self, commands: list[TwilioCommand]) -> None:
         session, stream = self.session, self._twilio
@@ -469,25 +465,6 @@ class Call:
                     await pending
         except ConnectionError as exc:
             self._end(EndReason.TWILIO_FAILED, str(exc))
-
-    def _count_sent(self, received: float | None) -> None:
-        """Bring the process's counters up to the session's own after a batch was sent (frames, barge-ins,
-        truncations), and time the batch from the event that caused it."""
-        stats, metrics, counted = self.session.stats, self.metrics, self._counted
-        now = (stats.frames_out, stats.barge_ins, len(stats.truncations))
-        frames, barge_ins, truncations = (a - b for a, b in zip(now, counted, strict=True))
-        self._counted = now
-        metrics.frames_out.inc(frames)
-        metrics.barge_ins.inc(barge_ins)
-        metrics.truncations.inc(truncations)
-        if stats.holds_played != self._holds_counted:
-            metrics.holds.inc(stats.holds_played - self._holds_counted)
-            self._holds_counted = stats.holds_played
-        if received is not None:
-            if frames:
-                metrics.outbound_delay.observe(self.clock.now() - received)
-            if barge_ins:
-                metrics.clear_delay.observe(self.clock.now() - received)
 
     # -- bad input, logged and skipped
 
@@ -554,12 +531,8 @@ class Call:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.recorder is not None:
             self.recorder.close()
-        reason = self.session.end_reason or EndReason.SHUTDOWN
-        self.metrics.calls.inc(label="completed" if reason.completed else "ended")
+        self.tally.ended()
         stats = self.session.stats
-        for why, count in stats.frames_discarded.items():
-            self.metrics.discarded.inc(count, label=why)
-        self.metrics.sequence_gaps.inc(stats.sequence_gaps)
         if self._on_end is not None:
             try:
                 await self._on_end(self)

@@ -142,6 +142,44 @@ class Metrics:
         self.breaker = Gauge(
             "bridge_upstream_breaker_state", "Realtime connect breaker: 0 closed, 0.5 probing, 1 open."
         )
+        self.store_errors = Counter(
+            "bridge_store_errors_total",
+            "Store writes that failed after their retries (the data is in the log), by what was written.",
+            "what",
+        )
+        # Playback towards Twilio (marks and the send bound): see bridge/playback.py.
+        self.twilio_ahead = Histogram(
+            "bridge_twilio_ahead_seconds",
+            "Model audio sent to Twilio and not yet proved played by a mark, after each batch of audio sent.",
+            (0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0),
+        )
+        self.twilio_held = Histogram(
+            "bridge_twilio_held_seconds",
+            "Model audio held in the bridge behind the send bound, after each batch of audio sent.",
+            (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 60.0),
+        )
+        self.twilio_bound_hits = Counter(
+            "bridge_twilio_send_bound_hits_total",
+            "Times model audio was held back in the bridge: as much as the bound was sent ahead of playback.",
+        )
+        self.twilio_held_cuts = Counter(
+            "bridge_twilio_held_cap_hits_total",
+            "Responses cut where the audio held for Twilio reached its cap.",
+        )
+        self.marks_lost = Counter(
+            "bridge_twilio_marks_lost_total",
+            "Marks not echoed in time after their audio should have played, taken as played.",
+        )
+        # Caller audio towards the model (the send bound): see bridge/streams.py.
+        self.model_backlog = Histogram(
+            "bridge_model_backlog_seconds",
+            "Peak caller audio waiting for a Realtime socket that could not take it at once, per episode.",
+            (0.02, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0),
+        )
+        self.model_bound_hits = Counter(
+            "bridge_model_send_bound_hits_total",
+            "Realtime sessions replaced as stalled: too much caller audio waited for their socket.",
+        )
         self.connect_time = Histogram(
             "bridge_upstream_connect_seconds",
             "Realtime connect and session.update.",

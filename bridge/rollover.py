@@ -12,7 +12,8 @@ through both (the table: :data:`~bridge.states.LINK_TRANSITIONS`):
   tool call pending, once there are tools). Past the force time, the first moment the caller is silent and
   no answer is running or owed will do, playback going on.
 * **Reconnection.** A lost session (the socket closed or reset, ``session_expired`` or ``server_error``,
-  no event for :attr:`~bridge.states.Timeouts.model_idle` while one was owed) is replaced the same way at
+  no event for :attr:`~bridge.states.Timeouts.model_idle` while one was owed, a socket stalled with more
+  caller audio waiting for it than its bound, ``streams.RealtimeLinks``) is replaced the same way at
   once, the caller's audio held meanwhile (with the utterance the caller was in, when they were speaking),
   then given to the new session. An answer that was being spoken is carried as far as it was generated and
   sent (it plays on; if the caller interrupts it, its item is rewritten where the marks prove it heard),
@@ -192,6 +193,15 @@ class Rollover(Playback):
                 self._lost(
                     "dropped" if reason is EndReason.MODEL_DROPPED else "closed", detail or reason.value
                 )
+
+    def leg_stalled(self, leg: int, unsent: list[bytes], detail: str) -> None:
+        """Session ``leg``'s socket stopped taking what is written to it: more caller audio waits for it
+        than the bound (``streams.RealtimeLinks``). It is replaced like a lost one; ``unsent``, the caller
+        audio it never got, is held for the next one with the rest (the utterance in progress, if any)."""
+        if self.state is not CallState.LIVE or leg != self.leg or self.link is Link.DOWN:
+            return
+        self._to_model[:0] = [rt.AppendAudio(audio) for audio in unsent]
+        self._lost("stalled", detail)
 
     def _open_next(self, began: Began) -> None:
         number = self._next = self._next_count

@@ -45,7 +45,7 @@ from bridge.clock import Clock
 from bridge.config import AudioPath
 from bridge.conversation import Conversation
 from bridge.legs import LegCommand, LegInfo
-from bridge.playback import Item, Mark, Stats
+from bridge.playback import HELD_CAP_SECONDS, ULAW_BYTES_PER_MS, Item, Stats
 from bridge.prompts import Profile
 from bridge.rollover import MAX_QUEUED_FRAMES, Due, Rollover
 from bridge.states import (
@@ -153,12 +153,7 @@ class CallSession(Rollover):
         self._dropped: set[str] = set()
         self._items: dict[str, Item] = {}
         self._current: Item | None = None
-        # Playback ledger.
-        self._ledger: deque[Mark] = deque()
-        self._mark_seq = 0
-        self._unmarked_frames = 0
-        self._unmarked_since: float = 0.0
-        self._last_echo_at: float = float("-inf")
+        self._init_playback()  # the ledger and the send bound (playback.py)
         # Realtime sessions (legs.py): the serving one, the next one, what the driver must do to others.
         self.conversation = Conversation()
         self.link = Link.UP
@@ -268,6 +263,9 @@ class CallSession(Rollover):
             due.append((self._started_at + self.profile.max_call_seconds, self._time_limit))
         else:
             due.append((self._limit_goodbye_at + timeouts.time_limit_grace, EndReason.TIME_LIMIT))
+        give_up = self._give_up_at()
+        if give_up is not None:
+            due.append((give_up, self._give_up))
         if self.state is CallState.LIVE:
             due.extend(self._link_timeouts())
         return min(due, key=lambda entry: entry[0])
@@ -395,10 +393,8 @@ class CallSession(Rollover):
 
     def _barge_in(self) -> None:
         """Stop the model's audio: clear, truncate at what was heard, cancel, drop what comes late."""
-        to_model = self._to_model
         hearing = self.hearing_model()
         position = self.heard_position()
-        active = self._active_response
         # What was computed for Twilio but not taken yet is stale now: it never reaches the caller.
         self._to_twilio.clear()
         if hearing:
@@ -406,10 +402,34 @@ class CallSession(Rollover):
             self.stats.barge_ins += 1
         if position is not None and position[0].local:
             position = None  # the bridge's own audio: the model holds the greeting as text, nothing to cut
+        self._cut_model(position)
+        self._reset_playback()
+        self.generation += 1
+
+    def _hold_full(self, item: Item) -> None:
+        """The audio held for Twilio reached its cap (playback.py): the response is cut at the end of what
+        is held, which plays on, as if the caller had interrupted it there."""
+        self.stats.held_cuts += 1
+        log.warning(
+            "call %s: over %.0f s of %s held for the caller; cutting the response there",
+            self.call_id,
+            HELD_CAP_SECONDS,
+            item.item_id,
+        )
+        self._flush_outbound()
+        sent_ms = item.sent_bytes / ULAW_BYTES_PER_MS - self._outbound.delay_ms
+        generated_ms = model_bytes_to_ms(item.model_bytes, self.audio_path)
+        self._cut_model((item, int(max(0.0, min(sent_ms, generated_ms)))))
+
+    def _cut_model(self, position: tuple[Item, int] | None) -> None:
+        """Make the model's conversation what the caller heard: ``position``'s item truncated there (later
+        items of its response deleted), the active response cancelled and its later deltas dropped."""
+        to_model = self._to_model
+        active = self._active_response
         if position is not None:
             item, heard_ms = position
             self.stats.truncations.append((item.item_id, heard_ms))
-            log.info("call %s: barge-in: truncating %s at %d ms", self.call_id, item.item_id, heard_ms)
+            log.info("call %s: truncating %s at %d ms", self.call_id, item.item_id, heard_ms)
             conversation = self.conversation
             generated = model_bytes_to_ms(item.model_bytes, self.audio_path)
             if item is self._cut:  # cut off by a lost session, then interrupted: heard this far, final
@@ -437,12 +457,6 @@ class CallSession(Rollover):
                 if other.response_id == active and other.model_bytes and other.leg == self.leg:
                     self.conversation.heard(other.item_id, 0, 1)
                     to_model.append(rt.DeleteItem(other.item_id))
-        self._ledger.clear()
-        self._unmarked_frames = 0
-        self._framer.clear()
-        self._outbound.reset()
-        self._prestart.clear()
-        self.generation += 1
         if active is not None:
             to_model.append(rt.CancelResponse(active))
             self.stats.cancels += 1

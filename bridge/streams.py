@@ -3,7 +3,8 @@
 :class:`TwilioStream` wraps the Media Streams socket of one call (aiohttp's server WebSocket): every send
 goes through it, and it taps each message for the recording. :class:`RealtimeLinks` holds the call's open
 Realtime sessions by number and writes to each in order, even when a socket must drain while other
-batches arrive. :class:`CallRecorder` is the recording: each socket gets a tap (the Realtime sessions'
+batches arrive, and gives up a socket that stalls with caller audio waiting for it (a bounded backlog).
+:class:`CallRecorder` is the recording: each socket gets a tap (the Realtime sessions'
 carry their number), and every message is written as it crossed, timed from the call's start. Kept apart
 from ``call.py``, which drives the call.
 """
@@ -12,13 +13,18 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import WSMessage, WSMsgType, web
 from websockets.exceptions import ConnectionClosed
 
 from bridge import realtime as rt
+from bridge.audio import model_bytes_to_ms
 from bridge.clock import Clock
+from bridge.config import AudioPath
+from bridge.metrics import Metrics
 from bridge.recordings import Direction, RecordingFile, RecordingWriter, Source
 from bridge.upstream import RealtimeConnection, Tap
 
@@ -102,6 +108,15 @@ class TwilioStream:
         return ws.send_str(text)
 
 
+MODEL_STALL_SECONDS = 2.0
+"""A Realtime socket that takes nothing while this much caller audio is written to it is stalled."""
+MODEL_BACKLOG_CAP_SECONDS = 10.0
+"""A Realtime socket whose backlog takes in this much caller audio before it drains cannot keep up."""
+
+Stalled = Callable[[int, list[bytes], str], None]
+"""Told that a Realtime session's socket is stalled: its number, the caller audio it never got, and why."""
+
+
 class RealtimeLinks:
     """A call's open Realtime sessions by number, and the one write path to each.
 
@@ -110,37 +125,94 @@ class RealtimeLinks:
     of the batch, and every batch written to that session meanwhile by another reader's flush, wait in
     its backlog and go out in order: a caller frame never overtakes the held audio or the conversation
     carried into a new session.
+
+    The backlog is bounded, in seconds of caller audio written to it after it formed (the batch that formed
+    it is bounded where it comes from: the session holds at most 30 s while it reconnects). When the
+    socket takes nothing while :data:`MODEL_STALL_SECONDS` of caller audio arrives, or the backlog takes in
+    :data:`MODEL_BACKLOG_CAP_SECONDS` before it drains, the socket is stalled: the backlog is dropped,
+    its caller audio handed to ``on_stalled``, and the driver has the session replace it (a reconnection
+    with the cause ``stalled``, the audio held for the next session). Nothing more is written to it. So the
+    bridge holds at most the batch that formed a backlog and :data:`MODEL_BACKLOG_CAP_SECONDS` more per
+    socket, besides what the transport buffers (``upstream.SEND_HIGH_WATER``) and the kernel's socket.
     """
 
-    def __init__(self, on_write_failed: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        on_write_failed: Callable[[int], None],
+        on_stalled: Stalled | None = None,
+        *,
+        audio_path: AudioPath = AudioPath.PCM16,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.open: dict[int, RealtimeConnection] = {}
         """The open Realtime sessions of the call, by number (the serving one is the session's ``leg``)."""
-        self._backlog: dict[int, deque[rt.ClientCommand]] = {}
+        self._backlog: dict[int, _Backlog] = {}
+        self._stalled: set[int] = set()
+        """Sessions given up as stalled: nothing more is written to them (the driver closes them)."""
         self._on_write_failed = on_write_failed
+        self._on_stalled = on_stalled
+        self._per_second = 1000.0 / model_bytes_to_ms(1, audio_path)  # bytes of caller audio a second
+        self._stall_bytes = int(MODEL_STALL_SECONDS * self._per_second)
+        self._cap_bytes = int(MODEL_BACKLOG_CAP_SECONDS * self._per_second)
+        self._metrics = metrics
 
-    def write(self, number: int, commands: list[rt.ClientCommand]) -> Awaitable[None] | None:
+    def write(self, number: int, commands: list[rt.ClientCommand]) -> Coroutine[Any, Any, None] | None:
         """Write ``commands`` to session ``number`` (nothing when it is not open): ``None`` when all went
-        out, else what to await for the rest."""
+        out, else the coroutine that sends the rest (the caller runs it, as a task of its own)."""
         backlog = self._backlog.get(number)
         if backlog is not None:
-            backlog.extend(commands)  # behind the batch that is draining
+            backlog.commands.extend(commands)  # behind the batch that is draining
+            audio = _audio_bytes(commands)
+            if audio:
+                backlog.add(audio)
+                if backlog.since_progress > self._stall_bytes or backlog.added > self._cap_bytes:
+                    self._stall(number, backlog)
             return None
         model = self.open.get(number)
-        if model is None:
+        if model is None or number in self._stalled:
             return None
         for i, command in enumerate(commands):
             pending = model.write(command)
             if pending is not None:
-                self._backlog[number] = deque(commands[i + 1 :])
-                return self._drain(number, model, pending)
+                rest = deque(commands[i + 1 :])
+                waiting = _audio_bytes(rest)
+                backlog = self._backlog[number] = _Backlog(rest, waiting, waiting)
+                return self._drain(number, model, pending, backlog)
         return None
 
-    async def _drain(self, number: int, model: RealtimeConnection, pending: Awaitable[None]) -> None:
-        backlog = self._backlog[number]
+    def backlog_seconds(self, number: int) -> float:
+        """Seconds of caller audio waiting for session ``number``'s socket."""
+        backlog = self._backlog.get(number)
+        return 0.0 if backlog is None else backlog.waiting / self._per_second
+
+    def _stall(self, number: int, backlog: _Backlog) -> None:
+        del self._backlog[number]
+        self._stalled.add(number)
+        unsent = [c.audio for c in backlog.commands if type(c) is rt.AppendAudio]
+        backlog.commands.clear()  # its drain sends nothing more
+        per_second = self._per_second
+        if self._metrics is not None:
+            self._metrics.model_bound_hits.inc()
+            self._metrics.model_backlog.observe(backlog.peak / per_second)
+        if backlog.since_progress > self._stall_bytes:
+            why = f"took nothing while {backlog.since_progress / per_second:.1f} s of caller audio came"
+        else:
+            why = f"took in {backlog.added / per_second:.1f} s of caller audio and did not drain"
+        if self._on_stalled is not None:
+            self._on_stalled(number, unsent, f"stalled: its socket {why}")
+
+    async def _drain(
+        self, number: int, model: RealtimeConnection, pending: Awaitable[None], backlog: _Backlog
+    ) -> None:
+        commands = backlog.commands
         try:
             await pending
-            while backlog:
-                more = model.write(backlog.popleft())
+            while commands:
+                backlog.since_progress = 0  # the socket took something: not stalled
+                command = commands.popleft()
+                if type(command) is rt.AppendAudio:
+                    backlog.waiting -= len(command.audio)
+                more = model.write(command)
                 if more is not None:
                     await more
         except ConnectionClosed:
@@ -148,4 +220,31 @@ class RealtimeLinks:
                 del self.open[number]
                 self._on_write_failed(number)
         finally:
-            del self._backlog[number]
+            if self._backlog.get(number) is backlog:  # (not given up as stalled)
+                del self._backlog[number]
+                if self._metrics is not None:
+                    self._metrics.model_backlog.observe(backlog.peak / self._per_second)
+
+
+@dataclass(slots=True)
+class _Backlog:
+    """What waits for one Realtime socket to drain, and how much caller audio came to it."""
+
+    commands: deque[rt.ClientCommand]
+    waiting: int
+    """Bytes of caller audio in :attr:`commands`."""
+    peak: int = 0
+    since_progress: int = 0
+    """Bytes of caller audio written to it since the socket last took a message."""
+    added: int = 0
+    """Bytes of caller audio written to it since it formed."""
+
+    def add(self, audio: int) -> None:
+        self.waiting += audio
+        self.peak = max(self.peak, self.waiting)
+        self.since_progress += audio
+        self.added += audio
+
+
+def _audio_bytes(commands: Iterable[rt.ClientCommand]) -> int:
+    return sum(len(c.audio) for c in commands if type(c) is rt.AppendAudio)

@@ -12,6 +12,10 @@ The double speaks Twilio's side of a call over real sockets, as Twilio does (doc
    message is checked like Twilio would (:mod:`bridge.testing.checks`); a violation is recorded in
    :attr:`TwilioCaller.violations`, not raised, so one test can see them all.
 
+Impairments of the Twilio leg, for tests of how the bridge copes: :attr:`TwilioCaller.burst` sends caller
+frames in bursts (jitter), :meth:`TwilioCaller.stall` stalls the stream both ways for a while (playback
+goes on from what is buffered), and :attr:`TwilioCaller.lose_echo` loses chosen mark echoes.
+
 Times are the event loop's clock (``loop.time()``), the clock a bridge running in the same loop uses.
 
 Example::
@@ -129,6 +133,12 @@ class TwilioCaller:
         """Every frame the double sent on the stream, in order."""
         self.closed = asyncio.Event()
         self.close_code: int | None = None
+        self.burst = 1
+        """Jitter: at real pace, caller frames go in bursts of this many, each when its last frame is due."""
+        self.lose_echo: Callable[[str], bool] | None = None
+        """Told each mark name as its echo is due; True loses that echo (it is never sent)."""
+        self.lost_echoes: list[str] = []
+        """The names of the echoes lost, in order."""
 
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
@@ -143,6 +153,8 @@ class TwilioCaller:
         self._changed = asyncio.Event()
         self._audio_arrived = asyncio.Event()
         self._closing = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def frames_sent(self) -> int:
@@ -270,9 +282,10 @@ class TwilioCaller:
             if len(frame) < FRAME_BYTES:
                 frame += ULAW_SILENCE * (FRAME_BYTES - len(frame))
             if realtime:
-                delay = due - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                if self._chunk % self.burst == 0:  # the first frame of a burst: wait for its last one
+                    delay = due + (self.burst - 1) * FRAME_SECONDS - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 due += FRAME_SECONDS
             if ws.closed:
                 break
@@ -304,6 +317,17 @@ class TwilioCaller:
                 await ws.send_str(data)
             self.sent.append(data)
 
+    async def stall(self, seconds: float) -> None:
+        """A network stall of the stream for ``seconds``: nothing is sent (caller media, mark echoes) and
+        nothing the bridge sends is taken in, while playback goes on from what is buffered; then what
+        waited goes at once, in order."""
+        self._flowing.clear()
+        try:
+            async with self._send_lock:
+                await asyncio.sleep(seconds)
+        finally:
+            self._flowing.set()
+
     async def send_dtmf(self, digit: str) -> None:
         """The caller presses a key: a ``dtmf`` event."""
         self._require_stream()
@@ -331,6 +355,10 @@ class TwilioCaller:
     def buffered_seconds(self) -> float:
         """Seconds of the bridge's audio buffered and not yet played."""
         return self.playback.buffered_seconds()
+
+    def peak_buffered_seconds(self) -> float:
+        """The most seconds of the bridge's audio ever buffered and not yet played (as audio arrived)."""
+        return self.playback.peak_buffered / BYTES_PER_SECOND
 
     async def wait_for_played(self, seconds: float, timeout: float = 10) -> None:  # noqa: ASYNC109 -- a test helper's API
         """Wait until at least ``seconds`` of the bridge's audio has been played.
@@ -453,6 +481,8 @@ class TwilioCaller:
         """The one reader of the stream socket: validates and handles what the bridge sends."""
         try:
             async for msg in ws:
+                if not self._flowing.is_set():
+                    await self._flowing.wait()  # a stall: taken in when it ends
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await self._on_text(msg.data)
                 elif msg.type == aiohttp.WSMsgType.BINARY:
@@ -513,6 +543,9 @@ class TwilioCaller:
         """Echo marks to the bridge, in order (playback has recorded them)."""
         try:
             for name in names:
+                if self.lose_echo is not None and self.lose_echo(name):
+                    self.lost_echoes.append(name)
+                    continue
                 await self._send(messages.mark(stream_sid=self.stream_sid, name=name))
         except ConnectionResetError:
             pass  # the socket is closing; the reader will see it end

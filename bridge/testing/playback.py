@@ -59,6 +59,8 @@ class Playback:
         self._head_offset = 0
         self._epoch = 0.0
         self._epoch_bytes = 0
+        self.peak_buffered = 0
+        """The most bytes ever queued and not yet played, as audio arrived."""
 
     @property
     def idle(self) -> bool:
@@ -79,6 +81,8 @@ class Playback:
         reached = self.advance(now)  # catch up first
         if payload:
             self._queue.append(payload)
+            queued = sum(len(item) for item in self._queue if isinstance(item, bytes)) - self._head_offset
+            self.peak_buffered = max(self.peak_buffered, queued)
         return reached
 
     def mark(self, name: str, now: float) -> list[str]:
