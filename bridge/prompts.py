@@ -341,7 +341,7 @@ def parse_profile(text: str, *, filename: str, dialect: Dialect = Dialect.GA) ->
             data = json.loads(text)
         else:
             data = tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # a TOMLDecodeError is a ValueError; too deep: RecursionError
         raise ConfigError(f"BRIDGE_PROFILE {filename!r} cannot be parsed: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"BRIDGE_PROFILE {filename!r} must hold a table/object of profile fields")

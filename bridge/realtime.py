@@ -248,7 +248,7 @@ class Adapter(ABC):
         if kind == "response.done":
             response = _obj(d, "response")
             details = response.get("status_details")
-            reason = details.get("reason") if isinstance(details, dict) else None
+            reason = _opt(details.get("reason")) if isinstance(details, dict) else None
             return ResponseDone(_str(response, "id"), str(response.get("status", "")), reason)
         if kind == "response.output_item.added":
             item = _obj(d, "item")
@@ -376,6 +376,8 @@ class GAAdapter(Adapter):
         def fmt(part: Any) -> str | None:
             if isinstance(part, dict) and isinstance(part.get("format"), dict):
                 kind = part["format"].get("type")
+                if not isinstance(kind, str):  # a list or an object is not a key: no TypeError
+                    return None
                 return {"audio/pcm": "pcm16", "audio/pcmu": "g711_ulaw", "audio/pcma": "g711_alaw"}.get(kind)
             return None
 
