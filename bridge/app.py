@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from aiohttp import web
@@ -33,6 +33,8 @@ from bridge.upstream import Target, Upstream
 from bridge.web import add_routes
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 LOCAL_DEPLOYMENT = "local-model"
 BEAT_SECONDS = 30.0
@@ -68,7 +70,7 @@ def create_app(
     model is started first when no Azure deployment is set, so its port is known), the store, the
     greeting renderer, the call registry. No shared object is changed after it is made.
     """
-    app = web.Application()
+    app = web.Application(middlewares=[body_deadline])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[PROFILE] = profile if profile is not None else load_profile(settings)
@@ -86,6 +88,27 @@ def create_app(
     else:
         admin.closed(app)
     return app
+
+
+@web.middleware
+async def body_deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request body must arrive within :data:`IDLE_TIMEOUT` (408 otherwise): it is read here, before any
+    handler (the webhooks read theirs before their signature can be checked). Multipart bodies, which
+    nothing of the bridge takes, are left to their handler."""
+    if request.body_exists and request.content_type != "multipart/form-data":
+        try:
+            async with asyncio.timeout(IDLE_TIMEOUT):
+                await request.read()  # kept by aiohttp: post() and json() read it from memory
+        except TimeoutError:
+            request.app[METRICS].refused.inc(label="slow_body")
+            log.warning(
+                "%s %s: the request body did not arrive within %g s",
+                request.method,
+                request.path,
+                IDLE_TIMEOUT,
+            )
+            raise web.HTTPRequestTimeout(text="the request body did not arrive in time\n") from None
+    return await handler(request)
 
 
 def make_runner(app: web.Application, *, shutdown_timeout: float) -> web.AppRunner:
@@ -155,10 +178,7 @@ async def _calls(app: web.Application) -> AsyncIterator[None]:
     running, this instance beats in the store; at shutdown, calls still going are ended."""
     settings, store = app[SETTINGS], app[STORE]
     registry = app[REGISTRY] = CallRegistry(store, metrics=app[METRICS], instance=settings.instance_id)
-    try:
-        await _sweep(app)
-    except StoreError as exc:  # the calls can still be served; the sweep is tried again at the next beat
-        log.error("could not look for call records a crash left in progress: %s", exc)
+    await _sweep(app, restarted=True)
     beats = asyncio.get_running_loop().create_task(_beat(app))
     try:
         yield
@@ -168,26 +188,44 @@ async def _calls(app: web.Application) -> AsyncIterator[None]:
         await registry.drain(0.0, GOODBYE)
 
 
-async def _sweep(app: web.Application) -> None:
-    """Beat, after marking interrupted the records in progress of this instance's last run and of
-    instances that stopped beating."""
-    settings, store = app[SETTINGS], app[STORE]
+async def _sweep(app: web.Application, *, restarted: bool = False) -> None:
+    """Mark interrupted the records in progress of instances that stopped beating and, at start-up
+    (``restarted``), of this instance's last run; and beat. A failure is logged and counted; calls go on.
+
+    At start-up the marking comes first (an interrupted call ends at its instance's last beat, which this
+    beat would move), and there are no calls of this run yet; later the beat comes first, so that no
+    other instance takes this one's live calls for a crash's."""
+    if not restarted:
+        await _heartbeat(app)
+    settings, store, metrics = app[SETTINGS], app[STORE], app[METRICS]
     stale = datetime.now(UTC) - timedelta(seconds=STALE_AFTER)
-    interrupted = await store.interrupt_calls(settings.instance_id, stale_before=stale)
-    if interrupted:
-        log.warning("%d call records were left in progress by a crash: marked interrupted", interrupted)
-    await store.heartbeat(settings.instance_id)
+    try:
+        interrupted = await store.interrupt_calls(
+            stale_before=stale, restarted=settings.instance_id if restarted else None
+        )
+    except StoreError as exc:  # tried again at the next beat
+        metrics.store_errors.inc(label="interrupted_calls")
+        log.error("could not look for call records a crash left in progress: %s", exc)
+    else:
+        if interrupted:
+            log.warning("%d call records were left in progress by a crash: marked interrupted", interrupted)
+    if restarted:
+        await _heartbeat(app)
+
+
+async def _heartbeat(app: web.Application) -> None:
+    try:
+        await app[STORE].heartbeat(app[SETTINGS].instance_id)
+    except StoreError as exc:
+        app[METRICS].store_errors.inc(label="heartbeat")
+        log.error("the store missed this instance's heartbeat: %s", exc)
 
 
 async def _beat(app: web.Application) -> None:
-    """Every :data:`BEAT_SECONDS`: :func:`_sweep`; a failure is logged and counted, and tried again."""
+    """Every :data:`BEAT_SECONDS`: :func:`_sweep`."""
     while True:
         await asyncio.sleep(BEAT_SECONDS)
-        try:
-            await _sweep(app)
-        except StoreError as exc:
-            app[METRICS].store_errors.inc(label="heartbeat")
-            log.error("the store missed this instance's heartbeat: %s", exc)
+        await _sweep(app)
 
 
 async def drain(app: web.Application, deadline: float | None = None) -> None:

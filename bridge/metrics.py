@@ -144,7 +144,9 @@ class Metrics:
         )
         self.store_errors = Counter(
             "bridge_store_errors_total",
-            "Store writes that failed after their retries (the data is in the log), by what was written.",
+            "Store operations that failed (call records after their retries, with what they held in the"
+            " log), by what: call_record, call_answer, stream_claim, heartbeat, interrupted_calls,"
+            " admin_session.",
             "what",
         )
         # Playback towards Twilio (marks and the send bound): see bridge/playback.py.

@@ -58,14 +58,32 @@ class CallRegistry:
         self.outcomes: OrderedDict[str, Outcome] = OrderedDict()
         self.draining = False
         self.live: set[Call] = set()
+        self._answers: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._starting: dict[Call, asyncio.Task[None]] = {}
         self._prewarmed: dict[str, tuple[Call, asyncio.Task[None]]] = {}
         self._cleanup: set[asyncio.Task[None]] = set()
 
-    async def started(self, call: Call) -> None:
-        """A call's stream has started: write its record, in progress, so that a crash leaves a trace."""
+    def answer_here(self, call_sid: str, nonce: str, expiry: float) -> tuple[str, float] | None:
+        """When the store cannot say: note this process's answer to ``call_sid`` (its token's nonce and
+        expiry), or return the earlier one."""
+        earlier = self._answers.get(call_sid)
+        if earlier is not None:
+            return earlier
+        self._answers[call_sid] = (nonce, expiry)
+        while len(self._answers) > self.OUTCOMES_KEPT:
+            self._answers.popitem(last=False)
+        return None
+
+    def started(self, call: Call) -> None:
+        """A call's stream has started: write its record, in progress, so that a crash leaves a trace.
+
+        In a task of its own: the call never waits on the store; :meth:`ended` waits for it."""
         if self.store is not None:
             record = call_record(call, CallStatus.IN_PROGRESS, self.instance)
-            await self._write(self.store.start_call, record, "started")
+            task = asyncio.get_running_loop().create_task(
+                self._write(self.store.start_call, record, "started")
+            )
+            self._starting[call] = task
 
     async def ended(self, call: Call) -> None:
         """A call has ended: remember how (for ``<Connect action>``) and complete its record."""
@@ -73,6 +91,9 @@ class CallRegistry:
         self.outcomes[call.call_sid] = Outcome(reason, call.session.profile.fallback_message)
         while len(self.outcomes) > self.OUTCOMES_KEPT:
             self.outcomes.popitem(last=False)
+        starting = self._starting.pop(call, None)
+        if starting is not None:
+            await starting  # the final record goes over the first one
         if self.store is not None and call.session.start is not None:
             record = call_record(call, CallStatus.COMPLETED, self.instance)
             await self._write(self.store.add_call, record, "ended")
@@ -120,7 +141,7 @@ class CallRegistry:
     def prewarm(self, call: Call) -> None:
         """Start ``call``'s Realtime connection and keep it for its stream, until its pre-warm ends."""
         old = self._prewarmed.pop(call.call_sid, None)
-        if old is not None:  # Twilio retried the webhook: the newer answer wins
+        if old is not None:  # only when a webhook's answer was forgotten (web.voice answers each once)
             old[1].cancel()
             self._track(old[0].abandon(EndReason.REPLACED))
         call.open_model()
@@ -187,8 +208,10 @@ class CallRegistry:
                     await asyncio.gather(*(c.finished.wait() for c in remaining))
             except TimeoutError:
                 log.info("draining: %d calls did not finish their goodbye in time", len(remaining))
-        for call in list(self.live):
-            await call.teardown()
+        results = await asyncio.gather(*(c.teardown() for c in list(self.live)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("draining: ending a call failed", exc_info=result)
         if self._cleanup:
             results = await asyncio.gather(*self._cleanup, return_exceptions=True)
             for result in results:

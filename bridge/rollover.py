@@ -197,11 +197,18 @@ class Rollover(Playback):
     def leg_stalled(self, leg: int, unsent: list[bytes], detail: str) -> None:
         """Session ``leg``'s socket stopped taking what is written to it: more caller audio waits for it
         than the bound (``streams.RealtimeLinks``). It is replaced like a lost one; ``unsent``, the caller
-        audio it never got, is held for the next one with the rest (the utterance in progress, if any)."""
-        if self.state is not CallState.LIVE or leg != self.leg or self.link is Link.DOWN:
+        audio it never got, is held for the next one with the rest (the utterance in progress, if any).
+        A next session being prepared fails like one that closed; any other is closing already."""
+        if self.state is CallState.ENDED:
             return
-        self._to_model[:0] = [rt.AppendAudio(audio) for audio in unsent]
-        self._lost("stalled", detail)
+        if leg == self._next:
+            self._next_failed(f"stalled: {detail}")
+        elif leg == self.leg and self.link is not Link.DOWN:
+            if self.state is not CallState.LIVE:
+                self.end(EndReason.MODEL_DROPPED, f"stalled: {detail}")
+            else:
+                self._to_model[:0] = [rt.AppendAudio(audio) for audio in unsent]
+                self._lost("stalled", detail)
 
     def _open_next(self, began: Began) -> None:
         number = self._next = self._next_count

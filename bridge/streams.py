@@ -111,7 +111,8 @@ class TwilioStream:
 MODEL_STALL_SECONDS = 2.0
 """A Realtime socket that takes nothing while this much caller audio is written to it is stalled."""
 MODEL_BACKLOG_CAP_SECONDS = 10.0
-"""A Realtime socket whose backlog takes in this much caller audio before it drains cannot keep up."""
+"""A Realtime socket with this much caller audio waiting (beyond the batch that formed its backlog)
+cannot keep up."""
 
 Stalled = Callable[[int, list[bytes], str], None]
 """Told that a Realtime session's socket is stalled: its number, the caller audio it never got, and why."""
@@ -128,8 +129,8 @@ class RealtimeLinks:
 
     The backlog is bounded, in seconds of caller audio written to it after it formed (the batch that formed
     it is bounded where it comes from: the session holds at most 30 s while it reconnects). When the
-    socket takes nothing while :data:`MODEL_STALL_SECONDS` of caller audio arrives, or the backlog takes in
-    :data:`MODEL_BACKLOG_CAP_SECONDS` before it drains, the socket is stalled: the backlog is dropped,
+    socket takes nothing while :data:`MODEL_STALL_SECONDS` of caller audio arrives, or more than
+    :data:`MODEL_BACKLOG_CAP_SECONDS` beyond that batch waits, the socket is stalled: the backlog is dropped,
     its caller audio handed to ``on_stalled``, and the driver has the session replace it (a reconnection
     with the cause ``stalled``, the audio held for the next session). Nothing more is written to it. So the
     bridge holds at most the batch that formed a backlog and :data:`MODEL_BACKLOG_CAP_SECONDS` more per
@@ -165,7 +166,7 @@ class RealtimeLinks:
             audio = _audio_bytes(commands)
             if audio:
                 backlog.add(audio)
-                if backlog.since_progress > self._stall_bytes or backlog.added > self._cap_bytes:
+                if backlog.since_progress > self._stall_bytes or backlog.waiting > backlog.limit:
                     self._stall(number, backlog)
             return None
         model = self.open.get(number)
@@ -176,7 +177,7 @@ class RealtimeLinks:
             if pending is not None:
                 rest = deque(commands[i + 1 :])
                 waiting = _audio_bytes(rest)
-                backlog = self._backlog[number] = _Backlog(rest, waiting, waiting)
+                backlog = self._backlog[number] = _Backlog(rest, waiting, waiting + self._cap_bytes, waiting)
                 return self._drain(number, model, pending, backlog)
         return None
 
@@ -197,7 +198,7 @@ class RealtimeLinks:
         if backlog.since_progress > self._stall_bytes:
             why = f"took nothing while {backlog.since_progress / per_second:.1f} s of caller audio came"
         else:
-            why = f"took in {backlog.added / per_second:.1f} s of caller audio and did not drain"
+            why = f"had {backlog.waiting / per_second:.1f} s of caller audio waiting"
         if self._on_stalled is not None:
             self._on_stalled(number, unsent, f"stalled: its socket {why}")
 
@@ -233,17 +234,16 @@ class _Backlog:
     commands: deque[rt.ClientCommand]
     waiting: int
     """Bytes of caller audio in :attr:`commands`."""
+    limit: int
+    """At most this much may wait: the batch that formed the backlog, plus the cap."""
     peak: int = 0
     since_progress: int = 0
     """Bytes of caller audio written to it since the socket last took a message."""
-    added: int = 0
-    """Bytes of caller audio written to it since it formed."""
 
     def add(self, audio: int) -> None:
         self.waiting += audio
         self.peak = max(self.peak, self.waiting)
         self.since_progress += audio
-        self.added += audio
 
 
 def _audio_bytes(commands: Iterable[rt.ClientCommand]) -> int:

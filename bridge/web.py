@@ -13,6 +13,7 @@ import dataclasses
 import hmac
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
@@ -37,6 +38,9 @@ WS_MAX_MESSAGE = 64 * 1024
 PRESTART_MESSAGES, PRESTART_BYTES = 20, 64 * 1024
 """What a stream may send before its ``start`` (Twilio sends ``connected``, then ``start``): beyond either,
 it is refused (1008) instead of held."""
+STORE_TIMEOUT = 2.0
+"""How long the webhook and the stream wait for the store to record an answer or a stream claim before
+deciding from this process's memory: Twilio waits 15 s for the webhook, and a caller for the greeting."""
 REFUSAL = "We're sorry, this line is busy right now. Please call again in a few minutes."
 
 
@@ -126,23 +130,31 @@ async def voice(request: web.Request) -> web.Response:
 
 async def _answer_once(app: web.Application, call_sid: str, token: str, now: float) -> Answer | None:
     """Record the answer to ``call_sid`` in the store (every instance sees it); the earlier answer when
-    there was one. When the store fails, this process's own memory decides (and the failure is logged)."""
+    there was one. When the store fails or is slow (:data:`STORE_TIMEOUT`), this process's memory of its
+    own answers decides, so a repeated webhook still opens nothing here (logged and counted)."""
     nonce, expiry = webhooks.verify_stream_token(app[TOKENS].secret, call_sid, token, now=now)
     try:
-        return await app[STORE].answer_call(call_sid, nonce, expiry)
-    except StoreError as exc:
+        async with asyncio.timeout(STORE_TIMEOUT):
+            return await app[STORE].answer_call(call_sid, nonce, expiry)
+    except (StoreError, TimeoutError) as exc:
         app[METRICS].store_errors.inc(label="call_answer")
-        log.error("call %s: the store could not record the answer (%s); answering from memory", call_sid, exc)
+        why = str(exc) or f"no answer within {STORE_TIMEOUT:g} s"
+        log.error("call %s: the store could not record the answer (%s); answering from memory", call_sid, why)
+    earlier = app[REGISTRY].answer_here(call_sid, nonce, expiry)
+    if earlier is None:
         return None
+    return Answer(call_sid, datetime.now(UTC), earlier[0], earlier[1], streamed=False)
 
 
 async def _claim_stream(app: web.Application, call_sid: str) -> bool:
     """Whether this is ``call_sid``'s first stream on any instance (the store keeps the fact)."""
     try:
-        return await app[STORE].claim_stream(call_sid)
-    except StoreError as exc:  # the one-time token, checked in this process, still holds
+        async with asyncio.timeout(STORE_TIMEOUT):
+            return await app[STORE].claim_stream(call_sid)
+    except (StoreError, TimeoutError) as exc:  # the one-time token, checked in this process, still holds
         app[METRICS].store_errors.inc(label="stream_claim")
-        log.error("call %s: the store could not record its stream (%s); letting it in", call_sid, exc)
+        why = str(exc) or f"no answer within {STORE_TIMEOUT:g} s"
+        log.error("call %s: the store could not record its stream (%s); letting it in", call_sid, why)
         return True
 
 
@@ -345,7 +357,7 @@ async def run_media_stream(
         )
     registry.live.add(call)
     try:
-        await registry.started(call)
+        registry.started(call)
         await call.run(ws, before, raw)
     finally:
         registry.live.discard(call)

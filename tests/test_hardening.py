@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,116 @@ async def test_a_connection_that_never_completes_its_headers_is_closed(
     # A client that completes its request is served as usual.
     async with aiohttp.ClientSession() as http, http.get(bridge.url + "/healthz") as resp:
         assert resp.status == 200
+
+
+async def test_test_calls_count_against_max_calls(model: LocalModel, start_bridge: Any) -> None:
+    token = "admin-token-for-tests-0123456789"
+    bridge = await start_bridge(model, BRIDGE_MAX_CALLS="1", BRIDGE_ADMIN_TOKEN=token)
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies of 127.0.0.1
+    async with caller(bridge) as call, aiohttp.ClientSession(cookie_jar=jar) as staff:
+        await call.dial()
+        await call.wait_for_played(0.2)  # one call live: the bridge is full
+        signed_in = await staff.post(
+            bridge.url + "/admin/sign-in", data={"token": token, "name": "Ada", "next": "/admin"}
+        )
+        match = re.search(r'name="csrf" value="([^"]+)"', await signed_in.text())
+        assert match is not None
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await staff.ws_connect(
+                f"{bridge.url}/admin/test-call?profile=1&csrf={match.group(1)}",
+                headers={"Origin": bridge.url},
+            )
+        assert refused.value.status == 503
+        await call.hang_up()
+    _, metrics = await bridge.get("/metrics")
+    assert 'bridge_refused_total{reason="full"} 1' in metrics
+
+
+async def test_an_instances_own_beats_never_interrupt_its_live_calls(
+    model: LocalModel, start_bridge: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge_app, "BEAT_SECONDS", 0.02)
+    bridge = await start_bridge(model)
+    store = bridge.app[STORE]
+    beats = 0
+    real_beat = store.heartbeat
+
+    async def counted(instance: str) -> None:
+        nonlocal beats
+        beats += 1
+        await real_beat(instance)
+
+    monkeypatch.setattr(store, "heartbeat", counted)
+    async with caller(bridge) as call:
+        await call.dial()
+        await settle(lambda: beats >= 5)  # the call spans several beats and sweeps
+        assert (await store.call(call.call_sid)).status is CallStatus.IN_PROGRESS
+        await call.hang_up()
+    await settle(lambda: not bridge.app[REGISTRY].live)
+    record = await store.call(call.call_sid)
+    assert record.status is CallStatus.COMPLETED and record.end_reason
+    assert bridge.app[METRICS].store_errors.get("call_record") == 0
+
+
+async def test_a_failing_store_at_the_webhook_still_answers_a_call_sid_once(
+    model: LocalModel, start_bridge: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bridge = await start_bridge(model)
+
+    async def broken(*args: object) -> None:
+        raise StoreError("disk I/O error")
+
+    monkeypatch.setattr(bridge.app[STORE], "answer_call", broken)
+    async with caller(bridge) as call:
+        status, first = await call.post_voice()
+        assert status == 200 and "<Connect" in first
+        _, again = await call.post_voice()
+        assert again == first  # this process remembers its answer: no second token
+        call.accept_twiml(again)
+        await call.connect_stream()
+        await call.wait_for_played(0.2)
+        assert len(model.connections) == 1
+        await call.hang_up()
+    assert bridge.app[METRICS].store_errors.get("call_answer") == 2
+
+
+async def test_a_slow_store_never_delays_a_call(
+    model: LocalModel, start_bridge: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bridge = await start_bridge(model)
+    store = bridge.app[STORE]
+    release = asyncio.Event()
+    real_start = store.start_call
+
+    async def slow(record: CallRecord) -> None:
+        await release.wait()  # a store busy with another process's write
+        await real_start(record)
+
+    monkeypatch.setattr(store, "start_call", slow)
+    async with caller(bridge) as call:
+        await call.dial()
+        await call.wait_for_played(0.3)  # the greeting plays while the first record waits
+        release.set()
+        await call.hang_up()
+    await settle(lambda: not bridge.app[REGISTRY].live)
+    assert (await store.call(call.call_sid)).status is CallStatus.COMPLETED
+
+
+async def test_a_request_body_that_never_arrives_is_answered_408(
+    model: LocalModel, start_bridge: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge_app, "IDLE_TIMEOUT", 0.5)
+    bridge = await start_bridge(model)
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    try:
+        writer.write(
+            b"POST /twilio/voice HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nCallSid=CA"
+        )  # and the other 90 bytes never come
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+        assert status.startswith(b"HTTP/1.1 408")
+    finally:
+        writer.close()
+    _, metrics = await bridge.get("/metrics")
+    assert 'bridge_refused_total{reason="slow_body"} 1' in metrics

@@ -28,11 +28,12 @@ from bridge.metrics import Metrics
 from bridge.playback import AHEAD_SECONDS, HELD_CAP_SECONDS, MARK_GRACE
 from bridge.prompts import Profile
 from bridge.session import ClearAudio, EndReason, PlaceMark, PlayAudio
+from bridge.states import Link
 from bridge.streams import MODEL_STALL_SECONDS, RealtimeLinks
 from tests.conftest import Bridge
 from tests.test_e2e import INTERRUPT, QUESTION, answered, caller, caller_audio, is_audio, settle, types
 from tests.test_rollover import appends, listen_until, outcome_of
-from tests.test_rollover_session import frame, line
+from tests.test_rollover_session import FRAME, answer, frame, line
 from tests.test_session import Ended, live, mark, media, respond
 
 pytestmark = pytest.mark.timeout(60)
@@ -279,6 +280,25 @@ def test_a_stalled_session_is_replaced_and_the_next_one_gets_the_audio_it_never_
     resent = [c.audio for c in call.sent[2] if isinstance(c, rt.AppendAudio)]
     assert resent == [frame(n) for n in range(40, 60)]
     assert 1 in call.closed
+
+
+def test_a_next_session_that_stalls_while_prepared_is_tried_again_not_left_deaf() -> None:
+    call = line(cap=40.0, rollover_margin=10.0)
+    session = call.session
+    for n in range(int(29.9 / FRAME)):
+        call.step(frame(n))
+    call.event(rt.SpeechStarted(0, "u1"))  # the caller speaks: the ready session waits for a boundary
+    for _ in range(50):
+        call.step(frame(0))
+    assert session.link is Link.READY
+    session.leg_stalled(2, [], "took nothing for 2 s")  # its socket stopped taking what it is told
+    call.pump()
+    assert session.link is Link.UP and session.leg == 1 and not session.ended and 2 in call.closed
+    call.event(rt.SpeechStopped(0, "u1"))
+    answer(call, "1_1", 1)
+    for _ in range(int(6.0 / FRAME)):
+        call.step(frame(0))
+    assert [c.number for c in call.opened] == [2, 3] and session.leg == 3  # a fresh one serves
 
 
 # -- whole calls: the Twilio leg impaired

@@ -635,7 +635,8 @@ async def test_records_left_in_progress_are_interrupted_by_their_restart_or_a_st
         await store.heartbeat("b")
         # "a" restarts: its own calls died with it; "b" beats, "c" never did.
         fresh = clock[0] - timedelta(minutes=2)
-        assert await store.interrupt_calls("a", stale_before=fresh) == 2
+        assert await store.interrupt_calls(stale_before=fresh, restarted="a") == 2
+        await store.heartbeat("a")
         a, b, c = [await store.call(sid) for sid in ("CA-a", "CA-b", "CA-c")]
         assert (a.status, b.status, c.status) == (
             CallStatus.INTERRUPTED,
@@ -644,12 +645,23 @@ async def test_records_left_in_progress_are_interrupted_by_their_restart_or_a_st
         )
         assert "stopped during the call" in a.end_reason
         assert a.ended_at == datetime(2025, 1, 1, 9, 1, tzinfo=UTC)  # its last beat was before the start
+        # A live instance's beats never touch its own calls.
+        await store.start_call(record("CA-a2", 40, status=CallStatus.IN_PROGRESS, instance="a"))
+        assert await store.interrupt_calls(stale_before=fresh) == 0
         # "b" falls silent: another instance marks its calls once the beat is stale.
         clock[0] += timedelta(minutes=10)
-        assert await store.interrupt_calls("a", stale_before=clock[0] - timedelta(minutes=2)) == 1
+        await store.heartbeat("a")
+        assert await store.interrupt_calls(stale_before=clock[0] - timedelta(minutes=2)) == 1
         b = await store.call("CA-b")
         assert b.status is CallStatus.INTERRUPTED and b.ended_at == datetime(2025, 1, 1, 9, 30, tzinfo=UTC)
-        assert await store.interrupt_calls("a", stale_before=clock[0]) == 0
+        assert (await store.call("CA-a2")).status is CallStatus.IN_PROGRESS
+        # "b" was only late: its call, when it ends, completes its own record after all.
+        done = record("CA-b", 1, status=CallStatus.COMPLETED, instance="b", end_reason="caller hung up")
+        await store.add_call(done)
+        assert await store.call("CA-b") == done
+        # ... but another instance's record on that CallSid is not its to complete.
+        with pytest.raises(Conflict):
+            await store.add_call(record("CA-c", 1, status=CallStatus.COMPLETED, instance="b"))
 
 
 @pytest.mark.timeout(30)

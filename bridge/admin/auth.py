@@ -25,7 +25,7 @@ Theory of operation
   or ``{reason="admin_token"}``), logged without the guess (the first at once, then one summary a minute
   while they go on) and answered late: after 3 recent failures from an address, 0.25 s doubling per
   failure, and after 30 recent failures from anywhere, 0.25 s doubling every 5; at most 5 s. Failures are
-  forgotten gradually (half-life 5 min per address, 1 min overall). At most 100 late answers are held at
+  forgotten gradually (half-life 5 min per address, 1 min overall). At most 1,000 late answers are held at
   once; beyond that a wrong guess is answered 429 at once rather than held (bounded memory; such a flood
   learns sooner that those guesses were wrong, so what makes guessing hopeless is the token's length, at
   least 16 characters: the delays and the log make trying slow and visible). The sign-in form is refused
@@ -55,7 +55,7 @@ from aiohttp import hdrs, web
 from bridge.admin.throttle import MAX_DELAY, REASON_BEARER, Throttle
 from bridge.config import Settings
 from bridge.errors import StoreError
-from bridge.keys import STORE
+from bridge.keys import METRICS, STORE
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,7 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         session = await guard.load_session(request)
     except StoreError as exc:
+        request.app[METRICS].store_errors.inc(label="admin_session")
         log.error("admin: %s %s refused: sessions cannot be checked: %s", request.method, request.path, exc)
         return store_unavailable(request, "Your session cannot be checked")
     if session is None:

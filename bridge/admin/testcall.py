@@ -33,7 +33,7 @@ import orjson
 from aiohttp import hdrs, web
 
 from bridge.admin.auth import csrf_token, current_user, json_error
-from bridge.keys import METRICS, SETTINGS, STORE
+from bridge.keys import METRICS, REGISTRY, SETTINGS, STORE
 from bridge.store import NotFound, ProfileVersion, StoreError
 from bridge.web import WS_MAX_MESSAGE, run_media_stream
 
@@ -122,6 +122,10 @@ async def test_call(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(max_msg_size=WS_MAX_MESSAGE, autoping=True)
     if not ws.can_prepare(request).ok:
         return json_error(400, "bad_request", "This URL takes a WebSocket upgrade.")
+    registry, settings = request.app[REGISTRY], request.app[SETTINGS]
+    if registry.active >= settings.max_calls:  # test calls count against the process's capacity too
+        request.app[METRICS].refused.inc(label="full")
+        return json_error(503, "full", f"The bridge has {settings.max_calls} calls going; try again shortly.")
     slots = request.app[SLOTS]
     if not slots.take(user):
         metrics = request.app.get(METRICS)

@@ -33,7 +33,7 @@ MAX_DELAY = 5.0
 ADDRESS_HALF_LIFE = 300.0
 GLOBAL_HALF_LIFE = 60.0
 """Seconds after which a failure counts half (per address, overall): old failures fade away."""
-MAX_HELD = 100
+MAX_HELD = 1000
 """Late answers held at once; beyond this a wrong guess is answered 429 at once (bounded memory)."""
 MAX_ADDRESSES = 10_000
 """Addresses whose failures are remembered; the least recently failed are forgotten first."""

@@ -32,7 +32,7 @@ from bridge.admin.forms import (
 from bridge.admin.render import page
 from bridge.audio import ulaw_to_pcm16
 from bridge.greeting import Greetings
-from bridge.keys import GREETINGS, SETTINGS, STORE
+from bridge.keys import GREETINGS, METRICS, SETTINGS, STORE
 from bridge.prompts import EAGERNESS, NOISE_REDUCTION, Profile, ProfileError, profile_from_mapping, voices_for
 from bridge.store import Conflict, NotFound, ProfileVersion, StaleVersion, Store, StoreError
 
@@ -83,6 +83,7 @@ async def sign_in_page(request: web.Request) -> web.Response:
     try:
         signed_in = await request.app[auth.GUARD].load_session(request) is not None
     except StoreError as exc:  # the form itself still shows; signing in will say what is wrong
+        request.app[METRICS].store_errors.inc(label="admin_session")
         log.error("admin: sessions cannot be checked: %s", exc)
         signed_in = False
     if signed_in:
@@ -120,6 +121,7 @@ async def sign_in(request: web.Request) -> web.Response:
     try:
         value, session = await guard.start_session(request, name or auth.DEFAULT_USER)
     except StoreError as exc:
+        request.app[METRICS].store_errors.inc(label="admin_session")
         log.error("admin sign-in from %s failed: the session could not be stored: %s", address, exc)
         error = "Signing in is unavailable: the session store cannot be written. Try again in a moment."
         response = page(request, "sign_in.html", context | {"error": error}, status=503, title="Sign in")
@@ -139,6 +141,7 @@ async def sign_out(request: web.Request) -> web.Response:
         try:
             await store_of(request).revoke_admin_session(session.sid)
         except StoreError as exc:
+            request.app[METRICS].store_errors.inc(label="admin_session")
             log.error("admin sign-out of %r failed: the session could not be revoked: %s", session.user, exc)
             return page(
                 request,

@@ -233,14 +233,15 @@ class Store(Protocol):
 
     async def add_call(self, record: CallRecord) -> None:
         """Write a call's final record: in place of the one :meth:`start_call` wrote for the same call
-        (same CallSid and start, still in progress), else new; raises :class:`Conflict` when another
-        call's record holds the CallSid."""
+        (same CallSid and start; in progress, or interrupted by another instance while this one's beat
+        was late, same instance), else new; raises :class:`Conflict` when another call's record holds
+        the CallSid."""
         ...
 
-    async def interrupt_calls(self, instance: str, *, stale_before: datetime) -> int:
-        """Mark interrupted the records left in progress by ``instance`` (starting up: its calls died
-        with its last run) or by an instance whose last :meth:`heartbeat` is older than ``stale_before``;
-        how many."""
+    async def interrupt_calls(self, *, stale_before: datetime, restarted: str | None = None) -> int:
+        """Mark interrupted the records left in progress by instances whose last :meth:`heartbeat` is
+        older than ``stale_before`` (or that never beat), and by ``restarted`` (an instance starting up:
+        its calls died with its last run); how many."""
         ...
 
     async def heartbeat(self, instance: str) -> None:

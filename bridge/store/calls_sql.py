@@ -18,8 +18,6 @@ from typing import Any
 from bridge.store.base import AdminSession, Answer, CallRecord, CallStatus, Conflict, NotFound
 from bridge.store.schema import CALL_COLUMNS, call_of, call_values, parse_time, time_text
 
-Work = Callable[[sqlite3.Connection], Any]
-
 _PLACEHOLDERS = ", ".join("?" * len(CALL_COLUMNS.split(",")))
 _UPDATES = ", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in CALL_COLUMNS.split(",")[1:])
 INTERRUPTED = "the bridge stopped during the call (a crash or a forced restart)"
@@ -40,14 +38,16 @@ def start_call(record: CallRecord) -> Callable[[sqlite3.Connection], None]:
 
 
 def finish_call(record: CallRecord) -> Callable[[sqlite3.Connection], None]:
-    """Write ``record`` over its own in-progress record (same CallSid and start), or as a new one."""
+    """Write ``record`` over its own record (same CallSid and start, in progress, or taken for
+    interrupted while its instance was silent), or as a new one."""
     values = call_values(record)
 
     def work(conn: sqlite3.Connection) -> None:
         cursor = conn.execute(
             f"INSERT INTO calls ({CALL_COLUMNS}) VALUES ({_PLACEHOLDERS}) "
             f"ON CONFLICT (call_sid) DO UPDATE SET {_UPDATES} "
-            "WHERE calls.status = 'in progress' AND calls.started_at = excluded.started_at",
+            "WHERE calls.started_at = excluded.started_at AND (calls.status = 'in progress' OR "
+            "(calls.status = 'interrupted' AND calls.instance = excluded.instance))",
             values,
         )
         if cursor.rowcount == 0:
@@ -93,8 +93,8 @@ def call(call_sid: str) -> Callable[[sqlite3.Connection], CallRecord]:
     return work
 
 
-def interrupt_calls(instance: str, stale_before: datetime) -> Callable[[sqlite3.Connection], int]:
-    """Mark interrupted what ``instance`` or a silent instance left in progress; how many."""
+def interrupt_calls(stale_before: datetime, restarted: str | None) -> Callable[[sqlite3.Connection], int]:
+    """Mark interrupted what a silent instance, or ``restarted`` (its last run), left in progress."""
 
     def work(conn: sqlite3.Connection) -> int:
         # The end is the instance's last beat (when it was last known alive), never before the start.
@@ -103,7 +103,7 @@ def interrupt_calls(instance: str, stale_before: datetime) -> Callable[[sqlite3.
             "(SELECT seen_at FROM instances i WHERE i.id = calls.instance), started_at)) "
             "WHERE status = 'in progress' AND (instance = ? OR instance NOT IN "
             "(SELECT id FROM instances WHERE seen_at >= ?))",
-            (CallStatus.INTERRUPTED.value, INTERRUPTED, instance, time_text(stale_before)),
+            (CallStatus.INTERRUPTED.value, INTERRUPTED, restarted, time_text(stale_before)),
         )
         return cursor.rowcount
 

@@ -415,8 +415,8 @@ class SQLiteStore:
         await self._run(calls_sql.start_call(record), write=True)
 
     async def add_call(self, record: CallRecord) -> None:
-        """Write a call's final record over its own in-progress one, or new; raises :class:`Conflict`
-        when another call's record holds the CallSid."""
+        """Write a call's final record over its own (in progress, or interrupted while its instance was
+        silent), or new; raises :class:`Conflict` when another call's record holds the CallSid."""
         await self._run(calls_sql.finish_call(record), write=True)
 
     async def calls(
@@ -429,10 +429,10 @@ class SQLiteStore:
         """One call record; raises :class:`NotFound`."""
         return await self._run(calls_sql.call(call_sid))
 
-    async def interrupt_calls(self, instance: str, *, stale_before: datetime) -> int:
-        """Mark interrupted what ``instance``, or an instance silent since ``stale_before``, left in
-        progress; how many."""
-        return await self._run(calls_sql.interrupt_calls(instance, stale_before), write=True)
+    async def interrupt_calls(self, *, stale_before: datetime, restarted: str | None = None) -> int:
+        """Mark interrupted what instances silent since ``stale_before``, and ``restarted``'s last run,
+        left in progress; how many."""
+        return await self._run(calls_sql.interrupt_calls(stale_before, restarted), write=True)
 
     async def heartbeat(self, instance: str) -> None:
         """Note that ``instance`` is alive now."""
