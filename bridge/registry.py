@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from bridge.call import Call
 from bridge.metrics import Metrics
 from bridge.states import EndReason
-from bridge.store import CallRecord, CallStatus, Conflict, ModelSession, Store, StoreError
+from bridge.store import CallRecord, CallStatus, Conflict, ModelSession, NotFound, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +22,8 @@ GOODBYE = "I'm sorry, I have to end our call now. Please call back in a moment. 
 """Said to live calls still going when the drain's deadline passes."""
 GOODBYE_TIMEOUT = 10.0
 """At shutdown, how long the goodbye may take before calls are ended regardless."""
+OUTCOME_WAIT = 2.0
+"""How long ``<Connect action>`` waits for a call of another instance to complete its record."""
 STORE_RETRIES = (0.1, 0.5, 1.5)
 """Pauses between the tries of a call record write that failed (a busy or briefly unreachable store)."""
 
@@ -62,6 +64,37 @@ class CallRegistry:
         self._starting: dict[Call, asyncio.Task[None]] = {}
         self._prewarmed: dict[str, tuple[Call, asyncio.Task[None]]] = {}
         self._cleanup: set[asyncio.Task[None]] = set()
+
+    async def outcome(self, call_sid: str) -> Outcome | None:
+        """How ``call_sid`` ended, for ``<Connect action>``: from this process's memory, else from the
+        call's record in the store (the call may have run on another instance; its record may still be
+        completing, for up to :data:`OUTCOME_WAIT`). ``None`` when it is not known."""
+        known = self.outcomes.get(call_sid)
+        if known is not None or self.store is None:
+            return known
+        loop = asyncio.get_running_loop()
+        until = loop.time() + OUTCOME_WAIT
+        try:
+            record = await self.store.call(call_sid)
+            while record.status is CallStatus.IN_PROGRESS and loop.time() < until:
+                await asyncio.sleep(0.05)  # another process completes it: nothing here to wait on
+                record = await self.store.call(call_sid)
+            if record.status is CallStatus.IN_PROGRESS:
+                return None
+            reason = next((r for r in EndReason if _ended_with(record.end_reason, r)), None)
+            if reason is None:
+                return None
+            fallback = ""
+            if reason.model_failed and record.profile_id is not None and record.profile_version is not None:
+                fallback = (
+                    await self.store.get(record.profile_id, record.profile_version)
+                ).profile.fallback_message
+        except NotFound:
+            return None
+        except StoreError as exc:
+            log.error("call %s: how it ended cannot be read from the store: %s", call_sid, exc)
+            return None
+        return Outcome(reason, fallback)
 
     def answer_here(self, call_sid: str, nonce: str, expiry: float) -> tuple[str, float] | None:
         """When the store cannot say: note this process's answer to ``call_sid`` (its token's nonce and
@@ -217,6 +250,11 @@ class CallRegistry:
             for result in results:
                 if isinstance(result, Exception):
                     log.error("draining: closing a call failed", exc_info=result)
+
+
+def _ended_with(end_reason: str, reason: EndReason) -> bool:
+    """Whether a call record's ``end_reason`` (``describe_end``: the reason, then a detail) is ``reason``."""
+    return end_reason == reason.value or end_reason.startswith(reason.value + ": ")
 
 
 def call_record(call: Call, status: CallStatus = CallStatus.COMPLETED, instance: str = "") -> CallRecord:

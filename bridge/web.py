@@ -166,14 +166,14 @@ async def after_stream(request: web.Request) -> web.Response:
         app[METRICS].refused.inc(label="bad_signature")
         raise web.HTTPForbidden(text="invalid Twilio signature\n")
     call_sid = str(post.get("CallSid", ""))
-    outcome = app[REGISTRY].outcomes.get(call_sid)
+    outcome = await app[REGISTRY].outcome(call_sid)  # this instance's call, or another's from the store
     if outcome is not None and outcome.model_failed:
         log.info(
             "call %s: the model failed (%s); Twilio speaks the fallback message",
             call_sid,
             outcome.reason.value,
         )
-        return _twiml(webhooks.reject_twiml(outcome.fallback_message))
+        return _twiml(webhooks.reject_twiml(outcome.fallback_message or app[PROFILE].fallback_message))
     return _twiml(webhooks.reject_twiml(""))
 
 

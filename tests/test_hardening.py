@@ -20,6 +20,7 @@ from bridge.store import CallRecord, CallStatus, SQLiteStore, Store, StoreError
 from bridge.testing import TwilioCaller
 from tests.conftest import AUTH_TOKEN, Bridge
 from tests.test_cli import clean_env, free_port, spawn_server, wait_ready
+from tests.test_profiles_e2e import post_signed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -308,3 +309,20 @@ async def test_a_request_body_that_never_arrives_is_answered_408(
         writer.close()
     _, metrics = await bridge.get("/metrics")
     assert 'bridge_refused_total{reason="slow_body"} 1' in metrics
+
+
+async def test_the_connect_action_outcome_of_a_call_on_another_instance_is_read_from_the_store(
+    start_bridge: Any,
+) -> None:
+    async with LocalModel() as model:
+        model.reject_next(status=401, count=10)  # the model refuses: the call ends with the fallback
+        one = await start_bridge(model)
+        two = await start_bridge(model, BRIDGE_PUBLIC_URL=one.url)  # same public URL, same database
+        async with TwilioCaller(two.url, auth_token=AUTH_TOKEN, public_url=one.url) as call:
+            await call.dial()
+            await call.wait_closed(timeout=10)
+        await settle(lambda: not two.app[REGISTRY].live)
+        # Twilio's <Connect action> request reaches the other instance.
+        status, twiml = await post_signed(one, "/twilio/after-stream", {"CallSid": call.call_sid})
+        assert status == 200 and "<Say>Sorry, our assistant is not available right now" in twiml
+        assert call.call_sid not in one.app[REGISTRY].outcomes  # it came from the store
