@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1, or BRIDGE_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080, or BRIDGE_PORT)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the port, drained together on SIGTERM (default 1, or BRIDGE_WORKERS)",
+    )
 
     replay = sub.add_parser(
         "replay",
@@ -110,7 +118,8 @@ async def serve(settings: Settings) -> None:
     app = create_app(settings)
     runner = make_runner(app, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    # Workers share the port: the kernel spreads new connections among them (SO_REUSEPORT).
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=settings.worker is not None)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -146,6 +155,63 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+WORKER_STARTUP = 5.0
+"""A worker that ends within this long of its start failed to start (a port in use, a bad database): the
+supervisor stops them all instead of starting it again and again."""
+
+
+def supervise(settings: Settings) -> int:
+    """``bridge serve --workers N``: run N ``bridge serve`` processes on one port and watch them.
+
+    Each worker is this command again with ``BRIDGE_WORKER`` set to its index (its call records say
+    ``host:port/N``). SIGTERM or SIGINT is passed to every worker, so they drain together; a worker that
+    dies is started again, unless it failed at start-up, which stops them all. Returns the exit status:
+    0 when every worker ended cleanly after a signal, else the worst worker's.
+    """
+    command = [sys.executable, "-m", "bridge", "serve", "--host", settings.host, "--port", str(settings.port)]
+    workers: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+    stopping = False
+    status = 0
+    failure: int | None = None
+
+    def start(index: int) -> None:
+        env = {**os.environ, "BRIDGE_WORKER": str(index), "BRIDGE_WORKERS": "1"}
+        workers[index] = (subprocess.Popen(command, env=env), time.monotonic())  # noqa: S603 - our own argv
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process, _ in workers.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for index in range(settings.workers):
+        start(index)
+    log.info("bridge %s: %d workers on %s:%d", __version__, settings.workers, settings.host, settings.port)
+    while workers:
+        pid, wait_status = os.wait()
+        code = os.waitstatus_to_exitcode(wait_status)
+        found = next((i for i, (p, _) in workers.items() if p.pid == pid), None)
+        if found is None:
+            continue
+        index = found
+        process, started = workers.pop(index)
+        process.returncode = code  # reaped here, not by Popen.wait
+        if stopping:  # a worker still starting up has no handler yet: our SIGTERM ends it, with no call
+            status = max(status, 0 if code == -signal.SIGTERM else abs(code))
+            continue
+        if time.monotonic() - started < WORKER_STARTUP:
+            log.error("worker %d failed at start-up (exit status %d): stopping the others", index, code)
+            failure = max(abs(code), 1)
+            stop(signal.SIGTERM, None)
+            continue
+        log.error("worker %d ended unexpectedly (exit status %d): starting it again", index, code)
+        start(index)
+    return status if failure is None else failure
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bridge`` console script."""
     args = _parser().parse_args(argv)
@@ -169,11 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return call_command(args)
     try:
-        settings = load_settings(host=args.host, port=args.port)
+        settings = load_settings(host=args.host, port=args.port, workers=args.workers)
     except ConfigError as exc:
         print(f"bridge: configuration error: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
+    if settings.workers > 1 and settings.worker is None:
+        return supervise(settings)
     if settings.twilio_auth_token is None:
         log.warning("BRIDGE_INSECURE_DEV=1: Twilio signatures are NOT checked; never expose this server")
     try:

@@ -113,8 +113,12 @@ class Settings:
     metrics_token: Secret | None = None
     """When set, ``GET /metrics`` wants ``Authorization: Bearer`` it."""
     instance_id: str = "local"
-    """This instance's name on the call records it writes (``BRIDGE_INSTANCE_ID``, default host:port):
-    at start-up, its records a crash left in progress are marked interrupted."""
+    """This instance's name on the call records it writes (``BRIDGE_INSTANCE_ID``, default host:port, and
+    ``/N`` for worker N): at start-up, its records a crash left in progress are marked interrupted."""
+    workers: int = 1
+    """``bridge serve`` processes sharing the port (``BRIDGE_WORKERS`` or ``--workers``)."""
+    worker: int | None = None
+    """This process's index among them (set by the supervisor in ``BRIDGE_WORKER``), else ``None``."""
     recordings_dir: Path | None = None
     recordings_gzip: bool = False
     profile_path: Path | None = None
@@ -240,11 +244,15 @@ def _azure(env: Mapping[str, str]) -> AzureSettings | None:
 
 
 def load_settings(
-    env: Mapping[str, str] | None = None, *, host: str | None = None, port: int | None = None
+    env: Mapping[str, str] | None = None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int | None = None,
 ) -> Settings:
     """Read and validate every setting; raise :class:`ConfigError` with one line on the first problem.
 
-    ``host``/``port`` come from command-line flags and override the environment.
+    ``host``/``port``/``workers`` come from command-line flags and override the environment.
     """
     env = os.environ if env is None else env
     host = host or env.get("BRIDGE_HOST", "").strip() or "127.0.0.1"
@@ -329,7 +337,16 @@ def load_settings(
     if metrics_token and len(metrics_token) < 16:
         raise ConfigError("BRIDGE_METRICS_TOKEN is too short: use at least 16 random characters")
 
+    workers = _count(env, "BRIDGE_WORKERS", 1) if workers is None else workers
+    if not 1 <= workers <= 64:
+        raise ConfigError(f"BRIDGE_WORKERS (or --workers) {workers} is out of range: use 1 to 64")
+    if workers > 1 and port == 0:
+        raise ConfigError("several workers share one port: give BRIDGE_PORT (or --port) a number, not 0")
+    raw_worker = env.get("BRIDGE_WORKER", "").strip()
+    worker = int(raw_worker) if raw_worker.isdigit() else None
     instance = env.get("BRIDGE_INSTANCE_ID", "").strip() or f"{socket.gethostname()}:{port}"
+    if worker is not None:
+        instance += f"/{worker}"
     if len(instance) > 200 or not instance.isprintable():
         raise ConfigError("BRIDGE_INSTANCE_ID must be printable and at most 200 characters")
 
@@ -351,6 +368,8 @@ def load_settings(
         metrics_token=Secret(metrics_token) if metrics_token else None,
         max_calls=_count(env, "BRIDGE_MAX_CALLS", 100),
         instance_id=instance,
+        workers=workers,
+        worker=worker,
         recordings_dir=recordings,
         recordings_gzip=_flag(env, "BRIDGE_RECORDINGS_GZIP"),
         profile_path=profile_path,
