@@ -13,6 +13,7 @@ from bridge.clock import Clock, MonotonicClock
 from bridge.config import Settings
 from bridge.greeting import Greetings
 from bridge.keys import (
+    BLOBS,
     CLOCK,
     GREETINGS,
     METRICS,
@@ -27,8 +28,9 @@ from bridge.keys import (
 from bridge.local_model import LocalModel
 from bridge.metrics import Metrics
 from bridge.prompts import DEFAULT_PROFILE, Profile, parse_profile, voices_for
+from bridge.recordings.blob import BlobStorage
 from bridge.registry import GOODBYE, CallRegistry
-from bridge.store import StoreError, open_store
+from bridge.store import StoreError, open_store, redacted
 from bridge.upstream import Target, Upstream
 from bridge.web import add_routes
 
@@ -78,6 +80,7 @@ def create_app(
     app[CLOCK] = clock or MonotonicClock()
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_blobs)
     app.cleanup_ctx.append(_greetings(render_greetings))
     app.cleanup_ctx.append(_calls)
     add_routes(app)
@@ -151,6 +154,19 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
+async def _blobs(app: web.Application) -> AsyncIterator[None]:
+    """The Blob Storage container of ``BRIDGE_STORAGE_URL``, when it is set (call recordings)."""
+    blobs = BlobStorage.from_settings(app[SETTINGS])
+    if blobs is None:
+        yield
+        return
+    app[BLOBS] = blobs
+    try:
+        yield
+    finally:
+        await blobs.close()
+
+
 def _greetings(render: bool) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         """The greeting renderer; seeds a fresh store with the first prompt profile, greeting rendered."""
@@ -159,7 +175,8 @@ def _greetings(render: bool) -> Callable[[web.Application], AsyncIterator[None]]
         try:
             if not await store.list_profiles():
                 first = await store.create(app[PROFILE], author="bridge", comment="first start")
-                log.info("created the first prompt profile %r in %s", first.profile.name, settings.database)
+                where = redacted(settings.database)
+                log.info("created the first prompt profile %r in %s", first.profile.name, where)
                 if render:
                     greetings.prepare(first)
             if render:  # "one moment, please" in each profile's voice, ready before a call needs it
@@ -177,7 +194,9 @@ async def _calls(app: web.Application) -> AsyncIterator[None]:
     """The call registry; at start-up, records a crash left in progress are marked interrupted; while
     running, this instance beats in the store; at shutdown, calls still going are ended."""
     settings, store = app[SETTINGS], app[STORE]
-    registry = app[REGISTRY] = CallRegistry(store, metrics=app[METRICS], instance=settings.instance_id)
+    registry = app[REGISTRY] = CallRegistry(
+        store, metrics=app[METRICS], instance=settings.instance_id, blobs=app.get(BLOBS)
+    )
     await _sweep(app, restarted=True)
     beats = asyncio.get_running_loop().create_task(_beat(app))
     try:

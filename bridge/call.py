@@ -41,7 +41,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-from bridge import __version__
+from bridge import __version__, logs
 from bridge import realtime as rt
 from bridge import twilio as tw
 from bridge.clock import Clock
@@ -93,6 +93,9 @@ class Call:
         on_end: Callable[[Call], Awaitable[None]] | None = None,
     ) -> None:
         self.call_sid = call_sid
+        self._log_fields = {"call_sid": call_sid, "profile": profile.name}
+        self._context = logs.call_context(self._log_fields)
+        """The call's tasks run in it: their log lines carry the call's fields (``bridge.logs``)."""
         self.session = CallSession(
             call_id=call_sid,
             profile=profile,
@@ -166,13 +169,14 @@ class Call:
     def _tap(self, source: Source, session: int = 1) -> Tap | None:
         return self.recorder.tap(source, session) if self.recorder is not None else None
 
-    def _log(self, level: int, message: str, *args: object) -> None:
-        log.log(level, "call %s: " + message, self.call_sid, *args)
+    def _log(self, level: int, message: str, *args: object, event: str | None = None) -> None:
+        extra = {"event": event} if event else None
+        log.log(level, "call %s: " + message, self.call_sid, *args, extra=extra)
 
     # -- tasks and the one timer
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = asyncio.get_running_loop().create_task(coro, context=self._context)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -342,6 +346,10 @@ class Call:
         ``events`` are the ones ``web.py`` read before handing over the socket (``connected``, ``start``);
         ``raw`` the messages they came from, with the clock time each arrived (for the recording).
         """
+        logs.CALL.set(self._log_fields)  # the handler's own lines too
+        for event in events:
+            if isinstance(event, tw.Start):
+                self._log_fields["stream_sid"] = event.stream_sid
         if self.recorder is not None:
             for at, data in raw:
                 self.recorder.write("twilio", "in", data, at)
@@ -502,7 +510,7 @@ class Call:
     def abandon(self, reason: EndReason) -> asyncio.Task[None]:
         """End a call that never got its stream (pre-warm timeout, shutdown)."""
         self._end(reason)
-        return asyncio.get_running_loop().create_task(self.teardown())
+        return asyncio.get_running_loop().create_task(self.teardown(), context=self._context)
 
     async def teardown(self) -> None:
         """Close every socket and stop every task of the call; idempotent."""
@@ -548,6 +556,7 @@ class Call:
             stats.barge_ins,
             stats.truncations,
             stats.upstream_errors,
+            event="call_ended",
         )
 
     @staticmethod

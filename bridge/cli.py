@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge import __version__
+from bridge import __version__, logs
 from bridge.app import create_app, drain, make_runner
 from bridge.config import Settings, load_settings
 from bridge.errors import ConfigError
@@ -100,17 +100,6 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--wav", type=Path, help="stereo WAV: left the caller, right what the caller heard")
     export.add_argument("--timeline", type=Path, help="SVG timeline of the call")
     return parser
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # websockets logs every handshake at INFO; keep the log about calls.
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 async def serve(settings: Settings) -> None:
@@ -239,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"bridge: configuration error: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     if settings.workers > 1 and settings.worker is None:
         return supervise(settings)
     if settings.twilio_auth_token is None:

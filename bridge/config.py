@@ -105,7 +105,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Path("data")
-    database: str = ""
+    database: str = field(default="", repr=False)
+    """``BRIDGE_DATABASE``: a SQLite path or a PostgreSQL URL, which may hold a password (not in repr)."""
     audio_path: AudioPath = AudioPath.PCM16
     admin_token: Secret | None = None
     max_calls: int = 100
@@ -121,6 +122,11 @@ class Settings:
     """This process's index among them (set by the supervisor in ``BRIDGE_WORKER``), else ``None``."""
     recordings_dir: Path | None = None
     recordings_gzip: bool = False
+    storage_url: str | None = None
+    """``BRIDGE_STORAGE_URL``: the Blob Storage container recordings (and greetings) go to, without a
+    trailing slash; ``None``: the local directory (and the database) as before."""
+    storage_key: Secret | None = None
+    """``BRIDGE_STORAGE_KEY``: the account key (Azurite, development); ``None``: the managed identity."""
     profile_path: Path | None = None
     insecure_dev: bool = False
     drain_seconds: float = 30.0
@@ -130,6 +136,8 @@ class Settings:
     stream_token_ttl: float = 30.0
     """How long the one-time stream token in the TwiML stays valid."""
     log_level: str = "INFO"
+    log_format: str = "text"
+    """``text``, or ``json``: one JSON object per line, with the call's fields (``BRIDGE_LOG_FORMAT``)."""
     rollover_margin: float = 120.0
     """A Realtime session is swapped this long before its ``expires_at``."""
     max_session_seconds: float = 1500.0
@@ -201,6 +209,33 @@ def _writable_dir(name: str, raw: str) -> Path:
             f"create it or point {name} elsewhere"
         ) from None
     return path
+
+
+def _storage_url(raw: str) -> str:
+    """``BRIDGE_STORAGE_URL``: ``https://ACCOUNT.blob.core.windows.net/CONTAINER`` (any https host, one path
+    segment), or ``http://127.0.0.1:PORT/ACCOUNT/CONTAINER`` on loopback (Azurite)."""
+    url = raw.rstrip("/")
+    parsed = urlsplit(url)
+    segments = [s for s in parsed.path.split("/") if s]
+    example = "https://ACCOUNT.blob.core.windows.net/CONTAINER"
+    if parsed.query or parsed.fragment or parsed.username or parsed.password or not parsed.hostname:
+        raise ConfigError(f"BRIDGE_STORAGE_URL must be a plain container URL like {example}")
+    if parsed.scheme == "https":
+        if len(segments) != 1:
+            raise ConfigError(f"BRIDGE_STORAGE_URL must name one container: {example}")
+    elif parsed.scheme == "http" and is_loopback_host(parsed.hostname):
+        if len(segments) != 2:
+            raise ConfigError(
+                "BRIDGE_STORAGE_URL over http (Azurite) must be http://127.0.0.1:PORT/ACCOUNT/CONTAINER"
+            )
+    else:
+        raise ConfigError(f"BRIDGE_STORAGE_URL must be https ({example}); http only on loopback (Azurite)")
+    container = segments[-1]
+    if not (3 <= len(container) <= 63) or not all(c.islower() or c.isdigit() or c == "-" for c in container):
+        raise ConfigError(
+            f"BRIDGE_STORAGE_URL: the container {container!r} must be 3-63 lowercase letters, digits, '-'"
+        )
+    return url
 
 
 def _azure(env: Mapping[str, str]) -> AzureSettings | None:
@@ -318,6 +353,12 @@ def load_settings(
     recordings_raw = env.get("BRIDGE_RECORDINGS_DIR", "").strip()
     recordings = _writable_dir("BRIDGE_RECORDINGS_DIR", recordings_raw) if recordings_raw else None
 
+    storage_raw = env.get("BRIDGE_STORAGE_URL", "").strip()
+    storage_url = _storage_url(storage_raw) if storage_raw else None
+    storage_key = env.get("BRIDGE_STORAGE_KEY", "").strip()
+    if storage_key and storage_url is None:
+        raise ConfigError("BRIDGE_STORAGE_KEY is set without BRIDGE_STORAGE_URL: set both, or neither")
+
     profile_raw = env.get("BRIDGE_PROFILE", "").strip()
     profile_path: Path | None = None
     if profile_raw:
@@ -353,6 +394,9 @@ def load_settings(
     level = env.get("BRIDGE_LOG_LEVEL", "").strip().upper() or "INFO"
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"BRIDGE_LOG_LEVEL={level!r} is unknown: use DEBUG, INFO, WARNING or ERROR")
+    log_format = env.get("BRIDGE_LOG_FORMAT", "").strip().lower() or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"BRIDGE_LOG_FORMAT={log_format!r} is unknown: use text or json")
 
     return Settings(
         azure=azure,
@@ -372,12 +416,15 @@ def load_settings(
         worker=worker,
         recordings_dir=recordings,
         recordings_gzip=_flag(env, "BRIDGE_RECORDINGS_GZIP"),
+        storage_url=storage_url,
+        storage_key=Secret(storage_key) if storage_key else None,
         profile_path=profile_path,
         insecure_dev=insecure,
         drain_seconds=_number(env, "BRIDGE_DRAIN_SECONDS", 30.0, 0.0, 3600.0),
         prewarm_timeout=_number(env, "BRIDGE_PREWARM_TIMEOUT", 10.0, 0.1, 120.0),
         stream_token_ttl=_number(env, "BRIDGE_STREAM_TOKEN_TTL", 30.0, 1.0, 600.0),
         log_level=level,
+        log_format=log_format,
         rollover_margin=_number(env, "BRIDGE_ROLLOVER_MARGIN", 120.0, 1.0, 3600.0),
         max_session_seconds=_number(env, "BRIDGE_MAX_SESSION_SECONDS", 1500.0, 10.0, 86400.0),
         model_idle_timeout=_number(env, "BRIDGE_MODEL_IDLE_TIMEOUT", 10.0, 1.0, 300.0),

@@ -20,6 +20,7 @@ from bridge.config import Settings
 from bridge.greeting import Greetings
 from bridge.metrics import Metrics
 from bridge.prompts import Profile
+from bridge.recordings.blob import BlobStorage
 from bridge.registry import CallRegistry
 from bridge.store import Store
 from bridge.upstream import Upstream
@@ -50,3 +51,5 @@ TOKENS = web.AppKey("tokens", StreamTokens)
 CLOCK = web.AppKey("clock", Clock)
 STORE = web.AppKey("store", Store)
 GREETINGS = web.AppKey("greetings", Greetings)
+BLOBS = web.AppKey("blobs", BlobStorage)
+"""The Blob Storage container (``BRIDGE_STORAGE_URL``); absent when it is not set."""

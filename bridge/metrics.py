@@ -146,7 +146,7 @@ class Metrics:
             "bridge_store_errors_total",
             "Store operations that failed (call records after their retries, with what they held in the"
             " log), by what: call_record, call_answer, stream_claim, heartbeat, interrupted_calls,"
-            " admin_session.",
+            " recording_upload, admin_session.",
             "what",
         )
         # Playback towards Twilio (marks and the send bound): see bridge/playback.py.

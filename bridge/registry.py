@@ -8,11 +8,12 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from bridge.call import Call
 from bridge.metrics import Metrics
+from bridge.recordings.blob import BlobStorage, upload_recording
 from bridge.states import EndReason
 from bridge.store import CallRecord, CallStatus, Conflict, ModelSession, NotFound, Store, StoreError
 
@@ -51,9 +52,16 @@ class CallRegistry:
     OUTCOMES_KEPT = 1000
 
     def __init__(
-        self, store: Store | None = None, *, metrics: Metrics | None = None, instance: str = ""
+        self,
+        store: Store | None = None,
+        *,
+        metrics: Metrics | None = None,
+        instance: str = "",
+        blobs: BlobStorage | None = None,
     ) -> None:
         self.store = store
+        self.blobs = blobs
+        """``BRIDGE_STORAGE_URL``: where a call's recording is uploaded when the call ends."""
         self.metrics = metrics
         self.instance = instance
         """``BRIDGE_INSTANCE_ID``: written on each call record, so a crash's records can be found."""
@@ -119,7 +127,8 @@ class CallRegistry:
             self._starting[call] = task
 
     async def ended(self, call: Call) -> None:
-        """A call has ended: remember how (for ``<Connect action>``) and complete its record."""
+        """A call has ended: remember how (for ``<Connect action>``), upload its recording (when
+        ``BRIDGE_STORAGE_URL`` is set) and complete its record."""
         reason = call.end_reason or EndReason.SHUTDOWN
         self.outcomes[call.call_sid] = Outcome(reason, call.session.profile.fallback_message)
         while len(self.outcomes) > self.OUTCOMES_KEPT:
@@ -127,8 +136,15 @@ class CallRegistry:
         starting = self._starting.pop(call, None)
         if starting is not None:
             await starting  # the final record goes over the first one
-        if self.store is not None and call.session.start is not None:
+        uploaded = None
+        if self.blobs is not None and call.recording_path is not None:
+            uploaded = await upload_recording(self.blobs, call.recording_path, self.metrics)
+        if self.store is not None and (call.session.start is not None or starting is not None):
+            # Also a call that ended before its session took in the stream's start: its first record
+            # gets its last.
             record = call_record(call, CallStatus.COMPLETED, self.instance)
+            if uploaded is not None:  # the blob's URL; a failed upload leaves the local path
+                record = replace(record, recording_path=uploaded)
             await self._write(self.store.add_call, record, "ended")
 
     async def _write(

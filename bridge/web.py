@@ -116,7 +116,13 @@ async def voice(request: web.Request) -> web.Response:
         tw.PARAM_TO: to_number,
         tw.PARAM_TOKEN: token,
     }
-    log.info("call %s: answering with profile %r, stream %s", call_sid, profile.name, settings.stream_url)
+    log.info(
+        "call %s: answering with profile %r, stream %s",
+        call_sid,
+        profile.name,
+        settings.stream_url,
+        extra={"event": "call_answered", "call_sid": call_sid, "profile": profile.name},
+    )
     return _twiml(
         webhooks.connect_twiml(
             settings.stream_url,
@@ -243,7 +249,7 @@ async def _refuse(
     ws: web.WebSocketResponse, metrics: Metrics, reason: str, why: str
 ) -> web.WebSocketResponse:
     metrics.refused.inc(label=reason)
-    log.warning("refused a media stream: %s", why)
+    log.warning("refused a media stream: %s", why, extra={"event": "stream_refused"})
     await ws.close(code=1008, message=why.encode()[:120])
     return ws
 

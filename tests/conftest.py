@@ -14,6 +14,9 @@ import pytest
 from bridge.local_model import LocalModel
 from bridge.prompts import Profile
 from bridge.testing import ServedBridge, serve_bridge
+from tests import azurite_support
+from tests.azurite_support import azurite, azurite_server  # noqa: F401
+from tests.postgres_support import install_if_needed, postgres_database, postgres_server  # noqa: F401
 
 FIXTURES = Path(__file__).parent / "fixtures"
 AUTH_TOKEN = "test-twilio-auth-token"
@@ -55,6 +58,11 @@ def wav_file(
     body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + before_data
     body += b"data" + struct.pack("<I", len(data)) + data + b"\x00" * (len(data) & 1)
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    install_if_needed(items)  # PostgreSQL for the store's tests, when missing: outside their time limits
+    azurite_support.install_if_needed(items)  # Azurite for the Blob Storage tests, likewise
 
 
 @pytest.fixture

@@ -199,8 +199,24 @@ def test_export_needs_an_existing_database(tmp_path: Path, capsys: pytest.Captur
     assert export_command(args(tmp_path / "out.json", tmp_path / "none.sqlite3")) == 1
     assert "no database at" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
-    assert export_command(args(tmp_path / "out.json", "postgresql://db/x")) == 2
-    assert "PostgreSQL is not supported yet" in capsys.readouterr().err
+    unreachable = "postgresql://bridge:secret-pw@127.0.0.1:1/bridge"
+    assert export_command(args(tmp_path / "out.json", unreachable)) == 2
+    err = capsys.readouterr().err
+    assert "configuration error" in err and "secret-pw" not in err
+
+
+@pytest.mark.timeout(60)
+def test_export_and_import_work_on_postgresql(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], postgres_database: str
+) -> None:
+    source = tmp_path / "source.sqlite3"
+    seed(source, SALES, SUPPORT, default="support")
+    file, again = tmp_path / "prompts.toml", tmp_path / "again.toml"
+    assert export_command(args(file, source)) == 0
+    assert import_command(args(file, postgres_database)) == 0
+    assert "default is now support" in capsys.readouterr().out
+    assert export_command(args(again, postgres_database)) == 0
+    assert tomllib.loads(again.read_text()) == tomllib.loads(file.read_text())
 
 
 def test_an_empty_store_exports_an_empty_document(tmp_path: Path) -> None:

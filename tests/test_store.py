@@ -1,4 +1,8 @@
-"""The SQLite store: versions, optimistic concurrency, routing, greetings, calls, migrations."""
+"""The store's contract on SQLite and on PostgreSQL: versions, optimistic concurrency, routing, greetings,
+calls, answers, stream claims, admin sessions; then each backend's own concerns (migrations, files, URLs).
+
+Every test taking ``store`` or ``backend`` runs on both backends; PostgreSQL is a throw-away server that
+tests/postgres_support.py starts (installing Debian's postgresql when missing)."""
 
 from __future__ import annotations
 
@@ -6,10 +10,11 @@ import asyncio
 import dataclasses
 import json
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from bridge.errors import ConfigError
@@ -21,6 +26,7 @@ from bridge.store import (
     Conflict,
     ModelSession,
     NotFound,
+    PostgresStore,
     ProfileChange,
     StaleVersion,
     Store,
@@ -29,8 +35,13 @@ from bridge.store import (
     open_store,
     sqlite_path,
 )
-from bridge.store.schema import MIGRATIONS, call_values
+from bridge.store.postgres import ENTRA_SCOPE, EntraPassword
+from bridge.store.postgres_schema import MIGRATIONS as PG_MIGRATIONS
+from bridge.store.schema import MIGRATIONS, call_values, utc_now
 from bridge.store.sqlite import SQLiteStore
+from tests.postgres_support import ENTRA_ROLE, ENTRA_TOKEN, TEST_PASSWORD, PostgresServer
+
+AnyStore = SQLiteStore | PostgresStore
 
 SALES = Profile(name="sales", instructions="Sell.", numbers=("+14155550100", "+14155550101"))
 SUPPORT = Profile(
@@ -42,9 +53,39 @@ SUPPORT = Profile(
 )
 
 
+class Backend:
+    """One database of one backend: stores opened on it share it, as instances share one database."""
+
+    def __init__(self, name: str, where: str) -> None:
+        self.name, self.where = name, where
+
+    async def open(self, now: Callable[[], datetime] = utc_now) -> AnyStore:
+        if self.name == "sqlite":
+            return await SQLiteStore.open(self.where, now=now)
+        return await PostgresStore.open(self.where, now=now)
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        """Run ``sql`` (``?`` placeholders) on the database directly, behind the stores' backs."""
+        if self.name == "sqlite":
+            with sqlite3.connect(self.where) as conn:
+                found = conn.execute(sql, params).fetchall()
+            conn.close()
+            return found
+        with psycopg.connect(self.where, autocommit=True) as pg:
+            cursor = pg.execute(sql.replace("?", "%s"), params)
+            return cursor.fetchall() if cursor.description else []
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return Backend("sqlite", str(tmp_path / "bridge.sqlite3"))
+    return Backend("postgresql", request.getfixturevalue("postgres_database"))
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    async with await SQLiteStore.open(tmp_path / "bridge.sqlite3") as opened:
+async def store(backend: Backend) -> AsyncIterator[AnyStore]:
+    async with await backend.open() as opened:
         yield opened
 
 
@@ -62,12 +103,12 @@ def indexes(path: Path) -> set[str]:
     return names
 
 
-async def test_it_is_a_store(store: SQLiteStore) -> None:
+async def test_it_is_a_store(store: AnyStore) -> None:
     as_protocol: Store = store
     assert await as_protocol.list_profiles() == []
 
 
-async def test_create_get_and_history(store: SQLiteStore) -> None:
+async def test_create_get_and_history(store: AnyStore) -> None:
     created = await store.create(SUPPORT, author="ana", comment="first")
     assert (created.version, created.author, created.comment, created.rolled_back_from) == (
         1,
@@ -96,15 +137,15 @@ async def test_create_get_and_history(store: SQLiteStore) -> None:
         await store.save(99, SALES, expected_version=1, author="x")
 
 
-async def test_version_times_come_from_the_injected_clock(tmp_path: Path) -> None:
+async def test_version_times_come_from_the_injected_clock(backend: Backend) -> None:
     moment = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
-    async with await SQLiteStore.open(tmp_path / "db.sqlite3", now=lambda: moment) as store:
+    async with await backend.open(now=lambda: moment) as store:
         created = await store.create(SALES, author="a")
         assert created.created_at == moment and created.created_at.tzinfo is UTC
         assert (await store.get(created.profile_id)).created_at == datetime(2025, 3, 1, 10, 0, 0, 123456, UTC)
 
 
-async def test_old_versions_never_change(store: SQLiteStore) -> None:
+async def test_old_versions_never_change(store: AnyStore) -> None:
     v1 = await store.create(SALES, author="a")
     snapshot = dataclasses.replace(v1)
     await store.save(v1.profile_id, dataclasses.replace(SALES, voice="echo"), expected_version=1, author="b")
@@ -115,7 +156,7 @@ async def test_old_versions_never_change(store: SQLiteStore) -> None:
         v1.version = 5  # type: ignore[misc]
 
 
-async def test_a_stale_save_is_refused_and_changes_nothing(store: SQLiteStore) -> None:
+async def test_a_stale_save_is_refused_and_changes_nothing(store: AnyStore) -> None:
     v1 = await store.create(SALES, author="a")
     await store.save(v1.profile_id, dataclasses.replace(SALES, voice="echo"), expected_version=1, author="a")
     with pytest.raises(StaleVersion) as info:
@@ -127,7 +168,7 @@ async def test_a_stale_save_is_refused_and_changes_nothing(store: SQLiteStore) -
     assert (await store.get(v1.profile_id)).profile.voice == "echo"
 
 
-async def test_concurrent_saves_from_one_version_one_wins(store: SQLiteStore) -> None:
+async def test_concurrent_saves_from_one_version_one_wins(store: AnyStore) -> None:
     v1 = await store.create(SALES, author="a")
     edits = [dataclasses.replace(SALES, voice="echo"), dataclasses.replace(SALES, voice="sage")]
     results = await asyncio.gather(
@@ -143,9 +184,8 @@ async def test_concurrent_saves_from_one_version_one_wins(store: SQLiteStore) ->
     assert [v.version for v in await store.history(v1.profile_id)] == [2, 1]
 
 
-async def test_concurrent_saves_through_two_stores_on_one_file(tmp_path: Path) -> None:
-    path = tmp_path / "shared.sqlite3"
-    async with await SQLiteStore.open(path) as first, await SQLiteStore.open(path) as second:
+async def test_concurrent_saves_through_two_stores_on_one_database(backend: Backend) -> None:
+    async with await backend.open() as first, await backend.open() as second:
         v1 = await first.create(SALES, author="a")
         for round_ in range(5):
             expected = v1.version + round_
@@ -172,7 +212,7 @@ async def test_concurrent_saves_through_two_stores_on_one_file(tmp_path: Path) -
         assert len(await second.history(v1.profile_id)) == 6
 
 
-async def test_rollback_writes_a_new_version_with_old_content(store: SQLiteStore) -> None:
+async def test_rollback_writes_a_new_version_with_old_content(store: AnyStore) -> None:
     v1 = await store.create(SALES, author="a")
     await store.set_greeting_audio(v1.profile_id, 1, b"\xff" * 80)
     v2 = await store.save(
@@ -195,7 +235,7 @@ async def test_rollback_writes_a_new_version_with_old_content(store: SQLiteStore
     assert len(await store.history(v1.profile_id)) == 4
 
 
-async def test_names_are_unique_among_latest_versions(store: SQLiteStore) -> None:
+async def test_names_are_unique_among_latest_versions(store: AnyStore) -> None:
     sales = await store.create(SALES, author="a")
     support = await store.create(SUPPORT, author="a")
     with pytest.raises(Conflict) as info:
@@ -213,7 +253,7 @@ async def test_names_are_unique_among_latest_versions(store: SQLiteStore) -> Non
         await store.rollback(sales.profile_id, 1, expected_version=2, author="a")
 
 
-async def test_a_number_routes_to_at_most_one_profile(store: SQLiteStore) -> None:
+async def test_a_number_routes_to_at_most_one_profile(store: AnyStore) -> None:
     sales = await store.create(SALES, author="a")
     with pytest.raises(Conflict) as info:
         await store.create(Profile(name="other", numbers=("+14155550101", "+14155550999")), author="a")
@@ -231,7 +271,7 @@ async def test_a_number_routes_to_at_most_one_profile(store: SQLiteStore) -> Non
     assert (await store.for_number("+14155550101")) == other
 
 
-async def test_for_number_and_the_default(store: SQLiteStore) -> None:
+async def test_for_number_and_the_default(store: AnyStore) -> None:
     assert await store.for_number("+14155550100") is None
     assert await store.default_profile() is None
     sales = await store.create(SALES, author="a")
@@ -257,7 +297,7 @@ async def test_for_number_and_the_default(store: SQLiteStore) -> None:
     assert (await store.list_profiles())[0].latest == v2
 
 
-async def test_profiles_can_swap_numbers_in_one_save(store: SQLiteStore) -> None:
+async def test_profiles_can_swap_numbers_in_one_save(store: AnyStore) -> None:
     sales = await store.create(SALES, author="a")
     support = await store.create(SUPPORT, author="a")
     written = await store.save_many(
@@ -285,14 +325,14 @@ async def test_profiles_can_swap_numbers_in_one_save(store: SQLiteStore) -> None
     assert len(await store.list_profiles()) == 2
 
 
-async def test_invalid_profiles_are_not_stored(store: SQLiteStore) -> None:
+async def test_invalid_profiles_are_not_stored(store: AnyStore) -> None:
     with pytest.raises(ProfileError) as info:
         await store.create(Profile(name="bad", numbers=("555-1234",)), author="a")
     assert "numbers" in info.value.problems
     assert await store.list_profiles() == []
 
 
-async def test_greeting_audio(store: SQLiteStore) -> None:
+async def test_greeting_audio(store: AnyStore) -> None:
     v1 = await store.create(SALES, author="a")
     assert await store.greeting_audio(v1.profile_id, 1) is None
     await store.set_greeting_audio(v1.profile_id, 1, b"\x7f\x00" * 400)
@@ -311,7 +351,7 @@ def record(sid: str, minute: int, **fields: object) -> CallRecord:
     return CallRecord(sid, start, start + timedelta(seconds=42), **fields)  # type: ignore[arg-type]
 
 
-async def test_calls(store: SQLiteStore) -> None:
+async def test_calls(store: AnyStore) -> None:
     full = record(
         "CA1",
         1,
@@ -412,7 +452,7 @@ SESSIONS = (
 
 
 @pytest.mark.timeout(30)
-async def test_call_sessions_round_trip(store: SQLiteStore) -> None:
+async def test_call_sessions_round_trip(store: AnyStore) -> None:
     with_sessions = record("CAs", 1, end_reason="caller hung up", sessions=SESSIONS)
     without = record("CAn", 2)
     await store.add_call(with_sessions)
@@ -507,16 +547,13 @@ async def test_a_database_from_a_newer_bridge_is_refused(tmp_path: Path) -> None
         await SQLiteStore.open(path)
 
 
-async def test_unreadable_profile_data_names_the_profile_and_the_problems(tmp_path: Path) -> None:
-    path = tmp_path / "bridge.sqlite3"
-    async with await SQLiteStore.open(path) as store:
+async def test_unreadable_profile_data_names_the_profile_and_the_problems(backend: Backend) -> None:
+    async with await backend.open() as store:
         created = await store.create(SALES, author="a")
         data = json.dumps({"name": "sales", "voice": "alloy", "mood": "cheerful"})
-        with sqlite3.connect(path) as conn:
-            conn.execute(
-                "UPDATE profile_versions SET data = ? WHERE profile_id = ?", (data, created.profile_id)
-            )
-        conn.close()
+        backend.execute(
+            "UPDATE profile_versions SET data = ? WHERE profile_id = ?", (data, created.profile_id)
+        )
         with pytest.raises(StoreError) as info:
             await store.get(created.profile_id)
         assert isinstance(info.value, UnreadableProfile)
@@ -525,17 +562,13 @@ async def test_unreadable_profile_data_names_the_profile_and_the_problems(tmp_pa
         with pytest.raises(UnreadableProfile):
             await store.for_number("+14155550100")
 
-        with sqlite3.connect(path) as conn:
-            conn.execute(
-                "UPDATE profile_versions SET data = '[1' WHERE profile_id = ?", (created.profile_id,)
-            )
-        conn.close()
+        backend.execute("UPDATE profile_versions SET data = '[1' WHERE profile_id = ?", (created.profile_id,))
         with pytest.raises(UnreadableProfile, match="data"):
             await store.list_profiles()
 
 
-async def test_a_closed_store_refuses_work(tmp_path: Path) -> None:
-    store = await SQLiteStore.open(tmp_path / "bridge.sqlite3")
+async def test_a_closed_store_refuses_work(backend: Backend) -> None:
+    store = await backend.open()
     await store.close()
     await store.close()
     with pytest.raises(StoreError, match="closed"):
@@ -565,16 +598,9 @@ async def test_open_store_accepts_paths_and_sqlite_urls(
 @pytest.mark.parametrize(
     ("database", "message"),
     [
-        (
-            "postgresql://u:p@db/bridge",
-            "BRIDGE_DATABASE: PostgreSQL is not supported yet: use a SQLite file path",
-        ),
-        ("postgres://db/bridge", "BRIDGE_DATABASE: PostgreSQL is not supported yet: use a SQLite file path"),
-        (
-            "postgresql+asyncpg://db/x",
-            "BRIDGE_DATABASE: PostgreSQL is not supported yet: use a SQLite file path",
-        ),
+        ("postgresql+asyncpg://u:secret@db/x", "BRIDGE_DATABASE: write a PostgreSQL URL as postgresql://"),
         ("mysql://db/bridge", "BRIDGE_DATABASE: 'mysql://db/bridge' is not supported"),
+        ("mysql://u:secret@db/bridge", "BRIDGE_DATABASE: 'mysql://u:***@db/bridge' is not supported"),
         ("sqlite://host/x", "is not supported"),
         ("  ", "BRIDGE_DATABASE is empty"),
     ],
@@ -583,7 +609,7 @@ async def test_open_store_refuses_other_databases(database: str, message: str) -
     with pytest.raises(ConfigError) as info:
         await open_store(database)
     assert str(info.value).startswith(message) or message in str(info.value)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "secret" not in str(info.value)
 
 
 async def test_unusable_files_stop_start_up_with_one_line(tmp_path: Path) -> None:
@@ -600,7 +626,7 @@ async def test_unusable_files_stop_start_up_with_one_line(tmp_path: Path) -> Non
 
 
 @pytest.mark.timeout(30)
-async def test_a_call_record_is_written_at_the_start_and_completed_at_the_end(store: SQLiteStore) -> None:
+async def test_a_call_record_is_written_at_the_start_and_completed_at_the_end(store: AnyStore) -> None:
     started = record("CAx", 1, status=CallStatus.IN_PROGRESS, instance="host-a:8080")
     await store.start_call(started)
     assert (await store.call("CAx")).status is CallStatus.IN_PROGRESS
@@ -623,10 +649,10 @@ async def test_a_call_record_is_written_at_the_start_and_completed_at_the_end(st
 
 @pytest.mark.timeout(30)
 async def test_records_left_in_progress_are_interrupted_by_their_restart_or_a_stale_beat(
-    tmp_path: Path,
+    backend: Backend,
 ) -> None:
     clock = [datetime(2025, 1, 1, 9, 0, tzinfo=UTC)]
-    async with await SQLiteStore.open(tmp_path / "b.sqlite3", now=lambda: clock[0]) as store:
+    async with await backend.open(now=lambda: clock[0]) as store:
         await store.heartbeat("a")
         await store.heartbeat("b")
         for sid, instance in (("CA-a", "a"), ("CA-b", "b"), ("CA-c", "c")):
@@ -665,9 +691,8 @@ async def test_records_left_in_progress_are_interrupted_by_their_restart_or_a_st
 
 
 @pytest.mark.timeout(30)
-async def test_a_call_sid_is_answered_once_and_streamed_once_across_stores(tmp_path: Path) -> None:
-    path = tmp_path / "shared.sqlite3"
-    async with await SQLiteStore.open(path) as one, await SQLiteStore.open(path) as two:
+async def test_a_call_sid_is_answered_once_and_streamed_once_across_stores(backend: Backend) -> None:
+    async with await backend.open() as one, await backend.open() as two:
         assert await one.answer_call("CA1", "nonce1", 1000.0) is None
         again = await two.answer_call("CA1", "nonce2", 2000.0)
         assert again is not None
@@ -683,22 +708,185 @@ async def test_a_call_sid_is_answered_once_and_streamed_once_across_stores(tmp_p
 
 
 @pytest.mark.timeout(30)
-async def test_admin_sessions_are_kept_until_they_expire_or_are_revoked(tmp_path: Path) -> None:
-    path = tmp_path / "shared.sqlite3"
+async def test_admin_sessions_are_kept_until_they_expire_or_are_revoked(backend: Backend) -> None:
     clock = [datetime(2025, 1, 1, 9, 0, tzinfo=UTC)]
     later = clock[0] + timedelta(hours=8)
-    async with await SQLiteStore.open(path, now=lambda: clock[0]) as one:
+    async with await backend.open(now=lambda: clock[0]) as one:
         await one.add_admin_session("s1", "ana", later)
         await one.add_admin_session("s2", "bo", later)
         assert await one.admin_session("s1") == AdminSession("s1", "ana", later)
         assert await one.admin_session("nope") is None
-    async with await SQLiteStore.open(path, now=lambda: clock[0]) as two:  # a restart
+    async with await backend.open(now=lambda: clock[0]) as two:  # a restart
         await two.revoke_admin_session("s1")
         assert await two.admin_session("s1") is None
         assert await two.admin_session("s2") is not None
         clock[0] = later
         assert await two.admin_session("s2") is None  # expired
         await two.add_admin_session("s3", "cy", later + timedelta(hours=8))
-        with sqlite3.connect(path) as conn:  # expired sessions are forgotten on the next sign-in
-            assert {row[0] for row in conn.execute("SELECT sid FROM admin_sessions")} == {"s3"}
-        conn.close()
+        # Expired sessions are forgotten on the next sign-in.
+        assert {row[0] for row in backend.execute("SELECT sid FROM admin_sessions")} == {"s3"}
+        # A sign-out on one instance holds on another at once.
+        async with await backend.open(now=lambda: clock[0]) as three:
+            assert await three.admin_session("s3") is not None
+            await two.revoke_admin_session("s3")
+            assert await three.admin_session("s3") is None
+
+
+@pytest.mark.timeout(30)
+async def test_racing_creates_and_claims_through_two_stores_have_one_winner(backend: Backend) -> None:
+    async with await backend.open() as one, await backend.open() as two:
+        results = await asyncio.gather(
+            *(s.create(Profile(name="same"), author=str(i)) for i, s in enumerate([one, two] * 3)),
+            return_exceptions=True,
+        )
+        assert sum(not isinstance(r, BaseException) for r in results) == 1
+        assert all(isinstance(r, Conflict) for r in results if isinstance(r, BaseException)), results
+        numbers = await asyncio.gather(
+            *(
+                s.create(Profile(name=f"p{i}", numbers=("+14155550300",)), author="a")
+                for i, s in enumerate([one, two] * 3)
+            ),
+            return_exceptions=True,
+        )
+        assert sum(not isinstance(r, BaseException) for r in numbers) == 1
+        claims = await asyncio.gather(*(s.claim_stream("CA1") for s in [one, two] * 4))
+        assert claims.count(True) == 1
+        answers = await asyncio.gather(
+            *(s.answer_call("CA2", f"n{i}", 1.0) for i, s in enumerate([one, two] * 4))
+        )
+        assert answers.count(None) == 1
+        assert len({a.token_nonce for a in answers if a is not None}) == 1
+
+
+# --- PostgreSQL's own concerns ---
+
+
+async def test_open_store_picks_postgresql_for_its_urls(postgres_database: str) -> None:
+    for index, url in enumerate(
+        [postgres_database, postgres_database.replace("postgresql://", "postgres://")]
+    ):
+        store = await open_store(f"  {url} ")
+        try:
+            assert isinstance(store, PostgresStore)
+            assert (await store.create(Profile(name=f"p{index}"), author="a")).profile_id == index + 1
+            assert TEST_PASSWORD not in store.where and "@127.0.0.1:" in store.where
+        finally:
+            await store.close()
+    with pytest.raises(
+        ConfigError, match="PostgreSQL is not supported yet here: this needs a SQLite file path"
+    ):
+        sqlite_path(postgres_database)
+
+
+@pytest.mark.timeout(30)
+async def test_postgres_migrations_are_applied_once_by_instances_starting_together(
+    postgres_database: str,
+) -> None:
+    stores = await asyncio.gather(*(PostgresStore.open(postgres_database) for _ in range(4)))
+    try:
+        created = await stores[0].create(SALES, author="a")
+        assert [await s.get(created.profile_id) for s in stores] == [created] * 4
+    finally:
+        for store in stores:
+            await store.close()
+    with psycopg.connect(postgres_database) as conn:
+        rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    assert rows == [(n,) for n in range(1, len(PG_MIGRATIONS) + 1)]
+    async with await PostgresStore.open(postgres_database) as again:  # a restart applies nothing
+        assert [s.latest for s in await again.list_profiles()] == [created]
+
+
+async def test_postgres_database_from_a_newer_bridge_is_refused(postgres_database: str) -> None:
+    async with await PostgresStore.open(postgres_database):
+        pass
+    with psycopg.connect(postgres_database, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations (version) VALUES (99)")
+    with pytest.raises(ConfigError, match="newer bridge") as info:
+        await PostgresStore.open(postgres_database)
+    assert "schema version 99" in str(info.value) and TEST_PASSWORD not in str(info.value)
+
+
+class FakeToken:
+    def __init__(self, token: str, expires_on: float) -> None:
+        self.token, self.expires_on = token, int(expires_on)
+
+
+class FakeCredential:
+    """An Entra credential that hands out a fixed token (the test role's real password)."""
+
+    def __init__(self, token: str = ENTRA_TOKEN, lifetime_s: float = 3600, fail: bool = False) -> None:
+        self.token, self.lifetime_s, self.fail = token, lifetime_s, fail
+        self.scopes: list[tuple[str, ...]] = []
+
+    async def get_token(self, *scopes: str) -> FakeToken:
+        self.scopes.append(scopes)
+        if self.fail:
+            raise RuntimeError("DefaultAzureCredential failed to retrieve a token:\n  no identity here")
+        return FakeToken(self.token, datetime.now(UTC).timestamp() + self.lifetime_s)
+
+
+@pytest.mark.timeout(30)
+async def test_postgres_without_a_password_signs_in_with_an_entra_token(
+    postgres_server: PostgresServer,
+) -> None:
+    name = postgres_server.create_database(owner=ENTRA_ROLE)
+    try:
+        url = postgres_server.url(name, user=ENTRA_ROLE, password=None)
+        credential = FakeCredential()
+        async with await PostgresStore.open(url, credential=credential, pool_size=3) as store:
+            created = await store.create(SALES, author="entra")
+            # Enough at once that the pool opens more connections: each asks for the password again.
+            got = await asyncio.gather(*(store.get(created.profile_id) for _ in range(12)))
+            assert got == [created] * 12
+        assert credential.scopes and set(credential.scopes) == {(ENTRA_SCOPE,)}
+
+        with pytest.raises(ConfigError, match="cannot connect to PostgreSQL") as info:
+            await PostgresStore.open(url, credential=FakeCredential(token="a-wrong-token"))
+        assert "a-wrong-token" not in str(info.value) and ENTRA_ROLE in str(info.value)
+        with pytest.raises(ConfigError, match="no Entra token") as info:
+            await PostgresStore.open(url, credential=FakeCredential(fail=True))
+        assert "\n" not in str(info.value)
+    finally:
+        postgres_server.drop_database(name)
+
+
+async def test_an_entra_token_is_fetched_again_only_near_its_expiry() -> None:
+    lasting = FakeCredential(lifetime_s=3600)
+    password = EntraPassword(lasting, owned=False)
+    assert [await password() for _ in range(3)] == [ENTRA_TOKEN] * 3
+    assert len(lasting.scopes) == 1
+    expiring = FakeCredential(lifetime_s=60)  # inside the margin: every new connection asks again
+    password = EntraPassword(expiring, owned=False)
+    assert [await password() for _ in range(3)] == [ENTRA_TOKEN] * 3
+    assert len(expiring.scopes) == 3
+
+
+async def test_postgres_connection_failures_at_open_say_what_to_fix(postgres_server: PostgresServer) -> None:
+    name = postgres_server.create_database()
+    try:
+        wrong = postgres_server.url(name, password="not-the-password-42")
+        with pytest.raises(ConfigError, match=r"cannot connect to PostgreSQL bridge_test@127\.0") as info:
+            await PostgresStore.open(wrong)
+        assert "not-the-password-42" not in str(info.value) and "\n" not in str(info.value)
+        assert "password" in str(info.value)
+        missing = postgres_server.url("no_such_database")
+        with pytest.raises(ConfigError, match="no_such_database") as info:
+            await PostgresStore.open(missing)
+        assert TEST_PASSWORD not in str(info.value)
+    finally:
+        postgres_server.drop_database(name)
+
+
+async def test_postgres_driver_errors_surface_as_store_errors(postgres_database: str) -> None:
+    async with await PostgresStore.open(postgres_database) as store:
+        await store.create(SALES, author="a")
+        with psycopg.connect(postgres_database, autocommit=True) as conn:
+            conn.execute("DROP TABLE calls")
+        with pytest.raises(StoreError) as info:
+            await store.calls()
+        assert not isinstance(info.value, psycopg.Error) and info.value.__cause__ is None
+        assert "calls" in str(info.value) and TEST_PASSWORD not in str(info.value)
+        with pytest.raises(StoreError):
+            await store.add_call(record("CA1", 1))
+        # The failed transactions were rolled back: the connections serve the next operations.
+        assert [s.latest.profile for s in await store.list_profiles()] == [SALES]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bridge.cli import WORKER_STARTUP
-from bridge.store import CallStatus, SQLiteStore
+from bridge.store import CallStatus, open_store
 from bridge.testing import TwilioCaller
 from tests.test_cli import clean_env, free_port, run_cli, spawn_server, wait_ready
 
@@ -29,9 +29,21 @@ def age(pid: int) -> float:
     return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
-async def test_two_workers_share_the_port_serve_calls_and_drain_together(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_two_workers_share_the_port_serve_calls_and_drain_together(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     port = free_port()
-    env = clean_env(tmp_path, BRIDGE_INSECURE_DEV="1", TWILIO_AUTH_TOKEN="", BRIDGE_INSTANCE_ID="box")
+    database = str(tmp_path / "data" / "bridge.sqlite3")
+    if backend == "postgresql":
+        database = request.getfixturevalue("postgres_database")
+    env = clean_env(
+        tmp_path,
+        BRIDGE_INSECURE_DEV="1",
+        TWILIO_AUTH_TOKEN="",
+        BRIDGE_INSTANCE_ID="box",
+        BRIDGE_DATABASE=database,
+    )
     server = await spawn_server({**env, "BRIDGE_WORKERS": "2"}, port, asyncio.subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -67,7 +79,7 @@ async def test_two_workers_share_the_port_serve_calls_and_drain_together(tmp_pat
             server.kill()
             await server.wait()
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
-    async with await SQLiteStore.open(tmp_path / "data" / "bridge.sqlite3") as store:
+    async with await open_store(database) as store:
         records = [await store.call(sid) for sid in [*sids, live.call_sid]]
     assert all(r.status is CallStatus.COMPLETED for r in records)
     assert {r.instance for r in records} == {"box/0", "box/1"}  # both workers served calls

@@ -2,12 +2,15 @@
 
 Recordings are served only from the configured recording directories: a record's ``recording_path`` is
 resolved (symlinks and ``..`` included) and must lie inside one of them, so a tampered or stale record
-cannot make the admin UI hand out arbitrary files.
+cannot make the admin UI hand out arbitrary files. A recording uploaded to Blob Storage
+(``BRIDGE_STORAGE_URL``) is read from there: its ``recording_path`` is the blob's URL, and only a URL in
+the configured container is read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -20,10 +23,13 @@ from aiohttp import web
 from bridge.admin.render import page
 from bridge.config import Settings
 from bridge.errors import BridgeError
-from bridge.keys import STORE
-from bridge.recordings import load_recording
+from bridge.keys import BLOBS, STORE
+from bridge.recordings import load_recording, load_recording_bytes
+from bridge.recordings.blob import BlobError, BlobNotFound, BlobStorage
 from bridge.recordings.timeline import timeline_svg
 from bridge.store import CallRecord, ModelSession, NotFound
+
+log = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 RECORDING_ROOTS = web.AppKey("bridge_admin_recording_roots", tuple[Path, ...])
@@ -60,6 +66,13 @@ def recording_file(record: CallRecord, roots: tuple[Path, ...]) -> Path | None:
         if inside and path.is_file():
             return path
     return None
+
+
+def recording_blob(record: CallRecord, blobs: BlobStorage | None) -> str | None:
+    """The blob name of the record's recording, when it is a URL in the configured container."""
+    if blobs is None or not record.recording_path:
+        return None
+    return blobs.name_of(record.recording_path)
 
 
 def parse_before(raw: str | None) -> datetime | None:
@@ -119,6 +132,13 @@ async def call_detail(request: web.Request) -> web.Response:
         )
     names = {s.profile_id: s.latest.profile.name for s in await store.list_profiles()}
     recorded = recording_file(record, request.app[RECORDING_ROOTS]) is not None
+    blobs, blob = request.app.get(BLOBS), recording_blob(record, request.app.get(BLOBS))
+    if blobs is not None and blob is not None:
+        try:
+            recorded = await blobs.exists(blob)
+        except BlobError as exc:
+            recorded = True  # offer it: the download says what is wrong
+            log.warning("call %s: its recording in Blob Storage cannot be checked: %s", record.call_sid, exc)
     latency = latency_facts(record.latency_ms)
     context = {
         "record": record,
@@ -157,23 +177,41 @@ def latency_facts(latency_ms: Mapping[str, float]) -> list[tuple[str, str]]:
     return facts
 
 
-async def _recorded(request: web.Request) -> tuple[CallRecord, Path]:
+async def _recorded(request: web.Request) -> tuple[CallRecord, Path | tuple[BlobStorage, str]]:
+    """The call's record and its recording: a local file, or a blob (the container and the name)."""
     try:
         record = await request.app[STORE].call(request.match_info["sid"])
     except NotFound:
         raise web.HTTPNotFound(text="This call is not in the log.\n") from None
+    blobs = request.app.get(BLOBS)
+    blob = recording_blob(record, blobs)
+    if blobs is not None and blob is not None:
+        return record, (blobs, blob)
     path = recording_file(record, request.app[RECORDING_ROOTS])
     if path is None:
         raise web.HTTPNotFound(text="This call has no recording here.\n")
     return record, path
 
 
-async def recording(request: web.Request) -> web.FileResponse:
+async def _blob_bytes(blobs: BlobStorage, name: str) -> bytes:
+    try:
+        return await blobs.get(name)
+    except BlobNotFound:
+        raise web.HTTPNotFound(text="This call's recording is not in Blob Storage.\n") from None
+    except BlobError as exc:
+        log.error("a recording could not be read from Blob Storage: %s", exc)
+        raise web.HTTPBadGateway(text="The recording cannot be read from Blob Storage now.\n") from None
+
+
+async def recording(request: web.Request) -> web.StreamResponse:
     """``GET /admin/calls/{sid}/recording``: the recording file, as a download."""
-    _, path = await _recorded(request)
-    kind = "application/gzip" if path.name.endswith(".gz") else "application/x-ndjson"
-    disposition = f'attachment; filename="{_ascii(path.name)}"'
-    return web.FileResponse(path, headers={"Content-Type": kind, "Content-Disposition": disposition})
+    _, where = await _recorded(request)
+    name = where.name if isinstance(where, Path) else where[1].rsplit("/", 1)[-1]
+    kind = "application/gzip" if name.endswith(".gz") else "application/x-ndjson"
+    headers = {"Content-Type": kind, "Content-Disposition": f'attachment; filename="{_ascii(name)}"'}
+    if isinstance(where, Path):
+        return web.FileResponse(where, headers=headers)
+    return web.Response(body=await _blob_bytes(*where), headers=headers)
 
 
 def _ascii(name: str) -> str:
@@ -186,10 +224,15 @@ def _timeline(path: Path) -> str:
 
 async def timeline(request: web.Request) -> web.Response:
     """``GET /admin/calls/{sid}/timeline.svg``: the call drawn from its recording."""
-    _, path = await _recorded(request)
+    _, where = await _recorded(request)
     try:
         # Parsing and drawing a long call takes a while; keep the event loop (and live calls) free.
-        svg = await asyncio.to_thread(_timeline, path)
+        if isinstance(where, Path):
+            svg = await asyncio.to_thread(_timeline, where)
+        else:
+            data = await _blob_bytes(*where)
+            name = where[1].rsplit("/", 1)[-1]
+            svg = await asyncio.to_thread(lambda: timeline_svg(load_recording_bytes(data, name)))
     except (BridgeError, OSError, EOFError, ValueError) as exc:
         raise web.HTTPUnprocessableEntity(text=f"The recording cannot be read: {exc}\n") from None
     response = web.Response(text=svg, content_type="image/svg+xml")

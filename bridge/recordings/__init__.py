@@ -6,7 +6,7 @@ the call path does not load them."""
 
 from __future__ import annotations
 
-from bridge.recordings.files import RecordingFile, load_recording
+from bridge.recordings.files import RecordingFile, load_recording, load_recording_bytes
 from bridge.recordings.format import (
     FORMAT,
     REDACTED,
@@ -37,6 +37,7 @@ __all__ = [
     "Source",
     "encode_event",
     "load_recording",
+    "load_recording_bytes",
     "parse_recording",
     "redact",
 ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from bridge.errors import BridgeError
-from bridge.recordings.files import load_recording
+from bridge.recordings.blob import load_recording_source
 
 
 def export_command(args: argparse.Namespace) -> int:
@@ -19,7 +20,7 @@ def export_command(args: argparse.Namespace) -> int:
         print("bridge export: say what to write: --wav FILE and/or --timeline FILE.svg", file=sys.stderr)
         return 2
     try:
-        recording = load_recording(args.recording)
+        recording = load_recording_source(args.recording, os.environ)  # a file, or a blob URL
     except (BridgeError, OSError) as exc:
         print(f"bridge export: {args.recording}: {exc}", file=sys.stderr)
         return 2

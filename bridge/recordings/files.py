@@ -7,6 +7,7 @@ injected :class:`~bridge.clock.Clock` (the call's), so that tests drive the gzip
 from __future__ import annotations
 
 import gzip
+import io
 from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,25 @@ def load_recording(path: Path) -> Recording:
         except EOFError:  # a gzip stream a crash cut off: what was flushed before the cut is readable
             cut = True
     recording = parse_recording(lines, name=path.name)
+    return replace(recording, truncated=True) if cut else recording
+
+
+def load_recording_bytes(data: bytes, name: str) -> Recording:
+    """A recording held in memory (read from Blob Storage), plain or gzip-compressed, as
+    :func:`load_recording` reads a file."""
+    text: IO[str] = (
+        gzip.open(io.BytesIO(data), "rt", encoding="utf-8", errors="replace")  # noqa: SIM115 - with text
+        if data[:2] == b"\x1f\x8b"
+        else io.StringIO(data.decode("utf-8", errors="replace"))
+    )
+    lines: list[str] = []
+    cut = False
+    with text:
+        try:
+            lines.extend(text)
+        except EOFError:  # a gzip stream a crash cut off
+            cut = True
+    recording = parse_recording(lines, name=name)
     return replace(recording, truncated=True) if cut else recording
 
 

@@ -10,7 +10,8 @@ import sys
 from typing import TextIO
 
 from bridge.errors import BridgeError
-from bridge.recordings import Recording, load_recording
+from bridge.recordings import Recording
+from bridge.recordings.blob import load_recording_source
 from bridge.replay import ModelChoice, ReplayResult, Speed, replay_recording, run
 
 
@@ -110,7 +111,7 @@ def replay_command(args: argparse.Namespace) -> int:
     for index, path in enumerate(args.recordings):
         _progress(sys.stderr, index, total, path.name)
         try:
-            recording = load_recording(path)
+            recording = load_recording_source(path, os.environ)  # a file, or a blob URL
             result = _replay_one(recording, path.name, args)
         except (BridgeError, OSError) as exc:
             result = ReplayResult(name=path.name, model=args.model, speed=args.speed or "fast")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import secrets
 import tempfile
 import time
@@ -49,7 +50,8 @@ from bridge.errors import ConfigError
 from bridge.keys import METRICS, STORE
 from bridge.local_model import LocalModel
 from bridge.prompts import Profile, profile_from_mapping
-from bridge.recordings import Event, Recording, load_recording
+from bridge.recordings import Event, Recording
+from bridge.recordings.blob import load_recording_source
 from bridge.replay.compare import compare_sessions
 from bridge.replay.loop import Speed, run
 from bridge.testing import TwilioCaller, serve_bridge
@@ -478,8 +480,9 @@ def replay_file(
     auth_token: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> ReplayResult:
-    """Replay one recording file synchronously (for scripts and tests): load, replay, compare."""
-    recording = load_recording(Path(path))
+    """Replay one recording synchronously (for scripts and tests): load, replay, compare. ``path`` is a
+    file, or a blob URL (read with ``BRIDGE_STORAGE_KEY`` of ``environ``, else the managed identity)."""
+    recording = load_recording_source(path, os.environ if environ is None else environ)
     coro = replay_recording(
         recording,
         name=Path(path).name,

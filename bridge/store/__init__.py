@@ -2,7 +2,8 @@
 
 ``open_store(database)`` picks the backend that ``BRIDGE_DATABASE`` names; the rest of the bridge sees only
 the :class:`Store` protocol (:mod:`bridge.store.base`). Backends: SQLite (:mod:`bridge.store.sqlite`,
-its tables in :mod:`bridge.store.schema`).
+its tables in :mod:`bridge.store.schema`), the default; PostgreSQL for ``postgresql://`` URLs
+(:mod:`bridge.store.postgres`, its tables in :mod:`bridge.store.postgres_schema`).
 ``bridge prompts export|import`` is :mod:`bridge.store.cli`.
 """
 
@@ -23,8 +24,11 @@ from bridge.store.base import (
     StaleVersion,
     Store,
     UnreadableProfile,
+    postgres_url,
+    redacted,
     sqlite_path,
 )
+from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 
 __all__ = [
@@ -35,6 +39,7 @@ __all__ = [
     "Conflict",
     "ModelSession",
     "NotFound",
+    "PostgresStore",
     "ProfileChange",
     "ProfileSummary",
     "ProfileVersion",
@@ -44,10 +49,16 @@ __all__ = [
     "StoreError",
     "UnreadableProfile",
     "open_store",
+    "postgres_url",
+    "redacted",
     "sqlite_path",
 ]
 
 
 async def open_store(database: str) -> Store:
-    """Open the store that ``BRIDGE_DATABASE`` names (see :func:`sqlite_path`); raises ConfigError."""
+    """Open the store that ``BRIDGE_DATABASE`` names: PostgreSQL for a ``postgresql://`` URL (see
+    :func:`postgres_url`), else a SQLite file (see :func:`sqlite_path`); raises ConfigError."""
+    url = postgres_url(database)
+    if url is not None:
+        return await PostgresStore.open(url)
     return await SQLiteStore.open(sqlite_path(database))

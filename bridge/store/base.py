@@ -2,7 +2,8 @@
 
 The :class:`Store` protocol is what the rest of the bridge uses; :class:`~bridge.store.sqlite.SQLiteStore`
 (in ``bridge.store.sqlite``) is the default backend (one file, created on first start, schema migrations).
-A PostgreSQL backend for multi-instance deployments can implement the same protocol.
+:class:`~bridge.store.postgres.PostgresStore` (in ``bridge.store.postgres``) keeps it in PostgreSQL, for
+instances that share one database.
 
 Versions are immutable: every save writes a new version with its author, time and comment; a rollback
 writes a new version whose content is an old one's. Saves carry the version the editor started from
@@ -295,19 +296,46 @@ class ProfileChange:
     """For an existing profile: the version the change was made from."""
 
 
+def postgres_url(database: str) -> str | None:
+    """The PostgreSQL URL a ``BRIDGE_DATABASE`` value is (``postgresql://…`` or ``postgres://…``), else
+    ``None``; raises ConfigError for a SQLAlchemy-style ``postgresql+driver://``."""
+    value = database.strip()
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", value)
+    if scheme is None:
+        return None
+    name = scheme.group(1).lower()
+    if name.split("+")[0] not in ("postgresql", "postgres"):
+        return None
+    if name not in ("postgresql", "postgres"):
+        raise ConfigError(
+            "BRIDGE_DATABASE: write a PostgreSQL URL as postgresql://user:password@host:port/database "
+            "(without a +driver)"
+        )
+    return value
+
+
+def redacted(database: str) -> str:
+    """A ``BRIDGE_DATABASE`` value fit for logs and messages: a URL's password replaced by ``***``."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:?#]*):[^/@?#]*@", r"\1:***@", database.strip())
+
+
 def sqlite_path(database: str) -> str:
     """The SQLite file a ``BRIDGE_DATABASE`` value names: a path, or ``sqlite:///relative/path`` and
-    ``sqlite:////absolute/path`` (SQLAlchemy's spelling); raises ConfigError for anything else."""
+    ``sqlite:////absolute/path`` (SQLAlchemy's spelling); raises ConfigError for anything else
+    (a PostgreSQL URL included: see :func:`postgres_url`)."""
     value = database.strip()
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", value)
     if scheme:
         name = scheme.group(1).lower()
         if name.split("+")[0] in ("postgresql", "postgres"):
-            raise ConfigError("BRIDGE_DATABASE: PostgreSQL is not supported yet: use a SQLite file path")
+            raise ConfigError(
+                "BRIDGE_DATABASE: PostgreSQL is not supported yet here: this needs a SQLite file path"
+            )
         rest = value[scheme.end() :]
         if name != "sqlite" or not rest.startswith("/") or rest == "/":
             raise ConfigError(
-                f"BRIDGE_DATABASE: {value!r} is not supported: use a SQLite file path or sqlite:///path"
+                f"BRIDGE_DATABASE: {redacted(value)!r} is not supported: use a SQLite file path, "
+                "sqlite:///path or postgresql://…"
             )
         value = rest[1:]
     if not value:

@@ -26,7 +26,8 @@ from typing import Any
 
 from bridge.errors import BridgeError, ConfigError
 from bridge.prompts import Profile, ProfileError, profile_from_mapping, profile_to_mapping
-from bridge.store.base import Conflict, ProfileChange, StaleVersion, sqlite_path
+from bridge.store.base import Conflict, ProfileChange, StaleVersion, postgres_url, sqlite_path
+from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 
 FORMAT = "bridge-prompts"
@@ -59,8 +60,8 @@ def export_command(args: argparse.Namespace) -> int:
     """Write every profile's latest version and the default's name to ``args.file``."""
     file: Path = args.file
     try:
-        path = sqlite_path(_database(args))
-        if path != ":memory:" and not Path(path).exists():
+        path = _location(_database(args))
+        if postgres_url(path) is None and path != ":memory:" and not Path(path).exists():
             return _fail(f"no database at {path} (set BRIDGE_DATABASE or --database)", 1)
         document = asyncio.run(_document(path))
     except ConfigError as exc:
@@ -77,8 +78,19 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _location(database: str) -> str:
+    """A PostgreSQL URL as it is, else the SQLite file's path; raises ConfigError."""
+    return database.strip() if postgres_url(database) is not None else sqlite_path(database)
+
+
+async def _open(location: str) -> SQLiteStore | PostgresStore:
+    """The store at ``location`` (:func:`_location`): both backends write several profiles at once."""
+    url = postgres_url(location)
+    return await (PostgresStore.open(url) if url is not None else SQLiteStore.open(location))
+
+
 async def _document(path: str) -> dict[str, Any]:
-    async with await SQLiteStore.open(path) as store:
+    async with await _open(path) as store:
         summaries = await store.list_profiles()
     default = next((s.latest.profile.name for s in summaries if s.is_default), None)
     return {
@@ -157,7 +169,7 @@ def import_command(args: argparse.Namespace) -> int:
             print(f"{file}: {problem}", file=sys.stderr)
         return _fail(f"{file} is invalid: nothing was imported", 2)
     try:
-        path = sqlite_path(_database(args))
+        path = _location(_database(args))
         lines = asyncio.run(_import(path, profiles, default, author, f"imported from {file.name}"))
     except ConfigError as exc:
         return _fail(f"configuration error: {exc}", 2)
@@ -240,7 +252,7 @@ def _clashes(profiles: list[Profile]) -> list[str]:
 async def _import(
     path: str, profiles: list[Profile], default: str | None, author: str, comment: str
 ) -> list[str]:
-    async with await SQLiteStore.open(path) as store:
+    async with await _open(path) as store:
         existing = {summary.latest.profile.name: summary for summary in await store.list_profiles()}
         changes: list[ProfileChange] = []
         for profile in profiles:
