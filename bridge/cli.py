@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
         help="processes sharing the port, drained together on SIGTERM (default 1, or BRIDGE_WORKERS)",
     )
 
+    check = sub.add_parser(
+        "check",
+        help="check the settings and reach the store, the model and the blob container; say what is wrong",
+    )
+    check.add_argument("--host", help=argparse.SUPPRESS)
+    check.add_argument("--port", type=int, help=argparse.SUPPRESS)
+
     replay = sub.add_parser(
         "replay",
         help="replay recorded calls through the bridge and compare what it sends",
@@ -219,6 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             prompts_cli.export_command if args.prompts_command == "export" else prompts_cli.import_command
         )
         return command(args)
+    if args.command == "check":
+        from bridge.check import check_command
+
+        logs.configure("WARNING")
+        return check_command(args.host, args.port)
     if args.command == "call":
         from bridge.testing.cli import call_command
 

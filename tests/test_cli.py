@@ -201,3 +201,26 @@ def test_scripts_serve_refuses_a_public_url_without_an_auth_token(tmp_path: Path
     )
     assert done.returncode == 2
     assert "TWILIO_AUTH_TOKEN" in done.stderr and "loopback only" in done.stderr
+
+
+async def test_check_reaches_the_store_and_the_model_and_says_what_is_wrong(tmp_path: Path) -> None:
+    env = clean_env(tmp_path, BRIDGE_INSECURE_DEV="1", TWILIO_AUTH_TOKEN="")
+    code, out, _ = await run_cli_output(env, "check")
+    assert code == 0, out
+    assert "store         ok" in out and "model         ok      the built-in local model" in out
+    assert "blob storage  ok      not configured" in out
+
+    broken = {
+        **env,
+        "AZURE_OPENAI_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        "AZURE_OPENAI_DEPLOYMENT": "gpt-realtime",
+        "AZURE_OPENAI_API_KEY": "never-printed-key",
+        "BRIDGE_DATABASE": f"postgresql://bridge:never-printed-pw@127.0.0.1:{free_port()}/bridge",
+    }
+    code, out, err = await run_cli_output(broken, "check")
+    assert code == 1
+    assert "store         FAILED" in out and "model         FAILED" in out
+    assert "never-printed" not in out + err
+
+    code, out, _ = await run_cli_output({**env, "BRIDGE_AUDIO_PATH": "mp3"}, "check")
+    assert code == 2 and "settings      FAILED  BRIDGE_AUDIO_PATH='mp3' is unknown" in out
