@@ -30,7 +30,7 @@ from bridge.metrics import Metrics
 from bridge.prompts import DEFAULT_PROFILE, Profile, parse_profile, voices_for
 from bridge.recordings.blob import BlobStorage
 from bridge.registry import GOODBYE, CallRegistry
-from bridge.store import StoreError, open_store, redacted
+from bridge.store import Conflict, StoreError, open_store, redacted
 from bridge.upstream import Target, Upstream
 from bridge.web import add_routes
 
@@ -174,11 +174,15 @@ def _greetings(render: bool) -> Callable[[web.Application], AsyncIterator[None]]
         greetings = app[GREETINGS] = Greetings(app[UPSTREAM], store, settings.audio_path, render=render)
         try:
             if not await store.list_profiles():
-                first = await store.create(app[PROFILE], author="bridge", comment="first start")
-                where = redacted(settings.database)
-                log.info("created the first prompt profile %r in %s", first.profile.name, where)
-                if render:
-                    greetings.prepare(first)
+                try:
+                    first = await store.create(app[PROFILE], author="bridge", comment="first start")
+                except Conflict:  # another instance or worker, starting at the same moment, seeded it
+                    log.info("the first prompt profile was created by another instance starting too")
+                else:
+                    where = redacted(settings.database)
+                    log.info("created the first prompt profile %r in %s", first.profile.name, where)
+                    if render:
+                        greetings.prepare(first)
             if render:  # "one moment, please" in each profile's voice, ready before a call needs it
                 for summary in await store.list_profiles():
                     profile = summary.latest.profile

@@ -25,8 +25,6 @@ __all__ = ["check_command", "run_checks"]
 
 MODEL_TIMEOUT = 10.0
 """How long the model may take to open a session."""
-PROBE_BLOB = "bridge-check/probe"
-"""A name looked up (never written) in the blob container, to prove it can be read."""
 
 Report = Callable[[str, bool, str], None]
 
@@ -73,7 +71,7 @@ async def _blobs(settings: Settings) -> str:
     if blobs is None:
         return "not configured (BRIDGE_STORAGE_URL): recordings stay in the data directory"
     try:
-        await blobs.exists(PROBE_BLOB)
+        await blobs.reachable()
     finally:
         await blobs.close()
     return f"{settings.storage_url}: reachable"

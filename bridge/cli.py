@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -151,6 +152,8 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
+RESTART_PAUSE, RESTART_PAUSE_CAP = 1.0, 30.0
+"""A worker that keeps dying is started again after 1 s, then 2, 4 … at most 30 s."""
 WORKER_STARTUP = 5.0
 """A worker that ends within this long of its start failed to start (a port in use, a bad database): the
 supervisor stops them all instead of starting it again and again."""
@@ -170,7 +173,11 @@ def supervise(settings: Settings) -> int:
     status = 0
     failure: int | None = None
 
+    restarts: dict[int, int] = {}
+
     def start(index: int) -> None:
+        if stopping:  # a signal came while the workers were being started
+            return
         env = {**os.environ, "BRIDGE_WORKER": str(index), "BRIDGE_WORKERS": "1"}
         workers[index] = (subprocess.Popen(command, env=env), time.monotonic())  # noqa: S603 - our own argv
 
@@ -179,7 +186,9 @@ def supervise(settings: Settings) -> int:
         stopping = True
         for process, _ in workers.values():
             if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
+                # os.kill, not Popen.send_signal: that polls, and could reap a worker behind os.wait's back.
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -187,7 +196,10 @@ def supervise(settings: Settings) -> int:
         start(index)
     log.info("bridge %s: %d workers on %s:%d", __version__, settings.workers, settings.host, settings.port)
     while workers:
-        pid, wait_status = os.wait()
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:  # every worker was reaped already: nothing is left to wait for
+            break
         code = os.waitstatus_to_exitcode(wait_status)
         found = next((i for i, (p, _) in workers.items() if p.pid == pid), None)
         if found is None:
@@ -198,12 +210,19 @@ def supervise(settings: Settings) -> int:
         if stopping:  # a worker still starting up has no handler yet: our SIGTERM ends it, with no call
             status = max(status, 0 if code == -signal.SIGTERM else abs(code))
             continue
-        if time.monotonic() - started < WORKER_STARTUP:
-            log.error("worker %d failed at start-up (exit status %d): stopping the others", index, code)
+        if code == 2 or time.monotonic() - started < WORKER_STARTUP:
+            why = "a configuration error" if code == 2 else "it failed at start-up"
+            log.error("worker %d ended (exit status %d, %s): stopping the others", index, code, why)
             failure = max(abs(code), 1)
             stop(signal.SIGTERM, None)
             continue
-        log.error("worker %d ended unexpectedly (exit status %d): starting it again", index, code)
+        ran_well = time.monotonic() - started > RESTART_PAUSE_CAP * 2  # a new run of bad luck: from 1 s
+        restarts[index] = 1 if ran_well else restarts.get(index, 0) + 1
+        pause = min(RESTART_PAUSE * 2 ** (restarts[index] - 1), RESTART_PAUSE_CAP)
+        log.error(
+            "worker %d ended unexpectedly (exit status %d): starting it again in %.0f s", index, code, pause
+        )
+        time.sleep(pause)  # the supervisor has nothing else to do; a signal still stops it (PEP 475)
         start(index)
     return status if failure is None else failure
 

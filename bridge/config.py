@@ -123,7 +123,7 @@ class Settings:
     recordings_dir: Path | None = None
     recordings_gzip: bool = False
     storage_url: str | None = None
-    """``BRIDGE_STORAGE_URL``: the Blob Storage container recordings (and greetings) go to, without a
+    """``BRIDGE_STORAGE_URL``: the Blob Storage container recordings go to, without a
     trailing slash; ``None``: the local directory (and the database) as before."""
     storage_key: Secret | None = None
     """``BRIDGE_STORAGE_KEY``: the account key (Azurite, development); ``None``: the managed identity."""

@@ -75,3 +75,5 @@ def configure(level: str, form: str = "text") -> None:
     # websockets logs every handshake at INFO; keep the log about calls.
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # The Azure SDK logs every request (and the credential every token) at INFO.
+    logging.getLogger("azure").setLevel(logging.WARNING)

@@ -1,23 +1,35 @@
-"""Prometheus metrics, rendered in the text exposition format for ``GET /metrics``.
+"""Prometheus metrics for ``GET /metrics``.
 
-A handful of counters, gauges and histograms is all the bridge needs, so they are kept here rather than
-pulling in a client library: observing is a dict lookup and an addition, cheap enough for the per-frame
-path. One :class:`Metrics` object lives on the app; nothing is global.
+The bridge's own counters, gauges and histograms are kept here as plain objects: observing is a dict
+lookup and an addition, cheap enough for the per-frame path. They are rendered through prometheus-client:
+a collector (:class:`_Collector`) turns them into metric families when ``/metrics`` is scraped, beside the
+client's process and platform collectors and ``bridge_build_info``, so the exposition (label escaping,
+the text format) is the client's. One :class:`Metrics` object lives on the app; nothing is global.
 """
 
 from __future__ import annotations
 
+import platform
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from bridge import __version__
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
-def _labels(labels: Sequence[tuple[str, str]]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{v}"' for k, v in labels)
-    return "{" + inner + "}"
+def _bound(value: float) -> str:
+    """A bucket's ``le`` as Prometheus writes it: ``0.5``, ``1.0``, ``+Inf``."""
+    return repr(float(value))
 
 
 class Counter:
@@ -35,12 +47,15 @@ class Counter:
         """The current value of one series."""
         return self.values.get(label, 0.0)
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
-        for label, value in sorted(self.values.items()) or [("", 0.0)]:
-            labels = [(self.label, label)] if self.label and label else []
-            yield f"{self.name}{_labels(labels)} {value:g}"
+    def family(self) -> Metric:
+        """This counter as a metric family (one sample per label value seen; unlabelled: one)."""
+        if not self.label:
+            return CounterMetricFamily(self.name, self.help, value=self.values.get("", 0.0))
+        family = CounterMetricFamily(self.name, self.help, labels=[self.label])
+        for label, value in sorted(self.values.items()):
+            if label:
+                family.add_metric([label], value)
+        return family
 
 
 class Gauge:
@@ -58,10 +73,9 @@ class Gauge:
         """Subtract ``amount``."""
         self.value -= amount
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
-        yield f"{self.name} {self.value:g}"
+    def family(self) -> Metric:
+        """This gauge as a metric family."""
+        return GaugeMetricFamily(self.name, self.help, value=self.value)
 
 
 class Histogram:
@@ -80,16 +94,15 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
+    def family(self) -> Metric:
+        """This histogram as a metric family (cumulative buckets)."""
+        buckets: list[tuple[str, float]] = []
         running = 0
         for bound, n in zip(self.bounds, self.counts, strict=False):
             running += n
-            yield f'{self.name}_bucket{{le="{bound:g}"}} {running}'
-        yield f'{self.name}_bucket{{le="+Inf"}} {self.count}'
-        yield f"{self.name}_sum {self.sum:g}"
-        yield f"{self.name}_count {self.count}"
+            buckets.append((_bound(bound), running))
+        buckets.append(("+Inf", self.count))
+        return HistogramMetricFamily(self.name, self.help, buckets=buckets, sum_value=self.sum)
 
 
 class Metrics:
@@ -188,9 +201,33 @@ class Metrics:
             (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
         )
 
-    def render(self) -> str:
-        """The whole exposition, text format 0.0.4."""
-        parts: list[str] = []
+        self.registry = CollectorRegistry(auto_describe=False)
+        """What ``/metrics`` renders: these metrics, the process's and the platform's, the build."""
+        self.registry.register(_Collector(self))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+
+    def families(self) -> Iterator[Metric]:
+        """Every metric of the bridge as a metric family, and ``bridge_build_info``."""
         for metric in vars(self).values():
-            parts.extend(metric.render())
-        return "\n".join(parts) + "\n"
+            if isinstance(metric, Counter | Gauge | Histogram):
+                yield metric.family()
+        info = GaugeMetricFamily(
+            "bridge_build_info", "The bridge's version and Python's.", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1.0)
+        yield info
+
+    def render(self) -> str:
+        """The whole exposition, Prometheus text format 0.0.4 (prometheus-client's)."""
+        return generate_latest(self.registry).decode()
+
+
+class _Collector(Collector):
+    """Hands the bridge's own metrics to prometheus-client when it is scraped."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.families()

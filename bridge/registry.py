@@ -23,8 +23,12 @@ GOODBYE = "I'm sorry, I have to end our call now. Please call back in a moment. 
 """Said to live calls still going when the drain's deadline passes."""
 GOODBYE_TIMEOUT = 10.0
 """At shutdown, how long the goodbye may take before calls are ended regardless."""
-OUTCOME_WAIT = 2.0
-"""How long ``<Connect action>`` waits for a call of another instance to complete its record."""
+OUTCOME_WAIT = 8.0
+"""How long ``<Connect action>`` waits for a call of another instance to complete its record (which may
+wait for the recording's upload, :data:`UPLOAD_BUDGET`); Twilio waits 15 s for the answer."""
+UPLOAD_BUDGET = 6.0
+"""At a call's end, how long the recording's upload (with its retries) may hold the final record back;
+beyond it the local file is kept, logged and counted, and the record points at it."""
 STORE_RETRIES = (0.1, 0.5, 1.5)
 """Pauses between the tries of a call record write that failed (a busy or briefly unreachable store)."""
 
@@ -86,6 +90,9 @@ class CallRegistry:
             record = await self.store.call(call_sid)
             while record.status is CallStatus.IN_PROGRESS and loop.time() < until:
                 await asyncio.sleep(0.05)  # another process completes it: nothing here to wait on
+                known = self.outcomes.get(call_sid)  # (or this one, which has just learnt it)
+                if known is not None:
+                    return known
                 record = await self.store.call(call_sid)
             if record.status is CallStatus.IN_PROGRESS:
                 return None
@@ -138,7 +145,18 @@ class CallRegistry:
             await starting  # the final record goes over the first one
         uploaded = None
         if self.blobs is not None and call.recording_path is not None:
-            uploaded = await upload_recording(self.blobs, call.recording_path, self.metrics)
+            try:
+                async with asyncio.timeout(UPLOAD_BUDGET):
+                    uploaded = await upload_recording(self.blobs, call.recording_path, self.metrics)
+            except TimeoutError:
+                if self.metrics is not None:
+                    self.metrics.store_errors.inc(label="recording_upload")
+                log.error(
+                    "call %s: the recording was not uploaded within %.0f s; it stays at %s",
+                    call.call_sid,
+                    UPLOAD_BUDGET,
+                    call.recording_path,
+                )
         if self.store is not None and (call.session.start is not None or starting is not None):
             # Also a call that ended before its session took in the stream's start: its first record
             # gets its last.

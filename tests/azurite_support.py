@@ -1,9 +1,10 @@
 """Azurite (the Blob Storage emulator, npm package ``azurite``) for the tests of ``BRIDGE_STORAGE_URL``.
 
-Installed with ``npm install --prefix DIR azurite`` when missing (DIR: ``$BRIDGE_AZURITE_DIR``, else
-``bridge-azurite`` in the temp directory; outside the tests' time limits, at collection), started once a
-session on a free loopback port with a temp data directory, stopped at the end. Without npm or Azurite
-the tests skip; in CI (``CI`` set) they fail, saying why.
+Installed with ``npm install --prefix DIR azurite@VERSION`` when missing (DIR: ``$BRIDGE_AZURITE_DIR``,
+else ``bridge-azurite@VERSION`` in the temp directory; Node.js and npm from Debian's packages when they
+are missing too; outside the tests' time limits, at collection), started once a session on a free
+loopback port with a temp data directory, stopped at the end. Without npm or Azurite the tests skip; in
+CI (``CI`` set) they fail, saying why.
 
 The account is Azurite's published development account (``devstoreaccount1`` and its well-known key),
 a public constant of the emulator, not a secret.
@@ -26,6 +27,7 @@ import pytest
 
 from bridge.config import Secret
 from bridge.recordings.blob import BlobStorage
+from tests.postgres_support import apt_install
 
 ACCOUNT = "devstoreaccount1"
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -37,8 +39,13 @@ START_TIMEOUT = 30.0
 _install_problem: str | None = None
 
 
+AZURITE_VERSION = "3.35.0"
+AZURITE = f"azurite@{AZURITE_VERSION}"
+"""The Azurite the tests run (pinned: a new release must not change the tests' engine unseen)."""
+
+
 def install_dir() -> Path:
-    return Path(os.environ.get("BRIDGE_AZURITE_DIR") or Path(tempfile.gettempdir()) / "bridge-azurite")
+    return Path(os.environ.get("BRIDGE_AZURITE_DIR") or Path(tempfile.gettempdir()) / f"bridge-{AZURITE}")
 
 
 def find_bin() -> Path | None:
@@ -51,12 +58,23 @@ def install() -> str | None:
     if find_bin() is not None:
         return None
     npm = shutil.which("npm")
-    if npm is None:
-        return "npm is not installed: cannot install Azurite"
+    if npm is None:  # a fresh Debian machine: Node.js and npm from Debian's packages
+        problem = apt_install("nodejs", "npm")
+        npm = shutil.which("npm")
+        if npm is None:
+            return problem or "npm is not installed: cannot install Azurite"
     install_dir().mkdir(parents=True, exist_ok=True)
     try:
         done = subprocess.run(
-            [npm, "install", "--prefix", str(install_dir()), "--no-audit", "--no-fund", "azurite"],
+            [
+                npm,
+                "install",
+                "--prefix",
+                str(install_dir()),
+                "--no-audit",
+                "--no-fund",
+                f"azurite@{AZURITE_VERSION}",
+            ],
             capture_output=True,
             text=True,
             timeout=INSTALL_TIMEOUT,

@@ -61,29 +61,38 @@ def find_bindir() -> Path | None:
     return None
 
 
-def install() -> str | None:
-    """Install Debian's postgresql; ``None`` when it worked, else why not."""
+def apt_install(*packages: str) -> str | None:
+    """Install Debian ``packages`` with apt-get (as root, or with ``sudo -n``); ``None``, else why not."""
+    what = " ".join(packages)
     if shutil.which("apt-get") is None:
-        return "PostgreSQL (initdb, pg_ctl, postgres) is missing and there is no apt-get to install it"
+        return f"{what} is missing and there is no apt-get to install it"
     prefix: list[str] = []
     if os.geteuid() != 0:
         if shutil.which("sudo") is None or subprocess.run(["sudo", "-n", "true"], check=False).returncode:
-            return "PostgreSQL is missing and installing it needs root: apt-get install -y postgresql"
+            return f"{what} is missing and installing it needs root: apt-get install -y {what}"
         prefix = ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    print("postgres_support: installing Debian's postgresql (apt-get) ...", file=sys.stderr)
+    print(f"tests: installing Debian's {what} (apt-get) ...", file=sys.stderr)
     for command in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"],
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
     ):
         try:
             done = subprocess.run(
                 prefix + command, capture_output=True, text=True, timeout=600, check=False, env=env
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"PostgreSQL is missing and {' '.join(command)} failed: {exc}"
+            return f"{what} is missing and {' '.join(command)} failed: {exc}"
         if done.returncode != 0:
-            return f"PostgreSQL is missing and {' '.join(command)} failed: {done.stderr.strip()[-300:]}"
+            return f"{what} is missing and {' '.join(command)} failed: {done.stderr.strip()[-300:]}"
+    return None
+
+
+def install() -> str | None:
+    """Install Debian's postgresql; ``None`` when it worked, else why not."""
+    problem = apt_install("postgresql")
+    if problem is not None:
+        return problem
     return None if find_bindir() else "apt-get installed postgresql but initdb/pg_ctl/postgres are not found"
 
 

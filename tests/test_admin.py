@@ -281,7 +281,7 @@ async def test_a_flood_of_wrong_bearer_tokens_is_slowed_counted_and_logged_not_l
             assert resp.status == 200  # and after it
 
     assert client.app[METRICS].refused.get("admin_token") == 200
-    assert 'bridge_refused_total{reason="admin_token"} 200' in client.app[METRICS].render()
+    assert 'bridge_refused_total{reason="admin_token"} 200.0' in client.app[METRICS].render()
     lines = auth_log(caplog)
     assert len(lines) == 1 and "bearer token from 127.0.0.1" in lines[0]  # not one line per guess
     client.app[GUARD].throttle.log.flush()

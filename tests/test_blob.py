@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.app import create_app
+from bridge.check import run_checks
 from bridge.config import Secret, load_settings
 from bridge.errors import ConfigError
 from bridge.keys import METRICS, STORE
@@ -165,3 +166,14 @@ def test_the_storage_settings_and_the_key_is_a_secret() -> None:
     assert load_settings(BASE).storage_url is None
     with pytest.raises(ConfigError, match="without BRIDGE_STORAGE_URL"):
         load_settings(BASE | {"BRIDGE_STORAGE_KEY": "x"})
+
+
+async def test_bridge_check_proves_the_container_exists(tmp_path: Path, azurite: str) -> None:
+    missing = azurite.rsplit("/", 1)[0] + "/no-such-container"
+    lines: list[tuple[str, bool, str]] = []
+    for url in (azurite, missing):
+        env = env_for(tmp_path, BRIDGE_STORAGE_URL=url, BRIDGE_STORAGE_KEY=KEY)
+        await run_checks(load_settings(env), lambda *line: lines.append(line))
+    there, gone = (line for line in lines if line[0] == "blob storage")
+    assert there == ("blob storage", True, f"{azurite}: reachable")
+    assert not gone[1] and "not found" in gone[2] and KEY not in gone[2]

@@ -111,7 +111,7 @@ async def test_serve_runs_with_the_local_model_and_drains_on_sigterm(tmp_path: P
     try:
         await wait_ready(port)
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
-            assert "bridge_live_calls 0" in await resp.text()
+            assert "bridge_live_calls 0.0" in await resp.text()
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), 20)
     finally:

@@ -169,7 +169,7 @@ async def test_bad_frames_are_skipped_and_the_call_goes_on(model: LocalModel, st
         assert not call.closed.is_set()
         assert "input_audio_buffer.append" in types(conn)
         status, text = await bridge.get("/metrics")
-        assert 'bridge_malformed_messages_total{source="twilio"} 4' in text
+        assert 'bridge_malformed_messages_total{source="twilio"} 4.0' in text
 
 
 async def test_unsigned_stream_and_bad_token_are_refused_with_1008(
@@ -185,7 +185,7 @@ async def test_unsigned_stream_and_bad_token_are_refused_with_1008(
         await call.wait_closed()
         assert call.close_code == 1008
     status, text = await bridge.get("/metrics")
-    assert 'bridge_refused_total{reason="bad_signature"} 1' in text
+    assert 'bridge_refused_total{reason="bad_signature"} 1.0' in text
 
 
 async def test_unsigned_webhook_is_refused(model: LocalModel, start_bridge: Any) -> None:
@@ -232,7 +232,7 @@ async def test_model_unreachable_ends_the_call(start_bridge: Any) -> None:
             await call.dial()
             await call.wait_closed(timeout=5)
         status, text = await bridge.get("/metrics")
-        assert 'bridge_upstream_errors_total{code="connect"} 1' in text
+        assert 'bridge_upstream_errors_total{code="connect"} 1.0' in text
 
 
 async def test_a_429_on_connect_is_retried(start_bridge: Any) -> None:
@@ -279,7 +279,7 @@ async def test_metrics_want_the_bearer_token_when_one_is_set(start_bridge: Any) 
             headers = {"Authorization": f"Bearer {token}"}
             async with http.get(served.url + "/metrics", headers=headers) as resp:
                 assert resp.status == 200
-                assert 'bridge_refused_total{reason="metrics_token"} 2' in await resp.text()
+                assert 'bridge_refused_total{reason="metrics_token"} 2.0' in await resp.text()
 
 
 async def test_above_max_calls_the_webhook_answers_the_fallback_and_readyz_says_full(
@@ -303,7 +303,7 @@ async def test_above_max_calls_the_webhook_answers_the_fallback_and_readyz_says_
     status, _ = await bridge.get("/readyz")
     assert status == 200
     status, metrics = await bridge.get("/metrics")
-    assert 'bridge_refused_total{reason="full"} 1' in metrics
+    assert 'bridge_refused_total{reason="full"} 1.0' in metrics
 
 
 async def test_a_stream_that_sends_too_much_before_start_is_refused_not_held(
@@ -336,4 +336,4 @@ async def test_a_stream_that_sends_too_much_before_start_is_refused_not_held(
             await ws.receive(timeout=5)
             assert ws.close_code == 1009
     status, metrics = await bridge.get("/metrics")
-    assert 'bridge_refused_total{reason="no_start"} 1' in metrics
+    assert 'bridge_refused_total{reason="no_start"} 1.0' in metrics

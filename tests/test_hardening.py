@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import signal
@@ -17,7 +18,7 @@ from bridge import registry as bridge_registry
 from bridge.keys import METRICS, REGISTRY, STORE
 from bridge.local_model import LocalModel
 from bridge.store import CallRecord, CallStatus, SQLiteStore, Store, StoreError
-from bridge.testing import TwilioCaller
+from bridge.testing import TwilioCaller, serve_bridge
 from tests.conftest import AUTH_TOKEN, Bridge
 from tests.test_cli import clean_env, free_port, spawn_server, wait_ready
 from tests.test_profiles_e2e import post_signed
@@ -56,7 +57,7 @@ async def test_a_repeated_voice_webhook_gets_the_same_answer_and_no_second_sessi
     await settle(lambda: not bridge.app[REGISTRY].live)
     assert len(model.connections) == 1
     _, metrics = await bridge.get("/metrics")
-    assert 'bridge_refused_total{reason="webhook_replayed"} 1' in metrics
+    assert 'bridge_refused_total{reason="webhook_replayed"} 1.0' in metrics
 
 
 async def test_a_call_sid_gets_one_stream_across_instances(model: LocalModel, start_bridge: Any) -> None:
@@ -76,7 +77,7 @@ async def test_a_call_sid_gets_one_stream_across_instances(model: LocalModel, st
         await call.hang_up()
     await settle(lambda: not one.app[REGISTRY].live)
     _, metrics = await two.get("/metrics")
-    assert 'bridge_refused_total{reason="stream_reused"} 1' in metrics
+    assert 'bridge_refused_total{reason="stream_reused"} 1.0' in metrics
     record = await one.app[STORE].call(call.call_sid)
     assert record.status is CallStatus.COMPLETED and record.instance == one.settings.instance_id
 
@@ -218,7 +219,7 @@ async def test_test_calls_count_against_max_calls(model: LocalModel, start_bridg
         assert refused.value.status == 503
         await call.hang_up()
     _, metrics = await bridge.get("/metrics")
-    assert 'bridge_refused_total{reason="full"} 1' in metrics
+    assert 'bridge_refused_total{reason="full"} 1.0' in metrics
 
 
 async def test_an_instances_own_beats_never_interrupt_its_live_calls(
@@ -308,7 +309,7 @@ async def test_a_request_body_that_never_arrives_is_answered_408(
     finally:
         writer.close()
     _, metrics = await bridge.get("/metrics")
-    assert 'bridge_refused_total{reason="slow_body"} 1' in metrics
+    assert 'bridge_refused_total{reason="slow_body"} 1.0' in metrics
 
 
 async def test_the_connect_action_outcome_of_a_call_on_another_instance_is_read_from_the_store(
@@ -326,3 +327,12 @@ async def test_the_connect_action_outcome_of_a_call_on_another_instance_is_read_
         status, twiml = await post_signed(one, "/twilio/after-stream", {"CallSid": call.call_sid})
         assert status == 200 and "<Say>Sorry, our assistant is not available right now" in twiml
         assert call.call_sid not in one.app[REGISTRY].outcomes  # it came from the store
+
+
+async def test_instances_starting_together_on_a_fresh_store_all_start(tmp_path: Path) -> None:
+    env = {"TWILIO_AUTH_TOKEN": AUTH_TOKEN, "BRIDGE_DATA_DIR": str(tmp_path / "data")}
+    async with contextlib.AsyncExitStack() as stack:
+        bridges = await asyncio.gather(*(stack.enter_async_context(serve_bridge(env)) for _ in range(4)))
+        assert [(await b.get("/readyz"))[0] for b in bridges] == [200] * 4
+        profiles = await bridges[0].app[STORE].list_profiles()
+        assert len(profiles) == 1 and profiles[0].is_default  # seeded once

@@ -424,7 +424,7 @@ async def test_a_long_answer_goes_out_no_further_ahead_than_the_bound_and_barge_
         status, metrics = await bridge.get("/metrics")
         assert metric(metrics, "bridge_twilio_send_bound_hits_total") >= 1  # the long answer was held back
         assert metric(metrics, "bridge_twilio_ahead_seconds_count") > 0
-        assert metric(metrics, 'bridge_twilio_ahead_seconds_bucket{le="3"}') == metric(
+        assert metric(metrics, 'bridge_twilio_ahead_seconds_bucket{le="3.0"}') == metric(
             metrics, "bridge_twilio_ahead_seconds_count"
         )
 

@@ -55,7 +55,7 @@ async def test_the_webhook_on_one_instance_and_the_stream_on_the_other(
         await call.hang_up()
     await settle(lambda: not two.app[REGISTRY].live)
     _, metrics = await one.get("/metrics")
-    assert 'bridge_refused_total{reason="stream_reused"} 1' in metrics
+    assert 'bridge_refused_total{reason="stream_reused"} 1.0' in metrics
     record = await one.app[STORE].call(call.call_sid)  # written by two, read by one
     assert record.status is CallStatus.COMPLETED and record.instance == two.settings.instance_id
     assert not one.app[REGISTRY].live and one.app[METRICS].store_errors.get("call_record") == 0

@@ -106,7 +106,7 @@ async def test_planned_rollover_at_a_turn_boundary_carries_the_call(dialect: str
     creates = [e for e in second.received if e["type"] == "response.create"]
     assert creates == []  # answers come from the new session's VAD; the greeting is not asked for again
     status, metrics = await bridge.get("/metrics")
-    assert "bridge_rollovers_total 1" in metrics
+    assert "bridge_rollovers_total 1.0" in metrics
     # The call record (and so the admin call page) lists the sessions, how each began and ended.
     record = await bridge.app[STORE].call(call.call_sid)
     first_session, second_session = record.sessions[:2]
@@ -150,7 +150,7 @@ async def test_a_drop_mid_answer_reconnects_and_a_barge_in_after_it_works(
     # response_cancel_not_active, is expected with server VAD: docs/protocols.md §5.2.)
     assert [code for code in errors if code != "response_cancel_not_active"] == []
     status, metrics = await bridge.get("/metrics")
-    assert 'bridge_reconnects_total{cause="dropped"} 1' in metrics
+    assert 'bridge_reconnects_total{cause="dropped"} 1.0' in metrics
 
 
 def appended_audio(conn: Any) -> list[bytes]:
@@ -239,7 +239,7 @@ async def test_session_expired_mid_call_is_a_reconnection_not_the_end(start_brid
             assert not call.closed.is_set()
             await call.hang_up()
     status, metrics = await bridge.get("/metrics")
-    assert 'bridge_reconnects_total{cause="session_expired"} 1' in metrics
+    assert 'bridge_reconnects_total{cause="session_expired"} 1.0' in metrics
 
 
 async def test_the_breaker_opens_under_refusals_and_a_probe_closes_it(
@@ -264,7 +264,7 @@ async def test_the_breaker_opens_under_refusals_and_a_probe_closes_it(
             assert status == 200 and "<Say>" in twiml and "<Connect>" not in twiml
         assert len(model._rejects) == left
         status, metrics = await served.get("/metrics")
-        assert "bridge_upstream_breaker_state 1" in metrics
+        assert "bridge_upstream_breaker_state 1.0" in metrics
         # The service is back: after the cooldown the next connect is the probe, and it closes the breaker.
         model._rejects.clear()
         upstream.breaker.cooldown = 0.0
@@ -274,7 +274,7 @@ async def test_the_breaker_opens_under_refusals_and_a_probe_closes_it(
             await call.hang_up()
         assert upstream.breaker.state == Breaker.CLOSED
         status, metrics = await served.get("/metrics")
-        assert "bridge_upstream_breaker_state 0" in metrics
+        assert "bridge_upstream_breaker_state 0.0" in metrics
 
 
 async def test_one_moment_please_fills_a_long_reconnection_in_the_profiles_voice(start_bridge: Any) -> None:
@@ -297,4 +297,4 @@ async def test_one_moment_please_fills_a_long_reconnection_in_the_profiles_voice
             await listen_until(call, lambda: appends(model.connections[-1]) > 0, 10)
             await call.hang_up()
         status, metrics = await served.get("/metrics")
-        assert "bridge_hold_prompts_total 1" in metrics
+        assert "bridge_hold_prompts_total 1.0" in metrics

@@ -33,6 +33,7 @@ from bridge.store import (
     StoreError,
     UnreadableProfile,
     open_store,
+    redacted,
     sqlite_path,
 )
 from bridge.store.postgres import ENTRA_SCOPE, EntraPassword
@@ -890,3 +891,10 @@ async def test_postgres_driver_errors_surface_as_store_errors(postgres_database:
             await store.add_call(record("CA1", 1))
         # The failed transactions were rolled back: the connections serve the next operations.
         assert [s.latest.profile for s in await store.list_profiles()] == [SALES]
+
+
+def test_a_database_url_is_shown_without_its_password() -> None:
+    assert redacted("postgresql://bridge:s3cret@db:5432/bridge") == "postgresql://bridge:***@db:5432/bridge"
+    shown = redacted("postgresql://bridge@db/bridge?sslmode=require&password=s3cret&x=1")
+    assert "s3cret" not in shown and shown.endswith("password=***&x=1")
+    assert redacted("/var/lib/bridge/bridge.sqlite3") == "/var/lib/bridge/bridge.sqlite3"

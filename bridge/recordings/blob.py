@@ -1,4 +1,4 @@
-"""Blob Storage: one container (``BRIDGE_STORAGE_URL``) that holds call recordings and pre-rendered greetings.
+"""Blob Storage: one container (``BRIDGE_STORAGE_URL``) that holds call recordings.
 
 A call is recorded to a local file as ever (the writer streams line by line); when the call ends the file
 is uploaded (:func:`upload_recording`, retried) and removed, and the call record's ``recording_path`` holds
@@ -35,8 +35,6 @@ log = logging.getLogger(__name__)
 
 RECORDINGS = "recordings/"
 """The prefix of recording blobs: ``recordings/<file name>``."""
-GREETINGS = "greetings/"
-"""The prefix of greeting blobs: ``greetings/<profile id>/v<version>.ulaw``."""
 UPLOAD_RETRIES = (0.2, 1.0, 3.0)
 """Pauses between the tries of a recording upload that failed."""
 CONNECTION_TIMEOUT = 10.0
@@ -49,11 +47,6 @@ class BlobError(StoreError):
 
 class BlobNotFound(BlobError):
     """No blob of that name in the container."""
-
-
-def greeting_name(profile_id: int, version: int) -> str:
-    """The blob name of a profile version's pre-rendered greeting (raw μ-law 8 kHz)."""
-    return f"{GREETINGS}{profile_id}/v{version}.ulaw"
 
 
 def split_container_url(url: str) -> tuple[str, str]:
@@ -155,6 +148,14 @@ class BlobStorage:
             return bool(await self._client.get_blob_client(name).exists())
         except AzureError as exc:
             raise self._error("checking", name, exc) from exc
+
+    async def reachable(self) -> None:
+        """Prove that the container exists and can be read with this credential; :class:`BlobError`
+        (:class:`BlobNotFound` for a container that does not exist) otherwise."""
+        try:
+            await self._client.get_container_properties()
+        except AzureError as exc:
+            raise self._error("reaching the container", "", exc) from exc
 
     async def create_container(self) -> None:
         """Create the container when it does not exist (Azurite, development; in Azure, the infra does)."""

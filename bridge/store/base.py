@@ -316,7 +316,8 @@ def postgres_url(database: str) -> str | None:
 
 def redacted(database: str) -> str:
     """A ``BRIDGE_DATABASE`` value fit for logs and messages: a URL's password replaced by ``***``."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:?#]*):[^/@?#]*@", r"\1:***@", database.strip())
+    value = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:?#]*):[^/@?#]*@", r"\1:***@", database.strip())
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", value, flags=re.IGNORECASE)
 
 
 def sqlite_path(database: str) -> str:

@@ -70,8 +70,9 @@ CONNECT_TIMEOUT_S = 10
 """How long opening one connection may take (unless the URL says ``connect_timeout``)."""
 POOL_TIMEOUT_S = 10.0
 """How long an operation waits for a free connection before it fails (StoreError)."""
-POOL_SIZE = 10
-"""Connections per store at most."""
+POOL_SIZE = 4
+"""Connections per store (per process) at most: replicas × workers × this must fit the server's
+``max_connections`` (about 50 on the smallest Azure tier)."""
 
 
 class TokenCredential(Protocol):
