@@ -846,20 +846,7 @@ class Bench:
             await probe_server.start()
             port = free_port()
             self.base_url = f"http://127.0.0.1:{port}"
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "BRIDGE_", "TWILIO_"))}
-            env |= {
-                "AZURE_OPENAI_ENDPOINT": model.endpoint,
-                "AZURE_OPENAI_DEPLOYMENT": "bench",
-                "AZURE_OPENAI_API_KEY": "bench-api-key",
-                "TWILIO_AUTH_TOKEN": self.auth_token,
-                "BRIDGE_PUBLIC_URL": self.base_url,
-                "BRIDGE_DATA_DIR": str(tmp / "data"),
-                "BRIDGE_LOG_LEVEL": "WARNING",
-                "BRIDGE_AUDIO_PATH": opts.audio_path,
-                "BRIDGE_DRAIN_SECONDS": "0",
-                # The load is the point: admission control must not turn calls away.
-                "BRIDGE_MAX_CALLS": str(opts.calls + 10),
-            }
+            env = bridge_env(model.endpoint, self.base_url, self.auth_token, tmp, opts.audio_path, opts.calls)
             if opts.dialect == "preview":
                 env["AZURE_OPENAI_API_VERSION"] = PREVIEW_API_VERSION
             self.bridge = bridge = BridgeProcess(
@@ -1220,6 +1207,27 @@ class Bench:
 
 
 # --- the generator's own baseline: a loopback probe --------------------------------------------------------
+
+
+def bridge_env(
+    model_endpoint: str, base_url: str, auth_token: str, tmp: Path, audio_path: str, calls: int
+) -> dict[str, str]:
+    """The environment of a bridge under load: this one's without its AZURE_, BRIDGE_ and TWILIO_
+    settings, plus the local model, signatures on, a data directory in ``tmp``, quiet logs, no drain."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "BRIDGE_", "TWILIO_"))}
+    return env | {
+        "AZURE_OPENAI_ENDPOINT": model_endpoint,
+        "AZURE_OPENAI_DEPLOYMENT": "bench",
+        "AZURE_OPENAI_API_KEY": "bench-api-key",
+        "TWILIO_AUTH_TOKEN": auth_token,
+        "BRIDGE_PUBLIC_URL": base_url,
+        "BRIDGE_DATA_DIR": str(tmp / "data"),
+        "BRIDGE_LOG_LEVEL": "WARNING",
+        "BRIDGE_AUDIO_PATH": audio_path,
+        "BRIDGE_DRAIN_SECONDS": "0",
+        # The load is the point: admission control must not turn calls away.
+        "BRIDGE_MAX_CALLS": str(calls + 10),
+    }
 
 
 class ProbeServer:

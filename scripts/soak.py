@@ -64,6 +64,7 @@ from bench import (
     Draining,
     Options,
     _die_with_parent,
+    bridge_env,
     free_port,
     load_speech,
     parse_prometheus,
@@ -491,19 +492,7 @@ class Soak(Bench):
             await model.start()
             port = free_port()
             self.base_url = f"http://127.0.0.1:{port}"
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "BRIDGE_", "TWILIO_"))}
-            env |= {
-                "AZURE_OPENAI_ENDPOINT": model.endpoint,
-                "AZURE_OPENAI_DEPLOYMENT": "soak",
-                "AZURE_OPENAI_API_KEY": "soak-api-key",
-                "TWILIO_AUTH_TOKEN": self.auth_token,
-                "BRIDGE_PUBLIC_URL": self.base_url,
-                "BRIDGE_DATA_DIR": str(tmp / "data"),
-                "BRIDGE_LOG_LEVEL": "WARNING",
-                "BRIDGE_AUDIO_PATH": opts.audio_path,
-                "BRIDGE_DRAIN_SECONDS": "0",
-                "BRIDGE_MAX_CALLS": str(soak.calls + 10),  # admission control must not turn calls away
-            }
+            env = bridge_env(model.endpoint, self.base_url, self.auth_token, tmp, opts.audio_path, soak.calls)
             self.probed = self.bridge = ProbedBridge(
                 env=env,
                 port=port,

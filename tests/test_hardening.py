@@ -21,7 +21,6 @@ from bridge.store import CallRecord, CallStatus, SQLiteStore, Store, StoreError
 from bridge.testing import TwilioCaller, serve_bridge
 from tests.conftest import AUTH_TOKEN, Bridge
 from tests.test_cli import clean_env, free_port, spawn_server, wait_ready
-from tests.test_profiles_e2e import post_signed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -182,23 +181,6 @@ async def test_a_failed_record_write_is_retried_then_logged_and_counted(
         assert call.call_sid in message and "database is locked" in message and call.from_ in message
 
 
-async def test_a_connection_that_never_completes_its_headers_is_closed(
-    model: LocalModel, start_bridge: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(bridge_app, "IDLE_TIMEOUT", 0.5)
-    bridge = await start_bridge(model)
-    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
-    try:
-        writer.write(b"POST /twilio/voice HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # and then nothing
-        await writer.drain()
-        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the bridge
-    finally:
-        writer.close()
-    # A client that completes its request is served as usual.
-    async with aiohttp.ClientSession() as http, http.get(bridge.url + "/healthz") as resp:
-        assert resp.status == 200
-
-
 async def test_test_calls_count_against_max_calls(model: LocalModel, start_bridge: Any) -> None:
     token = "admin-token-for-tests-0123456789"
     bridge = await start_bridge(model, BRIDGE_MAX_CALLS="1", BRIDGE_ADMIN_TOKEN=token)
@@ -312,23 +294,6 @@ async def test_a_request_body_that_never_arrives_is_answered_408(
     assert 'bridge_refused_total{reason="slow_body"} 1.0' in metrics
 
 
-async def test_the_connect_action_outcome_of_a_call_on_another_instance_is_read_from_the_store(
-    start_bridge: Any,
-) -> None:
-    async with LocalModel() as model:
-        model.reject_next(status=401, count=10)  # the model refuses: the call ends with the fallback
-        one = await start_bridge(model)
-        two = await start_bridge(model, BRIDGE_PUBLIC_URL=one.url)  # same public URL, same database
-        async with TwilioCaller(two.url, auth_token=AUTH_TOKEN, public_url=one.url) as call:
-            await call.dial()
-            await call.wait_closed(timeout=10)
-        await settle(lambda: not two.app[REGISTRY].live)
-        # Twilio's <Connect action> request reaches the other instance.
-        status, twiml = await post_signed(one, "/twilio/after-stream", {"CallSid": call.call_sid})
-        assert status == 200 and "<Say>Sorry, our assistant is not available right now" in twiml
-        assert call.call_sid not in one.app[REGISTRY].outcomes  # it came from the store
-
-
 async def test_instances_starting_together_on_a_fresh_store_all_start(tmp_path: Path) -> None:
     env = {"TWILIO_AUTH_TOKEN": AUTH_TOKEN, "BRIDGE_DATA_DIR": str(tmp_path / "data")}
     async with contextlib.AsyncExitStack() as stack:
@@ -336,3 +301,43 @@ async def test_instances_starting_together_on_a_fresh_store_all_start(tmp_path: 
         assert [(await b.get("/readyz"))[0] for b in bridges] == [200] * 4
         profiles = await bridges[0].app[STORE].list_profiles()
         assert len(profiles) == 1 and profiles[0].is_default  # seeded once
+
+
+@pytest.mark.parametrize(
+    ("sent", "answer", "refused"),
+    [
+        # Headers that never end: the connection is closed, no answer.
+        (b"POST /twilio/voice HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ", b"", False),
+        # A body that never arrives (90 of its 100 bytes missing): 408, counted.
+        (
+            b"POST /twilio/voice HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nCallSid=CA",
+            b"HTTP/1.1 408",
+            True,
+        ),
+    ],
+    ids=["headers", "body"],
+)
+async def test_a_slow_client_is_cut_off(
+    model: LocalModel,
+    start_bridge: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    sent: bytes,
+    answer: bytes,
+    refused: bool,
+) -> None:
+    monkeypatch.setattr(bridge_app, "IDLE_TIMEOUT", 0.5)
+    bridge = await start_bridge(model)
+    reader, writer = await asyncio.open_connection("127.0.0.1", bridge.port)
+    try:
+        writer.write(sent)  # and then nothing
+        await writer.drain()
+        got = await asyncio.wait_for(reader.readline(), 10)  # its status line, or b"" when it closed
+    finally:
+        writer.close()
+    assert got.startswith(answer) and bool(got) == bool(answer)
+    _, metrics = await bridge.get("/metrics")
+    assert ('bridge_refused_total{reason="slow_body"} 1.0' in metrics) == refused
+    # A client that completes its request is served as usual.
+    async with aiohttp.ClientSession() as http, http.get(bridge.url + "/healthz") as resp:
+        assert resp.status == 200
