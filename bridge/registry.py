@@ -10,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from bridge.call import Call
 from bridge.metrics import Metrics
@@ -26,6 +27,8 @@ GOODBYE_TIMEOUT = 10.0
 OUTCOME_WAIT = 8.0
 """How long ``<Connect action>`` waits for a call of another instance to complete its record (which may
 wait for the recording's upload, :data:`UPLOAD_BUDGET`); Twilio waits 15 s for the answer."""
+ENDING_BUDGET = 12.0
+"""At shutdown, how long the records (and recordings) of calls that ended meanwhile may still take."""
 UPLOAD_BUDGET = 6.0
 """At a call's end, how long the recording's upload (with its retries) may hold the final record back;
 beyond it the local file is kept, logged and counted, and the record points at it."""
@@ -74,6 +77,8 @@ class CallRegistry:
         self.live: set[Call] = set()
         self._answers: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._starting: dict[Call, asyncio.Task[None]] = {}
+        self._ending: set[asyncio.Task[Any]] = set()
+        """The tasks completing a call's record (and uploading its recording) right now."""
         self._prewarmed: dict[str, tuple[Call, asyncio.Task[None]]] = {}
         self._cleanup: set[asyncio.Task[None]] = set()
 
@@ -135,7 +140,17 @@ class CallRegistry:
 
     async def ended(self, call: Call) -> None:
         """A call has ended: remember how (for ``<Connect action>``), upload its recording (when
-        ``BRIDGE_STORAGE_URL`` is set) and complete its record."""
+        ``BRIDGE_STORAGE_URL`` is set) and complete its record. A drain waits for this."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._ending.add(task)
+        try:
+            await self._ended(call)
+        finally:
+            if task is not None:
+                self._ending.discard(task)
+
+    async def _ended(self, call: Call) -> None:
         reason = call.end_reason or EndReason.SHUTDOWN
         self.outcomes[call.call_sid] = Outcome(reason, call.session.profile.fallback_message)
         while len(self.outcomes) > self.OUTCOMES_KEPT:
@@ -279,6 +294,17 @@ class CallRegistry:
         for result in results:
             if isinstance(result, Exception):
                 log.error("draining: ending a call failed", exc_info=result)
+        # A call already tearing down when the drain came is still writing its record (and uploading its
+        # recording): the process must not stop under it.
+        ending = [task for task in self._ending if task is not asyncio.current_task()]
+        if ending:
+            _, late = await asyncio.wait(ending, timeout=ENDING_BUDGET)
+            if late:
+                log.error(
+                    "draining: %d calls' records were still being written after %.0f s",
+                    len(late),
+                    ENDING_BUDGET,
+                )
         if self._cleanup:
             results = await asyncio.gather(*self._cleanup, return_exceptions=True)
             for result in results:

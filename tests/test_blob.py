@@ -177,3 +177,8 @@ async def test_bridge_check_proves_the_container_exists(tmp_path: Path, azurite:
     there, gone = (line for line in lines if line[0] == "blob storage")
     assert there == ("blob storage", True, f"{azurite}: reachable")
     assert not gone[1] and "not found" in gone[2] and KEY not in gone[2]
+
+
+async def test_a_blob_url_elsewhere_is_refused_before_any_credential_is_sent() -> None:
+    with pytest.raises(ConfigError, match="refusing to send the storage credential"):
+        await fetch_recording("https://evil.example.com/c/recordings/x.jsonl", {"BRIDGE_STORAGE_KEY": KEY})

@@ -15,6 +15,7 @@ import pytest
 
 from bridge import app as bridge_app
 from bridge import registry as bridge_registry
+from bridge.app import drain
 from bridge.keys import METRICS, REGISTRY, STORE
 from bridge.local_model import LocalModel
 from bridge.store import CallRecord, CallStatus, SQLiteStore, Store, StoreError
@@ -341,3 +342,27 @@ async def test_a_slow_client_is_cut_off(
     # A client that completes its request is served as usual.
     async with aiohttp.ClientSession() as http, http.get(bridge.url + "/healthz") as resp:
         assert resp.status == 200
+
+
+async def test_a_drain_waits_for_the_record_of_a_call_that_just_ended(
+    model: LocalModel, start_bridge: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bridge = await start_bridge(model)
+    store = bridge.app[STORE]
+    entered, release = asyncio.Event(), asyncio.Event()
+    real_add = store.add_call
+
+    async def slow(record: CallRecord) -> None:
+        entered.set()
+        await release.wait()  # a busy store, while the process is being stopped
+        await real_add(record)
+
+    monkeypatch.setattr(store, "add_call", slow)
+    async with caller(bridge) as call:
+        await call.dial()
+        await call.wait_for_media(1)
+        await call.hang_up()
+    await asyncio.wait_for(entered.wait(), 10)
+    asyncio.get_running_loop().call_later(0.3, release.set)
+    await drain(bridge.app, 0.0)  # SIGTERM: the drain must not return under the record being written
+    assert (await store.call(call.call_sid)).status is CallStatus.COMPLETED

@@ -216,10 +216,23 @@ async def upload_recording(storage: BlobStorage, path: Path, metrics: Metrics | 
     return None
 
 
+AZURE_BLOB_HOSTS = (".blob.core.windows.net", ".blob.core.usgovcloudapi.net", ".blob.core.chinacloudapi.cn")
+"""Where a blob URL given on the command line may point besides ``BRIDGE_STORAGE_URL``'s host: the
+credential (a token for the identity, or the key) is sent there."""
+
+
 async def fetch_recording(url: str, environ: Mapping[str, str]) -> Recording:
     """Read the recording at the blob ``url`` with the account key ``BRIDGE_STORAGE_KEY`` of ``environ``
-    when set, else the managed identity (``DefaultAzureCredential``)."""
+    when set, else the managed identity (``DefaultAzureCredential``). The URL must be Azure Blob
+    Storage's, ``BRIDGE_STORAGE_URL``'s host or loopback: the credential is never sent elsewhere."""
     container_url, name = split_blob_url(url)
+    host = (urlsplit(container_url).hostname or "").lower()
+    configured = (urlsplit(environ.get("BRIDGE_STORAGE_URL", "")).hostname or "").lower()
+    if not (host == configured or host.endswith(AZURE_BLOB_HOSTS) or is_loopback_host(host)):
+        raise ConfigError(
+            f"{url!r} is not on Azure Blob Storage nor on BRIDGE_STORAGE_URL's host: "
+            "refusing to send the storage credential there"
+        )
     key = environ.get("BRIDGE_STORAGE_KEY", "").strip()
     async with BlobStorage(container_url, key=Secret(key) if key else None) as storage:
         data = await storage.get(name)
