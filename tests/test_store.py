@@ -38,7 +38,7 @@ from bridge.store import (
 )
 from bridge.store.postgres import ENTRA_SCOPE, EntraPassword
 from bridge.store.postgres_schema import MIGRATIONS as PG_MIGRATIONS
-from bridge.store.schema import MIGRATIONS, call_values, utc_now
+from bridge.store.schema import MIGRATIONS, call_values, connect, utc_now
 from bridge.store.sqlite import SQLiteStore
 from tests.postgres_support import ENTRA_ROLE, ENTRA_TOKEN, TEST_PASSWORD, PostgresServer
 
@@ -898,3 +898,18 @@ def test_a_database_url_is_shown_without_its_password() -> None:
     shown = redacted("postgresql://bridge@db/bridge?sslmode=require&password=s3cret&x=1")
     assert "s3cret" not in shown and shown.endswith("password=***&x=1")
     assert redacted("/var/lib/bridge/bridge.sqlite3") == "/var/lib/bridge/bridge.sqlite3"
+
+
+@pytest.mark.timeout(60)
+def test_many_processes_opening_a_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    # Instances or workers starting together on a fresh file all switch it to WAL and migrate it; SQLite
+    # answers "database is locked" at once (no busy wait) to some of them. Threads stand in for them.
+    from concurrent.futures import ThreadPoolExecutor
+
+    for round_ in range(15):
+        path = str(tmp_path / f"new-{round_}.sqlite3")
+        with ThreadPoolExecutor(8) as pool:
+            conns = list(pool.map(connect, [path] * 8, [MIGRATIONS] * 8))
+        for conn in conns:
+            conn.close()
+        assert user_version(Path(path)) == len(MIGRATIONS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -272,6 +273,21 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[Sequence[str]], where
             raise
 
 
+def _set_up(conn: sqlite3.Connection, migrations: Sequence[Sequence[str]], path: str) -> None:
+    """WAL, then the migrations; retried while another process holds the file (several instances or
+    workers opening a new file at once: switching to WAL fails at once when busy, the busy timeout aside)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            migrate(conn, migrations, path)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)  # in the store's worker thread (or at start-up), never on the event loop
+
+
 def connect(path: str, migrations: Sequence[Sequence[str]]) -> sqlite3.Connection:
     """Open (creating its directory) and migrate the database at ``path``; raises ConfigError."""
     if path != ":memory:":
@@ -288,9 +304,8 @@ def connect(path: str, migrations: Sequence[Sequence[str]]) -> sqlite3.Connectio
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS:d}")
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
-        migrate(conn, migrations, path)
+        _set_up(conn, migrations, path)
     except sqlite3.Error as exc:
         conn.close()
         raise ConfigError(f"BRIDGE_DATABASE: {path} is not a usable SQLite database: {exc}") from exc
