@@ -1209,6 +1209,19 @@ class Bench:
 # --- the generator's own baseline: a loopback probe --------------------------------------------------------
 
 
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options the benchmark and the soak share: --seed, --bridge-source, --keep, -q."""
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--bridge-source",
+        type=Path,
+        help="run the bridge from this source tree (e.g. `git archive COMMIT | tar -x -C DIR`), "
+        "not from this checkout; the local model and the doubles still come from here",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (bridge log)")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
 def bridge_env(
     model_endpoint: str, base_url: str, auth_token: str, tmp: Path, audio_path: str, calls: int
 ) -> dict[str, str]:
@@ -1461,15 +1474,7 @@ def parse_args(argv: list[str] | None) -> tuple[list[int], argparse.Namespace]:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--no-pin", action="store_true", help="do not pin the bridge and the generator to cores")
     p.add_argument("--profile", action="store_true", help="py-spy the bridge during the window")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument(
-        "--bridge-source",
-        type=Path,
-        help="run the bridge from this source tree (e.g. `git archive COMMIT | tar -x -C DIR`), "
-        "not from this checkout; the local model and the doubles still come from here",
-    )
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (bridge log)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_common_arguments(p)
     args = p.parse_args(argv)
     try:
         counts = [int(x) for x in str(args.calls).split(",") if x.strip()]

@@ -64,6 +64,7 @@ from bench import (
     Draining,
     Options,
     _die_with_parent,
+    add_common_arguments,
     bridge_env,
     free_port,
     load_speech,
@@ -746,15 +747,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="diagnosis: run tracemalloc in the bridge (FRAMES frames per allocation; slows it) and list "
         "what grew from the end of the warm-up to the end, by allocation site",
     )
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument(
-        "--bridge-source",
-        type=Path,
-        help="run the bridge from this source tree (e.g. `git archive COMMIT | tar -x -C DIR`), "
-        "not from this checkout; the local model and the doubles still come from here",
-    )
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory (bridge log)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    add_common_arguments(p)
     args = p.parse_args(argv)
     if not 1 <= args.calls <= MAX_CALLS:
         p.error(f"--calls must be from 1 to {MAX_CALLS}")

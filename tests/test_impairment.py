@@ -271,6 +271,7 @@ def test_a_stalled_session_is_replaced_and_the_next_one_gets_the_audio_it_never_
     session = call.session
     for n in range(50):
         call.step(frame(n))
+    assert 1 not in call.closed
     # Session 1's socket took frames up to 39; 40-49 waited behind them when it was found stalled.
     session.leg_stalled(1, [frame(n) for n in range(40, 50)], "stalled: a test")
     call.pump()
